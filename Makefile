@@ -1,0 +1,42 @@
+# Two commands set everything up: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Offline by design: nothing is fetched from a model or dataset hub at run time.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export GIT_AUTHOR_NAME ?= kdsweep
+export GIT_AUTHOR_EMAIL ?= kdsweep@localhost
+export GIT_COMMITTER_NAME ?= kdsweep
+export GIT_COMMITTER_EMAIL ?= kdsweep@localhost
+
+# torch is pinned to a CPU wheel so pip never pulls a multi-GB CUDA build where none is
+# wanted; on a GPU machine install your CUDA build of torch first: TORCH_SPEC= make ...
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-slow install clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default: the DVC pipeline, then the demo sweep.
+demo: $(STAMP)
+	dvc repro
+	dvc metrics show
+	@if [ -f experiments/demo.yaml ] && kdsweep run --help >/dev/null 2>&1; then kdsweep run experiments/demo.yaml; fi
+
+## The fast test suite (slow end-to-end tests: make test-slow).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow

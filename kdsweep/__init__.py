@@ -1,0 +1,3 @@
+"""kdsweep: declarative experiment sweeps for knowledge distillation of language models."""
+
+__version__ = "0.1.0"

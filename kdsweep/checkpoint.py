@@ -1,0 +1,65 @@
+"""Training checkpoints: everything needed to continue a run exactly.
+
+A checkpoint directory holds::
+
+    model/              save_pretrained (safetensors)
+    optimizer.pt        optimizer state_dict
+    rng.pt              torch (and CUDA) RNG states (data order is a pure function of the step)
+    trainer_state.json  global step, stage, position in the data, counters
+    params.yaml         the resolved config the run used
+
+It is written under a temporary name and renamed, so a crash mid-save leaves the previous
+checkpoint intact. Everything is loaded with ``weights_only=True`` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def save(path: Path, model, optimizer, state: dict, params_dict: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params_dict, sort_keys=False))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def restore(path: Path, model, optimizer) -> None:
+    """Load weights (in place), optimizer and RNG states from a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in sorted((path / "model").glob("*.safetensors")):
+        weights.update(load_file(f))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "embed" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

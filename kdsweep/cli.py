@@ -1,0 +1,115 @@
+"""The ``kdsweep`` command. Each pipeline stage of ``dvc.yaml`` is one subcommand.
+
+Stage modules are imported inside the commands, so ``kdsweep --help`` stays fast.
+A :class:`~kdsweep.errors.UserError` anywhere ends the process with its message and exit
+status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdsweep.errors import UserError
+
+app = typer.Typer(
+    help="Declarative experiment sweeps for knowledge distillation of language models (DVC + Optuna).\n\n"
+    "The pipeline stages (run by `dvc repro`, see dvc.yaml): prepare -> teacher -> teacher_logits "
+    "(`cache generate`) -> student -> distill -> evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Create, check and describe teacher-logit caches (HDF5).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file (validated before anything runs).")]
+
+
+def _params(path: Path):
+    from kdsweep.config import load_params
+
+    return load_params(path)
+
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Tokenizer plus packed train/validation sequences (section `dataset`, `tokenizer`)."""
+    from kdsweep.stages import prepare as stage
+
+    stage.main(_params(params))
+
+
+@app.command()
+def teacher(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Point at the hub/local teacher, or train the embedded Qwen3-MoE teacher (section `teacher`)."""
+    from kdsweep.stages import teacher as stage
+
+    stage.main(_params(params))
+
+
+@app.command()
+def student(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Derive the student from the teacher: shared expert core + per-expert wrappers (section `student`)."""
+    from kdsweep.stages import student as stage
+
+    stage.main(_params(params))
+
+
+@app.command()
+def distill(
+    params: ParamsOpt = Path("params.yaml"),
+    resume: Annotated[bool, typer.Option(help="Continue from checkpoints/distill/last.")] = False,
+    run_dir: Annotated[Optional[Path], typer.Option(help="TensorBoard run directory (default runs/distill).")] = None,
+) -> None:
+    """Train the student on the teacher (sections `loss`, `training`, `parameter_lr_multipliers`, `stages`)."""
+    from kdsweep.stages import distill as stage
+
+    p = _params(params)
+    stage.main(p, resume=resume, run_dir=run_dir)
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Validation CE, perplexity, KL to the teacher and top-1 agreement, before and after distillation."""
+    from kdsweep.stages import evaluate as stage
+
+    stage.main(_params(params))
+
+
+@cache_app.command("generate")
+def cache_generate(
+    params: ParamsOpt = Path("params.yaml"),
+    shard: Annotated[Optional[str], typer.Option(help="Write only shard I of N, as I/N (merge with `cache merge`).")] = None,
+) -> None:
+    """Run the teacher over both splits and write the top-k cache (the `teacher_logits` stage)."""
+    from kdsweep.stages import teacher_logits as stage
+
+    stage.main(_params(params), shard=_parse_shard(shard))
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise UserError(f"--shard: expected I/N such as 0/4, got {value!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard: need 0 <= I < N, got {value!r}")
+    return i, n
+
+
+def main() -> None:
+    """Console entry point: user errors become a message and exit status 2."""
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,395 @@
+"""The typed schema of ``params.yaml``, validated once, with errors that name the key.
+
+``params.yaml`` has one section per pipeline stage (see ``dvc.yaml``):
+
+========================  ==========================  =============================
+section                   read by stage               what it controls
+========================  ==========================  =============================
+``dataset``               prepare                     the corpus and how it is packed
+``tokenizer``             prepare                     the locally trained BPE
+``teacher``               teacher, teacher_logits,    which teacher, how the embedded
+                          distill, evaluate           one is trained, the logit cache
+``student``               student                     how the student is derived
+``loss``                  distill, evaluate           alpha, temperature, KL mode
+``training``              distill                     the optimisation loop
+``parameter_lr_multipliers``  distill                 regex -> LR multiplier (0 freezes)
+``stages``                distill                     freeze-then-unfreeze layouts
+``evaluate``              evaluate                    the final evaluation
+========================  ==========================  =============================
+
+Every field's description is the documentation users see in ``kdsweep params``.
+Defaults live here *and* in the shipped ``params.yaml``; a test keeps them in sync.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdsweep.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- dataset
+class DatasetConfig(_Section):
+    source: Literal["builtin", "hf", "files"] = Field(
+        "builtin",
+        description="builtin: Python's own documentation text (offline, no download); "
+        "hf: a Hugging Face dataset (`name`, `config_name`, `split`, `text_column`); "
+        "files: local UTF-8 text files listed in `files`.",
+    )
+    name: str | None = Field(None, description="Hugging Face dataset id or local dataset directory (source: hf).")
+    config_name: str | None = Field(None, description="Hugging Face dataset configuration, e.g. wikitext-2-raw-v1.")
+    split: str = Field("train", description="Split the training text is read from (source: hf).")
+    validation_split: str | None = Field(
+        None,
+        description="Split the validation text is read from (source: hf). If null, "
+        "`validation_fraction` of the documents are held out instead.",
+    )
+    text_column: str = Field("text", description="Column holding the text (source: hf).")
+    files: list[str] = Field(default_factory=list, description="Text files, one document per file (source: files).")
+    max_length: int = Field(128, ge=8, description="Tokens per packed training sequence.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many documents; null = all.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out for validation.")
+    seed: int = Field(0, description="Seed of the document split.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DatasetConfig:
+        if self.source == "hf" and not self.name:
+            raise ValueError("source 'hf' needs `name` (a Hugging Face dataset id)")
+        if self.source == "files" and not self.files:
+            raise ValueError("source 'files' needs `files` (a list of text files)")
+        return self
+
+
+class TokenizerConfig(_Section):
+    vocab_size: int = Field(
+        4096, ge=300, le=65536,
+        description="Vocabulary of the byte-level BPE trained on the corpus. "
+        "Ignored when `teacher.model` names a model: its own tokenizer is used.",
+    )
+    min_frequency: int = Field(1, ge=1, description="Minimum pair frequency for a BPE merge.")
+
+
+# --------------------------------------------------------------------------- teacher
+class TeacherArchConfig(_Section):
+    """Shape of the embedded Qwen3-MoE teacher that the pipeline trains itself."""
+
+    hidden_size: int = Field(256, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    head_dim: int = Field(64, ge=4)
+    num_experts: int = Field(8, ge=1)
+    num_experts_per_tok: int = Field(2, ge=1)
+    moe_intermediate_size: int = Field(256, ge=4)
+
+    @model_validator(mode="after")
+    def _heads(self) -> TeacherArchConfig:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok must be <= num_experts")
+        return self
+
+
+class TeacherTrainConfig(_Section):
+    """How long and how fast the embedded teacher is trained (bounded, CPU friendly)."""
+
+    max_steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(15, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 0
+
+
+class TeacherConfig(_Section):
+    model: str | None = Field(
+        None,
+        description="Hugging Face model id or local directory of the teacher (nothing is trained). "
+        "null = train the embedded Qwen3-MoE teacher on the corpus.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `model`.")
+    trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code. Off by default.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the teacher runs in; auto = bfloat16 on a GPU that supports it, else float32."
+    )
+    arch: TeacherArchConfig = Field(default_factory=TeacherArchConfig)
+    train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
+    use_cached_logits: bool = Field(
+        True, description="Distill from the HDF5 top-k cache (true) or run the teacher live in every step (false)."
+    )
+    top_k: int = Field(64, ge=1, description="Teacher logits kept per position in the cache.")
+    cache_batch_size: int = Field(8, ge=1, description="Sequences per teacher forward when writing the cache.")
+    temperature_range: tuple[float, float] = Field(
+        (1.0, 4.0),
+        description="KD temperatures the cache supports exactly: the cache stores the full-vocabulary "
+        "log-normaliser on a grid over this range. Any `loss.temperature` must lie inside it.",
+    )
+    temperature_grid: int = Field(8, ge=2, le=64, description="Grid points over `temperature_range`.")
+
+    @field_validator("temperature_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo <= hi):
+            raise ValueError(f"must be [low, high] with 0 < low <= high, got [{lo}, {hi}]")
+        return v
+
+
+# --------------------------------------------------------------------------- student
+class StudentConfig(_Section):
+    kind: Literal["compressed", "copy"] = Field(
+        "compressed",
+        description="compressed: replace each MoE layer's experts by a shared core plus low-rank "
+        "per-expert wrappers fitted to the teacher; copy: the teacher's own architecture.",
+    )
+    init: Literal["teacher", "random"] = Field(
+        "teacher", description="teacher: weights fitted to / copied from the teacher; random: fresh initialisation."
+    )
+    wrapper_rank: int = Field(16, ge=1, description="Rank of each expert's wrapper (compressed only).")
+    core_intermediate_size: int | None = Field(
+        None, ge=1, description="Width of the shared core FFN; null = the teacher's expert width."
+    )
+    layers: list[int] | None = Field(None, description="MoE layers to compress; null = all.")
+    copy_attention: bool = Field(True, description="Copy attention, norms and router weights from the teacher.")
+    copy_embeddings: bool = Field(True, description="Copy the embeddings and LM head from the teacher.")
+    calibration_sequences: int = Field(32, ge=0, description="Training sequences used to measure reconstruction error.")
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- loss
+class LossConfig(_Section):
+    alpha: float = Field(
+        0.5, ge=0, le=1,
+        description="Weight of the KD term: total = (1 - alpha) * CE + alpha * T^2 * KL.",
+    )
+    temperature: float = Field(
+        2.0, gt=0,
+        description="KD temperature T: both distributions are softened as softmax(logits / T). "
+        "Unrelated to any sampling temperature.",
+    )
+    kl_reduction: Literal["batchmean"] = Field(
+        "batchmean",
+        description="batchmean: KL summed over the vocabulary and averaged over real target tokens "
+        "of the whole accumulated batch (padding excluded).",
+    )
+    mode: Literal["topk_tail", "topk_renorm", "dense"] = Field(
+        "topk_tail",
+        description="topk_tail: k + 1 buckets (top-k plus one tail bucket) on both sides, exact given the cache; "
+        "topk_renorm: teacher renormalised over its top-k (common, biased); dense: full vocabulary (live teacher only).",
+    )
+    direction: Literal["forward", "reverse"] = Field(
+        "forward", description="forward: KL(teacher || student); reverse: KL(student || teacher)."
+    )
+    scale_by_t2: bool = Field(
+        True, description="Multiply the KL term by T^2 so its gradient scale does not shrink as T grows (Hinton et al.)."
+    )
+    chunk_size: int = Field(
+        1024, ge=1, description="Tokens per chunk of the LM head + loss; bounds memory at large vocabularies."
+    )
+
+
+# --------------------------------------------------------------------------- training
+class TrainingConfig(_Section):
+    num_train_epochs: float = Field(2, gt=0, description="Passes over the training sequences (if max_steps is null).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_train_epochs.")
+    per_device_train_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Effective batch = batch size x accumulation.")
+    learning_rate: float = Field(1e-3, gt=0, description="Base learning rate; each group gets base x multiplier.")
+    warmup_steps: int = Field(10, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine, linear).")
+    weight_decay: float = Field(0.01, ge=0)
+    weight_decay_on_norms_biases_embeddings: bool = Field(False, description="Apply weight decay to norms, biases and embeddings too.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU or recent CPU).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, ge=1, description="Console line and TensorBoard scalars every N steps.")
+    eval_steps: int = Field(25, ge=1, description="Validation every N steps (reported to the sweep's pruner).")
+    eval_max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per evaluation; null = all.")
+    save_steps: int | None = Field(None, ge=1, description="Periodic checkpoint every N steps; null = only the final one.")
+    max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many non-finite losses in a row.")
+    dataloader_num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default.")
+
+
+class LRMultiplier(_Section):
+    pattern: str = Field(description="Regular expression matched against the full parameter name (re.fullmatch).")
+    lr_multiplier: float = Field(ge=0, description="Learning rate = base x multiplier; 0 freezes the parameter.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {v!r}: {e}") from None
+        return v
+
+
+class StageConfig(_Section):
+    stage_name: str
+    num_epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    parameter_lr_multipliers: list[LRMultiplier] | None = Field(
+        None, description="This stage's multipliers; null = the top-level list."
+    )
+    learning_rate: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> StageConfig:
+        if (self.num_epochs is None) == (self.max_steps is None):
+            raise ValueError(f"stage {self.stage_name!r} needs exactly one of num_epochs or max_steps")
+        return self
+
+
+class StagesConfig(_Section):
+    enabled: bool = False
+    configs: list[StageConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _nonempty(self) -> StagesConfig:
+        if self.enabled and not self.configs:
+            raise ValueError("stages.enabled is true but stages.configs is empty")
+        names = [s.stage_name for s in self.configs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(16, ge=1)
+    max_batches: int | None = Field(None, ge=1, description="Evaluate at most this many validation batches.")
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    parameter_lr_multipliers: list[LRMultiplier] = Field(default_factory=list)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        lo, hi = self.teacher.temperature_range
+        temps = [("loss.temperature", self.loss.temperature)]
+        temps += [
+            (f"stages.configs.{i}.temperature", s.temperature)
+            for i, s in enumerate(self.stages.configs)
+            if s.temperature is not None
+        ]
+        if self.teacher.use_cached_logits:
+            for key, t in temps:
+                if not lo <= t <= hi:
+                    raise ValueError(
+                        f"{key}: {t} is outside teacher.temperature_range [{lo}, {hi}] that the logit cache "
+                        f"supports; widen teacher.temperature_range (regenerates the cache) or pick T in range"
+                    )
+            if self.loss.mode == "dense":
+                raise ValueError(
+                    "loss.mode: 'dense' needs the full teacher distribution: set teacher.use_cached_logits: false "
+                    "or use loss.mode topk_tail"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model reached by following ``loc`` (to suggest close keys)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        current = _submodel(ann)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    """One message listing every problem with its dotted path and a fix."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            hint = f"; did you mean `{close[0]}`?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+            lines.append(f"  {path}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            hide = isinstance(got, (dict, list)) or "got" in msg or repr(got) in msg
+            shown = "" if hide else f" (got {got!r})"
+            # Cross-field checks on the whole file already start with the dotted key.
+            lines.append(f"  {msg}" if not loc else f"  {path}: {msg}{shown}")
+    n = len(lines)
+    return f"{source}: {n} problem{'s' if n > 1 else ''}:\n" + "\n".join(lines)
+
+
+def validate(data: Any, model: type[BaseModel] = Params, source: str = "params.yaml") -> Any:
+    """Validate a parsed YAML mapping against ``model``; raise :class:`UserError` listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, model, source)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with the safe loader; a missing or malformed file is a :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run from the repository root, or pass --params PATH)")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    return validate(read_yaml(path), Params, str(path))

@@ -1,0 +1,107 @@
+"""Loading and describing models: the teacher (hub, local or embedded) and the student.
+
+The teacher stage writes ``models/teacher/``. For a hub or local teacher that
+directory holds only ``teacher.json`` pointing at it (nothing is copied or trained);
+for the embedded default it holds a ``save_pretrained`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from kdsweep.config import TeacherArchConfig, TeacherConfig
+from kdsweep.errors import UserError
+
+POINTER = "teacher.json"
+
+
+def embedded_teacher_config(arch: TeacherArchConfig, vocab_size: int, max_length: int, eos_token_id: int):
+    """The Qwen3-MoE config of the small teacher the pipeline trains itself."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.moe_intermediate_size * 2,
+        moe_intermediate_size=arch.moe_intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
+        num_experts=arch.num_experts,
+        num_experts_per_tok=arch.num_experts_per_tok,
+        max_position_embeddings=max(max_length, 512),
+        tie_word_embeddings=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(path_or_id: str | Path, *, revision: str | None = None, trust_remote_code: bool = False,
+                   dtype: torch.dtype | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` with kdsweep's own model classes registered."""
+    import kdsweep.compress  # noqa: F401  (registers the compressed student with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path_or_id), revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model {str(path_or_id)!r}: {e}") from None
+
+
+def teacher_source(teacher_dir: str | Path) -> dict:
+    """Where the teacher's weights are: ``{"model": id_or_path, "revision": ...}``."""
+    teacher_dir = Path(teacher_dir)
+    pointer = teacher_dir / POINTER
+    if pointer.is_file():
+        return json.loads(pointer.read_text())
+    if (teacher_dir / "config.json").is_file():
+        return {"model": str(teacher_dir), "revision": None}
+    raise UserError(f"{teacher_dir}: no teacher found; run `dvc repro teacher` first")
+
+
+def load_teacher(teacher_dir: str | Path, cfg: TeacherConfig, device: torch.device):
+    """The teacher in eval mode, frozen, in ``cfg.dtype`` on ``device``."""
+    src = teacher_source(teacher_dir)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = load_causal_lm(src["model"], revision=src.get("revision"), trust_remote_code=cfg.trust_remote_code,
+                           dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def teacher_identity(teacher_dir: str | Path) -> dict:
+    """Id and revision of a hub teacher, or a hash of the embedded teacher's weights."""
+    teacher_dir = Path(teacher_dir)
+    src = teacher_source(teacher_dir)
+    if (teacher_dir / POINTER).is_file():
+        return {"model": src["model"], "revision": src.get("revision")}
+    digest = hashlib.sha256()
+    for f in sorted(teacher_dir.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return {"model": "embedded", "weights_sha256": digest.hexdigest()[:16]}
+
+
+def output_vocab_size(model) -> int:
+    """Rows of the LM head (may exceed the tokenizer's vocabulary: padded vocabularies)."""
+    return model.get_output_embeddings().weight.shape[0]

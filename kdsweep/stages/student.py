@@ -1,0 +1,68 @@
+"""Stage ``student``: derive the student from the teacher.
+
+``student.kind: compressed`` (the default) replaces each MoE layer's E experts by one
+shared core FFN plus low-rank per-expert wrappers fitted to the teacher's experts
+(``kdsweep.compress``), so the reference's ``.*shared_core.*`` and ``.*wrapper.*`` patterns
+select real parameters. ``kind: copy`` starts from the teacher's own architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from kdsweep.compress import compress_from_teacher, count_parameters
+from kdsweep.config import Params
+from kdsweep.data import load_prepared
+from kdsweep.errors import UserError
+from kdsweep.models import load_teacher
+
+
+def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir: Path = Path("models/teacher"),
+         out: Path = Path("models/student_init"), metrics_path: Path = Path("metrics/student.json")) -> dict:
+    """Build the student, save it with ``save_pretrained`` and report its size."""
+    cfg = params.student
+    data = load_prepared(prepared_dir)
+    device = torch.device("cpu")  # fitting is cheap; the student moves to the GPU in distill
+    teacher = load_teacher(teacher_dir, params.teacher, device).float()
+    if cfg.kind == "copy":
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_config(teacher.config)
+        if cfg.init == "teacher":
+            student.load_state_dict(teacher.state_dict())
+        report = []
+    else:
+        calib = None
+        if cfg.calibration_sequences:
+            calib = torch.as_tensor(data.train[: cfg.calibration_sequences], dtype=torch.long)
+        if not hasattr(teacher.model.layers[0].mlp, "experts"):
+            raise UserError("student.kind: 'compressed' needs a mixture-of-experts teacher (Qwen3-MoE style); "
+                            "use student.kind: copy for a dense teacher")
+        student, report = compress_from_teacher(
+            teacher, wrapper_rank=cfg.wrapper_rank, core_intermediate_size=cfg.core_intermediate_size,
+            layers=cfg.layers, copy_attention=cfg.copy_attention, copy_embeddings=cfg.copy_embeddings,
+            init=cfg.init, calibration_input_ids=calib, seed=cfg.seed)
+    for row in report:
+        print(f"student: layer {row['layer']}: expert reconstruction error {row['relative_error']:.4f} "
+              f"(max {row['max_relative_error']:.4f}) on {row['num_samples']} {row['inputs']} inputs")
+    t_count, s_count = count_parameters(teacher), count_parameters(student)
+    metrics = {
+        "teacher": t_count, "student": s_count,
+        "compression_ratio": round(t_count["total"] / s_count["total"], 3),
+        "expert_parameter_ratio": round(s_count["expert"] / max(t_count["expert"], 1), 4),
+        "reconstruction": report,
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    print(f"student: {s_count['total']:,} parameters ({s_count['active_per_token']:,} active per token), "
+          f"teacher {t_count['total']:,}; expert parameters {metrics['expert_parameter_ratio']:.1%} of the teacher's")
+    return metrics

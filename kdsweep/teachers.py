@@ -1,0 +1,66 @@
+"""The teacher side of a batch, cached or live, as a ``teacher_fn(start, end)`` for the loss.
+
+Both sources use the same positions as the student: position t of a sequence predicts
+token t + 1, and only positions 0..L-2 (those with a next token) are used, flattened to
+(N = B * (L - 1),).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdsweep.cache import log_normalizer
+from kdsweep.losses import SparseTeacher, TeacherFn, sparse_teacher_from_logits
+
+
+def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """numpy arrays from the data loader -> tensors on ``device`` (ids as int64)."""
+    out = {}
+    for key, arr in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if key in ("input_ids", "topk_ids"):
+            t = t.long()
+        out[key] = t.to(device, non_blocking=True)
+    return out
+
+
+def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float) -> TeacherFn:
+    """Teacher top-k log-probabilities at ``temperature`` from cached arrays (B, L, ...).
+
+    ``log p_i = s_i / T - f(1/T)`` with s the stored shifted logits and f the interpolated
+    full-vocabulary log-normaliser. f is floored at the top-k's own logsumexp so the top-k
+    mass never exceeds 1 (interpolation error can only shrink the tail, never invert it).
+    """
+    k = batch["topk_ids"].shape[-1]
+    ids = batch["topk_ids"][:, :-1].reshape(-1, k)
+    s = batch["topk_logits"][:, :-1].reshape(-1, k).float() / temperature
+    lse = log_normalizer(batch["log_normalizer"][:, :-1], batch["log_normalizer_slope"][:, :-1], betas,
+                         1.0 / temperature).reshape(-1)
+    lse = torch.maximum(lse, torch.logsumexp(s, dim=-1))
+    log_probs = s - lse.unsqueeze(-1)
+    return lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])
+
+
+@torch.no_grad()
+def live_teacher_fn(teacher, input_ids: torch.Tensor, temperature: float, mode: str, top_k: int,
+                    vocab_size: int) -> TeacherFn:
+    """Run the teacher's decoder once (eval, no_grad, its own dtype); the LM head runs per
+    chunk inside ``teacher_fn`` so no (B, L, V) teacher tensor exists."""
+    hidden = teacher.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    head = teacher.get_output_embeddings()
+
+    @torch.no_grad()
+    def teacher_fn(a: int, b: int):
+        logits = head(hidden[a:b])[:, :vocab_size].float()
+        if mode == "dense":
+            return logits
+        return sparse_teacher_from_logits(logits, top_k, temperature)
+
+    return teacher_fn
+
+
+def shifted_targets(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B * (L - 1),) next-token targets of packed sequences (no padding)."""
+    return input_ids[:, 1:].reshape(-1)
