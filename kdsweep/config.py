@@ -23,6 +23,7 @@ Defaults live here *and* in the shipped ``params.yaml``; a test keeps them in sy
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -241,6 +242,16 @@ class LRMultiplier(_Section):
         return v
 
 
+# The reference's "Recommended Starting Point" (compressed experts at full LR, pre-trained
+# embeddings and norms more conservatively).
+REFERENCE_MULTIPLIERS = [
+    (".*shared_core.*", 1.0),
+    (".*wrapper.*", 1.0),
+    (".*embed_tokens.*|.*lm_head.*", 0.1),
+    (".*norm.*", 0.5),
+]
+
+
 class StageConfig(_Section):
     stage_name: str
     num_epochs: float | None = Field(None, gt=0)
@@ -288,12 +299,16 @@ class Params(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    parameter_lr_multipliers: list[LRMultiplier] = Field(default_factory=list)
+    parameter_lr_multipliers: list[LRMultiplier] = Field(
+        default_factory=lambda: [LRMultiplier(pattern=p, lr_multiplier=m) for p, m in REFERENCE_MULTIPLIERS],
+        description="Ordered regex -> LR multiplier rules; first full match wins; 0 freezes.",
+    )
     stages: StagesConfig = Field(default_factory=StagesConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Params:
+    def cross_problems(self) -> list[str]:
+        """Problems that involve more than one key (checked once every key is valid on its own)."""
+        problems = []
         lo, hi = self.teacher.temperature_range
         temps = [("loss.temperature", self.loss.temperature)]
         temps += [
@@ -304,16 +319,16 @@ class Params(_Section):
         if self.teacher.use_cached_logits:
             for key, t in temps:
                 if not lo <= t <= hi:
-                    raise ValueError(
+                    problems.append(
                         f"{key}: {t} is outside teacher.temperature_range [{lo}, {hi}] that the logit cache "
                         f"supports; widen teacher.temperature_range (regenerates the cache) or pick T in range"
                     )
             if self.loss.mode == "dense":
-                raise ValueError(
+                problems.append(
                     "loss.mode: 'dense' needs the full teacher distribution: set teacher.use_cached_logits: false "
                     "or use loss.mode topk_tail"
                 )
-        return self
+        return problems
 
 
 # --------------------------------------------------------------------------- loading
@@ -343,8 +358,8 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
-    """One message listing every problem with its dotted path and a fix."""
+def problem_lines(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per problem, each starting with its dotted path."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -363,20 +378,51 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
             shown = "" if hide else f" (got {got!r})"
             # Cross-field checks on the whole file already start with the dotted key.
             lines.append(f"  {msg}" if not loc else f"  {path}: {msg}{shown}")
-    n = len(lines)
-    return f"{source}: {n} problem{'s' if n > 1 else ''}:\n" + "\n".join(lines)
+    return lines
+
+
+def _without(data: dict, locs: list[tuple]) -> dict:
+    """A copy of ``data`` with the keys at ``locs`` removed (a whole list if an item is bad),
+    so the rest can be validated and cross-checked too."""
+    data = copy.deepcopy(data)
+    for loc in locs:
+        node, path = data, [p for p in loc]
+        for i, part in enumerate(path):
+            if isinstance(node, dict) and part in node:
+                if i == len(path) - 1 or isinstance(node[part], list):
+                    del node[part]
+                    break
+                node = node[part]
+            else:
+                break
+    return data
 
 
 def validate(data: Any, model: type[BaseModel] = Params, source: str = "params.yaml") -> Any:
-    """Validate a parsed YAML mapping against ``model``; raise :class:`UserError` listing every problem."""
+    """Validate a parsed YAML mapping against ``model``; raise :class:`UserError` listing every problem.
+
+    Cross-key checks (``cross_problems``) also run when some keys are invalid: those keys
+    are dropped (their defaults stand in) so that one run reports everything.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    lines: list[str] = []
     try:
-        return model.model_validate(data)
+        obj = model.model_validate(data)
     except ValidationError as err:
-        raise UserError(format_validation_error(err, model, source)) from None
+        lines = problem_lines(err, model)
+        try:
+            obj = model.model_validate(_without(data, [tuple(e["loc"]) for e in err.errors()]))
+        except ValidationError:
+            obj = None
+    if obj is not None and hasattr(obj, "cross_problems"):
+        lines += [f"  {p}" for p in obj.cross_problems()]
+    if lines:
+        n = len(lines)
+        raise UserError(f"{source}: {n} problem{'s' if n > 1 else ''}:\n" + "\n".join(lines))
+    return obj
 
 
 def read_yaml(path: str | Path) -> Any:

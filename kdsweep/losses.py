@@ -17,10 +17,13 @@ reduction="batchmean")`` on a (B, T, V) tensor divides by B only, so it is not u
 Modes (how p_T is represented):
 
 * ``topk_tail``: k + 1 buckets, the teacher's top-k tokens plus one tail bucket holding the
-  remaining mass, on both sides. Exact given the cache (which stores the full-vocabulary
-  normaliser), and equal to the dense KL when k = V.
+  remaining mass, on both sides. Exact for the teacher values it is given (the cache stores
+  the full-vocabulary normaliser; its own precision is stated in ``kdsweep.cache``), and
+  equal to the dense KL when k = V. Teacher ids the student's vocabulary lacks count in the
+  tail bucket.
 * ``topk_renorm``: the teacher renormalised over its top-k (common practice, biased: see
-  Anshumann et al., 2025, "Sparse Logit Sampling"); the student is not renormalised.
+  Anshumann et al., 2025, "Sparse Logit Sampling"). Forward: the student is not
+  renormalised; reverse: both sides are, so the KL stays non-negative.
 * ``dense``: the full vocabulary (needs a live teacher).
 
 ``direction: reverse`` swaps the arguments: KL(q_T || p_T) over the same buckets.
@@ -106,8 +109,11 @@ def restrict_to_vocab(teacher: SparseTeacher, vocab_size: int) -> SparseTeacher:
                          teacher.log_probs.masked_fill(~valid, float("-inf")))
 
 
-def _tail(log_probs_k: torch.Tensor, full_log_probs: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
-    """Log-mass outside the top-k of a full distribution (C, V), exactly, by masking the ids."""
+def _tail(full_log_probs: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
+    """Log-mass outside the (valid) top-k ids of a full distribution (C, V), by masking them.
+
+    Returns the tail log-mass (C,) and whether the ids cover the whole vocabulary (C,).
+    """
     mask = torch.zeros_like(full_log_probs).scatter_add_(-1, ids, valid.to(full_log_probs.dtype)) > 0
     masked = full_log_probs.masked_fill(mask, _LOG_ZERO)
     return torch.logsumexp(masked, dim=-1), mask.all(-1)
@@ -151,8 +157,13 @@ def kl_per_token(student_logits: torch.Tensor, teacher: TeacherChunk, temperatur
     if mode != "topk_tail":
         raise ValueError(f"unknown loss mode {mode!r}")
     p_k = lp_k_safe.exp()
-    lq_tail, covered = _tail(lq_k, lq, teacher.ids, valid)
-    # Rounding can leave a sliver of tail mass when the top-k covers the whole vocabulary.
+    lq_tail, covered = _tail(lq, teacher.ids, valid)
+    # Where the top-k covers the student's whole vocabulary the student has no tail bucket:
+    # the teacher is then conditioned on the student's vocabulary (renormalised over the
+    # valid ids, as `dense` does), which also drops rounding slivers of tail mass.
+    norm = torch.where(covered, p_k.sum(-1), torch.ones_like(p_k[..., 0]))
+    p_k = p_k / norm.unsqueeze(-1)
+    lp_k_safe = lp_k_safe - torch.log(norm).unsqueeze(-1)
     p_tail = (1 - p_k.sum(-1)).clamp(min=0).masked_fill(covered, 0)
     if direction == "forward":
         top = torch.xlogy(p_k, p_k) - p_k * lq_k.masked_fill(~valid, 0)

@@ -117,7 +117,8 @@ def build_param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weigh
     """Apply the plan to ``model`` and return optimizer parameter groups.
 
     Frozen parameters get ``requires_grad=False`` and appear in no group. Each group
-    carries ``name`` (its pattern), ``lr_multiplier`` and ``base_lr`` for the schedule.
+    carries ``name`` (its pattern) and ``lr_multiplier``; the loop sets
+    ``lr = base_lr * lr_multiplier * schedule(step)``.
     """
     params = dict(model.named_parameters())
     skip_decay = set() if decay_everything else no_decay_names(model)
