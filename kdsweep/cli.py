@@ -23,8 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-cache_app = typer.Typer(help="Create, check and describe teacher-logit caches (HDF5).", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file (validated before anything runs).")]
 
@@ -80,27 +78,13 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     stage.main(_params(params))
 
 
-@cache_app.command("generate")
-def cache_generate(
-    params: ParamsOpt = Path("params.yaml"),
-    shard: Annotated[Optional[str], typer.Option(help="Write only shard I of N, as I/N (merge with `cache merge`).")] = None,
-) -> None:
-    """Run the teacher over both splits and write the top-k cache (the `teacher_logits` stage)."""
-    from kdsweep.stages import teacher_logits as stage
+def _register_groups() -> None:
+    from kdsweep.cache_cli import cache_app
 
-    stage.main(_params(params), shard=_parse_shard(shard))
+    app.add_typer(cache_app, name="cache")
 
 
-def _parse_shard(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise UserError(f"--shard: expected I/N such as 0/4, got {value!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise UserError(f"--shard: need 0 <= I < N, got {value!r}")
-    return i, n
+_register_groups()
 
 
 def main() -> None:

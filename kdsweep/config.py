@@ -105,7 +105,7 @@ class TeacherArchConfig(_Section):
 class TeacherTrainConfig(_Section):
     """How long and how fast the embedded teacher is trained (bounded, CPU friendly)."""
 
-    max_steps: int = Field(150, ge=1)
+    max_steps: int = Field(400, ge=1)
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(15, ge=0)

@@ -125,7 +125,7 @@ def main(params: Params, *, prepared_dir: Path = Path("data/prepared"), teacher_
          cache_dir: Path = Path("data/teacher_logits"), student_dir: Path = Path("models/student_init"),
          out: Path = Path("models/student"), metrics_path: Path = Path("metrics/distill.json"),
          plots_dir: Path = Path("plots/distill"), run_dir: Path | None = None,
-         checkpoint_dir: Path = Path("checkpoints/distill"), resume: bool = False,
+         checkpoint_dir: Path | None = None, resume: bool = False,
          eval_hook: EvalHook | None = None) -> dict:
     """Distill the student; returns the metrics written to ``metrics_path``."""
     tr, loss_cfg = params.training, params.loss
@@ -175,6 +175,8 @@ def main(params: Params, *, prepared_dir: Path = Path("data/prepared"), teacher_
     # Where we are: fresh, or restored from the last checkpoint.
     state = {"global_step": 0, "stage_index": 0, "step_in_stage": 0, "micro_batch": 0, "nonfinite_total": 0,
              "best_val_loss": None}
+    # A sweep points these at per-trial directories outside its temporary workspaces.
+    checkpoint_dir = Path(checkpoint_dir or os.environ.get("KDSWEEP_CHECKPOINT_DIR") or "checkpoints/distill")
     last_ckpt = checkpoint_dir / "last"
     if resume:
         if not last_ckpt.exists():
