@@ -136,7 +136,16 @@ class TeacherConfig(_Section):
         description="KD temperatures the cache supports exactly: the cache stores the full-vocabulary "
         "log-normaliser on a grid over this range. Any `loss.temperature` must lie inside it.",
     )
-    temperature_grid: int = Field(8, ge=2, le=64, description="Grid points over `temperature_range`.")
+    temperature_grid: int = Field(
+        8, ge=2, le=64,
+        description="Grid points over `temperature_range` of the stored tail log-normaliser; 8 keeps the "
+        "normaliser within ~4e-4 (log space) of exact for the teachers measured (docs/cache-format.md).",
+    )
+    cache_compression: Literal["gzip", "none"] = Field(
+        "gzip",
+        description="gzip: shuffle + gzip level 4, ~54% of the raw size; none: no compression, ~1.8x larger "
+        "files that read 2-3x faster (bench/RESULTS-cache.md). Both keep every float16 value and a checksum per chunk.",
+    )
 
     @field_validator("temperature_range")
     @classmethod
@@ -157,14 +166,15 @@ class StudentConfig(_Section):
     init: Literal["teacher", "random"] = Field(
         "teacher", description="teacher: weights fitted to / copied from the teacher; random: fresh initialisation."
     )
-    wrapper_rank: int = Field(16, ge=1, description="Rank of each expert's wrapper (compressed only).")
+    wrapper_rank: int = Field(8, ge=1, description="Rank of each expert's wrapper (compressed only).")
     core_intermediate_size: int | None = Field(
-        None, ge=1, description="Width of the shared core FFN; null = the teacher's expert width."
+        128, ge=1, description="Width of the shared core FFN; null = the teacher's expert width."
     )
     layers: list[int] | None = Field(None, description="MoE layers to compress; null = all.")
     copy_attention: bool = Field(True, description="Copy attention, norms and router weights from the teacher.")
     copy_embeddings: bool = Field(True, description="Copy the embeddings and LM head from the teacher.")
     calibration_sequences: int = Field(32, ge=0, description="Training sequences used to measure reconstruction error.")
+    eval_sequences: int = Field(64, ge=1, description="Validation sequences for the size/quality report.")
     seed: int = 0
 
 
@@ -189,14 +199,20 @@ class LossConfig(_Section):
         description="topk_tail: k + 1 buckets (top-k plus one tail bucket) on both sides, exact given the cache; "
         "topk_renorm: teacher renormalised over its top-k (common, biased); dense: full vocabulary (live teacher only).",
     )
-    direction: Literal["forward", "reverse"] = Field(
-        "forward", description="forward: KL(teacher || student); reverse: KL(student || teacher)."
+    direction: Literal["forward", "reverse", "jsd"] = Field(
+        "forward",
+        description="forward: KL(teacher || student); reverse: KL(student || teacher); jsd: generalised "
+        "Jensen-Shannon, jsd_beta * KL(teacher || m) + (1 - jsd_beta) * KL(student || m), "
+        "m = jsd_beta * teacher + (1 - jsd_beta) * student.",
     )
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="Weight beta of direction jsd (0.5 = symmetric JSD).")
     scale_by_t2: bool = Field(
         True, description="Multiply the KL term by T^2 so its gradient scale does not shrink as T grows (Hinton et al.)."
     )
     chunk_size: int = Field(
-        1024, ge=1, description="Tokens per chunk of the LM head + loss; bounds memory at large vocabularies."
+        256, ge=1,
+        description="Tokens per chunk of the LM head + loss; the loss holds about 4 x chunk_size x vocabulary "
+        "float32 values at a time (256 x 151,936: ~0.6 GB).",
     )
 
 
@@ -206,11 +222,14 @@ class TrainingConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_train_epochs.")
     per_device_train_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1, description="Effective batch = batch size x accumulation.")
-    learning_rate: float = Field(1e-3, gt=0, description="Base learning rate; each group gets base x multiplier.")
+    learning_rate: float = Field(5e-4, gt=0, description="Base learning rate; each group gets base x multiplier.")
     warmup_steps: int = Field(10, ge=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine, linear).")
     weight_decay: float = Field(0.01, ge=0)
+    default_lr_multiplier: float = Field(
+        1.0, ge=0, description="LR multiplier of parameters no parameter_lr_multipliers pattern matches; 0 freezes them."
+    )
     weight_decay_on_norms_biases_embeddings: bool = Field(False, description="Apply weight decay to norms, biases and embeddings too.")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.95, ge=0, lt=1)
@@ -258,6 +277,9 @@ class StageConfig(_Section):
     max_steps: int | None = Field(None, ge=1)
     parameter_lr_multipliers: list[LRMultiplier] | None = Field(
         None, description="This stage's multipliers; null = the top-level list."
+    )
+    default_lr_multiplier: float | None = Field(
+        None, ge=0, description="Multiplier of parameters no rule matches in this stage; null = training.default_lr_multiplier."
     )
     learning_rate: float | None = Field(None, gt=0)
     alpha: float | None = Field(None, ge=0, le=1)

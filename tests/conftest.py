@@ -28,7 +28,7 @@ TINY = {
         "cache_batch_size": 8,
         "temperature_grid": 6,
     },
-    "student": {"wrapper_rank": 2, "calibration_sequences": 8},
+    "student": {"wrapper_rank": 2, "core_intermediate_size": None, "calibration_sequences": 8, "eval_sequences": 8},
     "training": {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 2, "eval_steps": 3,
                  "learning_rate": 0.003, "warmup_steps": 1},
     "evaluate": {"batch_size": 8},

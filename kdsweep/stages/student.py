@@ -19,6 +19,7 @@ from kdsweep.config import Params
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.models import load_teacher
+from kdsweep.stages.teacher import evaluate_ce
 
 
 def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir: Path = Path("models/teacher"),
@@ -50,8 +51,18 @@ def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir
         print(f"student: layer {row['layer']}: expert reconstruction error {row['relative_error']:.4f} "
               f"(max {row['max_relative_error']:.4f}) on {row['num_samples']} {row['inputs']} inputs")
     t_count, s_count = count_parameters(teacher), count_parameters(student)
+    val = data.validation[: cfg.eval_sequences]
+    val_loss = {"teacher": evaluate_ce(teacher, val, 16, device), "student": evaluate_ce(student, val, 16, device)}
+    if cfg.kind == "compressed" and cfg.init == "teacher":
+        # The same shape, freshly initialised: how much the fit to the teacher is worth.
+        baseline, _ = compress_from_teacher(
+            teacher, wrapper_rank=cfg.wrapper_rank, core_intermediate_size=cfg.core_intermediate_size,
+            layers=cfg.layers, copy_attention=cfg.copy_attention, copy_embeddings=cfg.copy_embeddings,
+            init="random", seed=cfg.seed)
+        val_loss["random_init_student"] = evaluate_ce(baseline, val, 16, device)
+    print("student: validation CE " + ", ".join(f"{k} {v:.4f}" for k, v in val_loss.items()))
     metrics = {
-        "teacher": t_count, "student": s_count,
+        "teacher": t_count, "student": s_count, "val_loss": val_loss,
         "compression_ratio": round(t_count["total"] / s_count["total"], 3),
         "expert_parameter_ratio": round(s_count["expert"] / max(t_count["expert"], 1), 4),
         "reconstruction": report,
