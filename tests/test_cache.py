@@ -1,0 +1,455 @@
+"""The teacher-logit cache (kdsweep.cache, kdsweep.cache_cli): precision, coding, resume after
+SIGKILL, refusal of bad files, fingerprints, padded vocabularies, shards, the CLI and the
+documented plain-h5py reader. Real HDF5 files, the tiny pipeline's real teacher."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from kdsweep.cache import (
+    STORED,
+    CacheLayout,
+    TeacherLogitCache,
+    _decode_torch,
+    decode_log_normalizer,
+    generate,
+    log_normalizer,
+    merge_shards,
+    reconstruct_full,
+    summarize_logits,
+    teacher_topk_probs,
+    temperature_grid,
+)
+from kdsweep.cache_cli import cache_app, inspect_cache, verify_cache
+from kdsweep.config import TeacherConfig, validate
+from kdsweep.data import load_prepared
+from kdsweep.errors import UserError
+from kdsweep.models import load_causal_lm
+
+from conftest import REPO, chdir, tiny_params_dict
+
+DEFAULT_GRID = TeacherConfig().temperature_grid
+
+
+def confident_logits(n: int, v: int, seed: int, lifted: int = 8, low: float = 6.0, high: float = 16.0) -> torch.Tensor:
+    """(n, V) float64 logits of a confident teacher: a Gaussian bulk, a Zipf prior over ids and
+    ``lifted`` context tokens 6-16 above the bulk. With 8 lifted tokens the top-64 hold ~99% at
+    T = 1 and the bulk overtakes them inside [1, 4]; with hundreds, the tail has a cluster of its own."""
+    g = torch.Generator().manual_seed(seed)
+    z = 2 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    lifts = low + (high - low) * torch.rand(n, lifted, generator=g, dtype=torch.float64)
+    z.scatter_add_(-1, torch.randint(0, v, (n, lifted), generator=g), lifts)
+    return z - 0.5 * torch.log(torch.arange(1, v + 1, dtype=torch.float64))
+
+
+def stored(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {key: f[key][...] for key in STORED}
+
+
+def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert a[key].tobytes() == b[key].tobytes(), f"{key} differs"
+
+
+def tiny_layout(root: Path, split: str = "validation", **teacher) -> tuple[object, np.ndarray, CacheLayout]:
+    """The tiny pipeline's teacher, one split's sequences and the stage's layout for them."""
+    from kdsweep.stages.teacher_logits import layout_for
+
+    params = validate(tiny_params_dict(teacher=teacher) if teacher else tiny_params_dict())
+    prepared = load_prepared(root / "data/prepared")
+    model = load_causal_lm(root / "models/teacher").eval()
+    return model, prepared.split(split), layout_for(prepared, root / "models/teacher", params, split)
+
+
+# --------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("lifted", [8, 300])
+def test_confident_teacher_probabilities_and_tail_within_1e_3(temperature, lifted):
+    """Vocabulary 4096, k = 64, the default grid: top-k probabilities and tail mass from the
+    stored arrays equal a float64 softmax of the full logits within 1e-3, and the stored
+    bound holds over the whole range, not only where it was measured."""
+    logits = confident_logits(512, 4096, seed=lifted, lifted=lifted)
+    betas = temperature_grid(1.0, 4.0, DEFAULT_GRID)
+    summary = summarize_logits(logits.float(), 64, betas)
+    p_cache, tail_cache = teacher_topk_probs(summary, betas, temperature)
+    full = torch.softmax(logits.float().double() / temperature, dim=-1)
+    p_true = full.gather(-1, summary["topk_ids"])
+    assert (p_cache.double() - p_true).abs().max() < 1e-3
+    assert (tail_cache.double() - (1 - p_true.sum(-1))).abs().max() < 1e-3
+    assert torch.equal(summary["topk_ids"], full.topk(64, dim=-1).indices.sort(-1).values)
+
+    bound = float(summary["max_error"])
+    assert bound < 1e-3
+    s = logits.float().double() - logits.float().double().max(-1, keepdim=True).values
+    for t in np.linspace(1.0, 4.0, 25):
+        exact = torch.logsumexp(s / t, dim=-1)
+        approx = log_normalizer(summary["log_normalizer"], summary["log_normalizer_slope"], betas, 1 / t).double()
+        assert (approx - exact).abs().max() <= 1.5 * bound + 1e-5, t
+
+
+def test_decoding_is_bit_identical_to_what_the_writer_measured():
+    logits = confident_logits(64, 512, seed=1)
+    betas = temperature_grid(1.0, 4.0, 8)
+    summary = summarize_logits(logits.float(), 32, betas)
+    decoded = decode_log_normalizer(summary["tail_log_normalizer_residual"].numpy(),
+                                    summary["log_normalizer_slope"].numpy(), betas)
+    assert decoded.tobytes() == summary["tail_log_normalizer"].numpy().tobytes()
+    torch.testing.assert_close(_decode_torch(summary["tail_log_normalizer_residual"], summary["log_normalizer_slope"],
+                                             betas).float(), summary["tail_log_normalizer"], rtol=0, atol=0)
+
+
+def test_k_equal_vocab_has_an_empty_tail_and_exact_probabilities():
+    logits = confident_logits(16, 48, seed=2)
+    betas = temperature_grid(1.0, 4.0, 4)
+    summary = summarize_logits(logits.float(), 48, betas)
+    p, tail = teacher_topk_probs(summary, betas, 2.0)
+    torch.testing.assert_close(p.sum(-1), torch.ones(16), atol=1e-3, rtol=0)
+    assert tail.max() < 1e-30
+    full = reconstruct_full(summary, betas, 2.0, 48)
+    torch.testing.assert_close(full.sum(-1), torch.ones(16), atol=1e-3, rtol=0)
+
+
+def test_reconstruct_full_keeps_the_top_k_and_spreads_the_tail():
+    logits = confident_logits(8, 200, seed=3)
+    betas = temperature_grid(1.0, 4.0, 8)
+    summary = summarize_logits(logits.float(), 16, betas)
+    full = reconstruct_full(summary, betas, 1.5, 200)
+    p, tail = teacher_topk_probs(summary, betas, 1.5)
+    torch.testing.assert_close(full.gather(-1, summary["topk_ids"]), p)
+    torch.testing.assert_close(full.sum(-1), torch.ones(8), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- reader
+def test_reader_lazy_in_memory_and_stored_arrays_agree(tiny_pipeline, tmp_path):
+    path = tiny_pipeline / "data/teacher_logits/validation.h5"
+    lazy, memory = TeacherLogitCache(path), TeacherLogitCache(path, in_memory=True)
+    idx = [5, 0, 17, 5]
+    a, b = lazy.read(idx), memory.read(idx)
+    assert_same_arrays(a, b)
+    raw = lazy.read_stored(idx)
+    assert np.array_equal(a["topk_ids"], np.cumsum(raw["topk_id_deltas"].astype(np.int64), -1))
+    assert (np.diff(a["topk_ids"], axis=-1) > 0).all() and a["topk_ids"].max() < lazy.vocab_size
+    assert a["log_normalizer"].shape[-1] == len(lazy.betas) + lazy.top_k
+    with pytest.raises(IndexError):
+        lazy.read([lazy.num_sequences])
+    # teacher.cache_compression: none stores the same bytes without gzip.
+    model, seqs, layout = tiny_layout(tiny_pipeline)
+    plain = generate(model, seqs, tmp_path / "validation.h5", layout, batch_size=8, device=torch.device("cpu"),
+                     compression=0)
+    with h5py.File(plain) as f:
+        assert f["topk_logits"].compression is None and f["topk_logits"].fletcher32
+    assert_same_arrays(TeacherLogitCache(plain).read(idx), a)
+    with pytest.raises(UserError, match=r"loss\.temperature: 5\.0 is outside the temperature range \[1, 4\]"):
+        lazy.check_temperature(5.0)
+    lazy.close()
+
+
+def test_truncated_incomplete_and_corrupt_files_are_refused(tiny_pipeline, tmp_path):
+    src = tiny_pipeline / "data/teacher_logits/validation.h5"
+    truncated = tmp_path / "truncated.h5"
+    data = src.read_bytes()
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(UserError, match=rf"{truncated}: not a readable HDF5 file .*truncated or corrupt.*"
+                                        r"delete it and re-run `dvc repro teacher_logits`"):
+        TeacherLogitCache(truncated)
+
+    incomplete = tmp_path / "incomplete.h5"
+    shutil.copy(src, incomplete)
+    with h5py.File(incomplete, "r+") as f:
+        del f.attrs["complete"]
+    with pytest.raises(UserError, match=rf"{incomplete}: incomplete teacher-logit cache.*re-run "
+                                        r"`dvc repro teacher_logits`.*to resume it"):
+        TeacherLogitCache(incomplete)
+
+    corrupt = tmp_path / "corrupt.h5"
+    shutil.copy(src, corrupt)
+    with h5py.File(corrupt, "r") as f:
+        offset, size = f["topk_logits"].id.get_chunk_info(3).byte_offset, f["topk_logits"].id.get_chunk_info(3).size
+    raw = bytearray(corrupt.read_bytes())
+    raw[offset + size // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"{corrupt}: cannot read sequences .*fletcher32.*kdsweep cache verify"):
+        TeacherLogitCache(corrupt).read([3])
+    with pytest.raises(UserError, match=r"verify failed:\n  checksums: sequences .* cannot be read.*\nfix: delete"):
+        verify_cache(corrupt, report=lambda *_: None)
+
+
+def test_cli_verify_exits_2_naming_the_file_and_the_fix(tiny_pipeline, tmp_path):
+    bad = tmp_path / "train.h5"
+    bad.write_bytes((tiny_pipeline / "data/teacher_logits/validation.h5").read_bytes()[:5000])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from kdsweep.cli import main; main()", "cache", "verify", str(bad)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert str(bad) in proc.stderr and "re-run `dvc repro teacher_logits`" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# --------------------------------------------------------------------------- resume after SIGKILL
+def _generation_job(model, seqs, path, layout, partial_dir, delay):
+    """Runs in a forked child: the real writer, each batch slowed down so the parent can kill it mid-run."""
+    import kdsweep.cache as cache
+
+    torch.set_num_threads(1)
+    summary = cache.teacher_batch_summary
+
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return summary(*args, **kwargs)
+
+    cache.teacher_batch_summary = slow
+    cache.generate(model, seqs, path, layout, batch_size=2, device=torch.device("cpu"), partial_dir=partial_dir)
+
+
+def test_generation_killed_three_times_resumes_bit_identical(tiny_pipeline, tmp_path):
+    """SIGKILL at three random points (after some batch files exist, sometimes mid-batch),
+    re-run to completion: every dataset equals an uninterrupted run's bit for bit, and verify passes."""
+    model, seqs, layout = tiny_layout(tiny_pipeline)
+    reference = generate(model, seqs, tmp_path / "ref/validation.h5", layout, batch_size=2,
+                         device=torch.device("cpu"), desc="reference")
+    path, partial = tmp_path / "run/validation.h5", tmp_path / "run.partial/validation.h5"
+    path.parent.mkdir()
+    n_batches = -(-len(seqs) // 2)
+    rng = random.Random(1234)
+    ctx = multiprocessing.get_context("fork")
+    done = 0
+    for kill_at in sorted(rng.sample(range(2, n_batches - 1), 3)):
+        child = ctx.Process(target=_generation_job, args=(model, seqs, path, layout, partial, 0.03))
+        child.start()
+        deadline = time.monotonic() + 30
+        while len(list(partial.glob("batch-?????????.npz"))) < max(kill_at, done + 1):
+            assert child.is_alive() and time.monotonic() < deadline, "generation ended before it was killed"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))  # sometimes mid-batch, sometimes mid-write
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+        assert not path.exists()  # nothing is visible before the end
+        done = len(list(partial.glob("batch-?????????.npz")))
+        assert 0 < done < n_batches
+    # A batch file damaged on disk is named, removed and recomputed by the next run.
+    damaged = sorted(partial.glob("batch-?????????.npz"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(UserError, match=rf"{damaged}: damaged batch file .*run the same command again"):
+        generate(model, seqs, path, layout, batch_size=2, device=torch.device("cpu"), partial_dir=partial)
+    assert not damaged.exists() and not path.exists()
+    child = ctx.Process(target=_generation_job, args=(model, seqs, path, layout, partial, 0.0))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    assert not partial.exists()
+    assert_same_arrays(stored(path), stored(reference))
+    with h5py.File(path) as a, h5py.File(reference) as b:
+        assert dict(a.attrs).keys() == dict(b.attrs).keys()
+        assert a.attrs["log_normalizer_max_error"] == b.attrs["log_normalizer_max_error"]
+    lines = []
+    verify_cache(path, teacher=str(tiny_pipeline / "models/teacher"), report=lines.append)
+    assert lines[-1] == f"{path}: ok"
+    assert any("top-1 agreement" in line and "ok" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_cli_generate_killed_three_times_resumes_bit_identical(tmp_path):
+    """The same through `kdsweep cache generate --output-dir` in real subprocesses (standalone mode)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict()))
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-c", "from kdsweep.cli import main; main()", "cache", "generate", "--params", str(params),
+           "--dataset", "builtin", "--max-samples", "24", "--batch-size", "2", "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    partial = tmp_path / "cache.partial/train.h5"
+    rng = random.Random(7)
+    for kill_at in sorted(rng.sample(range(50, 900), 3)):
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(list(partial.glob("batch-?????????.npz"))) < kill_at:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "train.h5").exists()
+    subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True)
+    resumed = {split: stored(out / f"{split}.h5") for split in ("train", "validation")}
+    for split in ("train", "validation"):
+        (out / f"{split}.h5").unlink()
+    subprocess.run(cmd, env=env, cwd=tmp_path, check=True, capture_output=True)  # uninterrupted, same teacher
+    for split in ("train", "validation"):
+        assert_same_arrays(resumed[split], stored(out / f"{split}.h5"))
+    verify_cache(out / "train.h5", report=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- fingerprint
+def test_training_refuses_a_cache_made_with_another_tokenizer(pipeline_copy):
+    from kdsweep.stages import distill, prepare
+
+    params = validate(tiny_params_dict(tokenizer={"vocab_size": 300}))
+    with chdir(pipeline_copy):
+        prepare.main(params)
+        with pytest.raises(UserError, match=r"made from different inputs:(.|\n)*tokenizer_sha256: cache has .*"
+                                            r"(.|\n)*vocab_size: cache has 320, config has 300"):
+            distill.main(params, run_dir=pipeline_copy / "runs/distill")
+
+
+# --------------------------------------------------------------------------- padded vocabulary
+def _padded_teacher(tmp_path: Path, pad: int):
+    """A local Hugging Face teacher whose LM head has ``pad`` rows more than its tokenizer has
+    tokens, the padding rows rigged to win every argmax if they were not dropped."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from kdsweep.config import TokenizerConfig
+    from kdsweep.data import builtin_documents, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(builtin_documents()[:12], TokenizerConfig(vocab_size=300), 32)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tok) + pad, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=False, eos_token_id=tok.eos_token_id))
+    with torch.no_grad():  # +-w: one of each pair points along (almost) every normalised hidden state
+        signs = torch.tensor([1.0, -1.0]).repeat(pad // 2)[:, None]
+        model.lm_head.weight[len(tok):] = 20 * model.model.norm.weight * signs
+    model.save_pretrained(tmp_path / "teacher_model")
+    tok.save_pretrained(tmp_path / "teacher_model")
+    return tmp_path / "teacher_model", len(tok)
+
+
+def test_standalone_generate_with_a_padded_vocabulary_teacher(tmp_path):
+    """`cache generate` with the reference script's options on a local teacher whose LM head
+    is padded: padding rows are dropped, probabilities are over the tokenizer's tokens, and
+    verify (finding the teacher through the fingerprint) passes."""
+    teacher_dir, vocab = _padded_teacher(tmp_path, pad=24)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict()))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cache_app, [
+        "generate", "--params", str(params), "--teacher-model", str(teacher_dir), "--dataset", "builtin",
+        "--max-samples", "8", "--top-k", "8", "--batch-size", "4", "--output-dir", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "padding rows are dropped" in result.output
+    for name in ("prepared/meta.json", "teacher/teacher.json", "train.h5", "validation.h5",
+                 "metrics/teacher_logits.json"):
+        assert (out / name).exists(), name
+    cache = TeacherLogitCache(out / "validation.h5")
+    assert cache.vocab_size == vocab and cache.top_k == 8
+    assert cache.fingerprint["teacher"] == {"model": str(teacher_dir), "revision": None}
+    batch = cache.read([0, 1])
+    assert batch["topk_ids"].max() < vocab
+    model = load_causal_lm(teacher_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long)).logits
+    assert logits.shape[-1] == vocab + 24 and (logits.argmax(-1) >= vocab).float().mean() > 0.9  # rigged rows win...
+    for t in (1.0, 3.0):
+        p_true = torch.softmax(logits[..., :vocab].double() / t, -1)  # ...but the cache never saw them
+        p_cache, tail = teacher_topk_probs(batch, cache.betas, t)
+        ids = torch.as_tensor(batch["topk_ids"], dtype=torch.long)
+        assert (p_cache.double() - p_true.gather(-1, ids)).abs().max() < 1e-3
+        assert (tail.double() - (1 - p_true.gather(-1, ids).sum(-1))).abs().max() < 1e-3
+    lines = []
+    verify_cache(out / "validation.h5", report=lines.append)
+    assert any(f"top-1 agreement with a fresh forward of {teacher_dir}" in line and "100.00%" in line for line in lines)
+    # Run again: prepared data and teacher are reused, the caches are up to date.
+    again = CliRunner().invoke(cache_app, [
+        "generate", "--params", str(params), "--teacher-model", str(teacher_dir), "--dataset", "builtin",
+        "--max-samples", "8", "--top-k", "8", "--batch-size", "4", "--output-dir", str(out)])
+    assert again.exit_code == 0 and "up to date" in again.output
+
+
+# --------------------------------------------------------------------------- shards
+def test_two_shards_merged_read_back_identical_to_one_run(tiny_pipeline, tmp_path):
+    model, seqs, layout = tiny_layout(tiny_pipeline)
+    whole = generate(model, seqs, tmp_path / "whole/validation.h5", layout, batch_size=4, device=torch.device("cpu"))
+    shard_dir = tmp_path / "a/sharded"
+    for i in (1, 0):  # separately, in any order
+        generate(model, seqs, shard_dir / "validation.h5", layout, batch_size=4, device=torch.device("cpu"),
+                 shard=(i, 2))
+    with pytest.raises(UserError, match="validation.h5: no shard files"):
+        merge_shards(tmp_path / "whole/validation.h5")
+    result = CliRunner().invoke(cache_app, ["merge", str(shard_dir)])
+    assert result.exit_code == 0, result.output
+
+    reference = TeacherLogitCache(whole)
+    idx = list(range(reference.num_sequences))
+    expected = reference.read(idx)
+    # Moved as a directory and read from another working directory.
+    moved = tmp_path / "b/moved"
+    moved.parent.mkdir()
+    shard_dir.rename(moved)
+    with chdir(tmp_path / "b"):
+        merged = TeacherLogitCache(Path("moved/validation.h5"))
+        assert merged.shards == ["validation.shard-0-of-2.h5", "validation.shard-1-of-2.h5"]
+        assert_same_arrays(merged.read(idx), expected)
+        assert_same_arrays(TeacherLogitCache(Path("moved/validation.h5"), in_memory=True).read(idx), expected)
+        assert merged.fingerprint == reference.fingerprint
+        assert merged.attrs["log_normalizer_max_error"] == reference.attrs["log_normalizer_max_error"]
+        verify_cache(Path("moved/validation.h5"), teacher=str(tiny_pipeline / "models/teacher"), report=lambda *_: None)
+        assert "2 shards" in inspect_cache(Path("moved/validation.h5"))
+        merged.close()
+    # Plain h5py reads the merged file too.
+    with h5py.File(moved / "validation.h5", "r") as f:
+        assert np.array_equal(f["input_ids"][...], expected["input_ids"])
+    (moved / "validation.shard-1-of-2.h5").unlink()
+    with pytest.raises(UserError, match=r"merged cache, but its shard .*validation.shard-1-of-2.h5 is missing"):
+        TeacherLogitCache(moved / "validation.h5")
+
+
+# --------------------------------------------------------------------------- CLI reports
+def test_verify_and_inspect_report_every_check(tiny_pipeline):
+    path = tiny_pipeline / "data/teacher_logits/train.h5"
+    lines = []
+    with chdir(tiny_pipeline):
+        verify_cache(Path("data/teacher_logits/train.h5"), params_path=Path("params.yaml"), report=lines.append)
+    text = "\n".join(lines)
+    for expected in ("completeness: ok", "fletcher32 verified", "strictly ascending: ok", "tail below the top-k",
+                     "sum to <= 1 + 0.002 at T = 1, 4: ok", "interpolation error bound", "fingerprint vs params.yaml",
+                     "input_ids vs data/prepared/train.npy: ok (aligned)", "top-1 agreement", "train.h5: ok"):
+        assert expected in text, expected
+    report = inspect_cache(path)
+    for expected in ("bytes per token", "bytes per stored logit", "topk_id_deltas", "gzip(4)+shuffle+fletcher32",
+                     "top-16 probability mass at T=1", "temperature range [1, 4]", "error bound", "tokenizer_sha256"):
+        assert expected in report, expected
+    assert len(re.findall(r"^  \[0\.\d, [01]\.\d[)\]]", report, flags=re.M)) == 10  # the histogram
+
+
+def test_verify_against_params_names_the_differing_field(tiny_pipeline, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict(teacher={"top_k": 8})))
+    with chdir(tiny_pipeline), pytest.raises(UserError, match=r"fingerprint: differs from .*top_k: cache has 16, "
+                                                               r"config has 8(.|\n)*fix: delete"):
+        verify_cache(Path("data/teacher_logits/validation.h5"), params_path=params, report=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- the documented reader
+def test_plain_h5py_example_in_the_docs_reads_the_cache(tiny_pipeline):
+    doc = (REPO / "docs/cache-format.md").read_text()
+    code = re.search(r"## Reading with plain h5py.*?```python\n(.*?)```", doc, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "docs/cache-format.md", "exec"), namespace)
+    path = tiny_pipeline / "data/teacher_logits/validation.h5"
+    cache = TeacherLogitCache(path)
+    for n, temperature in ((0, 1.0), (7, 2.5), (cache.num_sequences - 1, 4.0)):
+        input_ids, ids, probs, tail = namespace["read_sequence"](str(path), n, temperature)
+        batch = cache.read([n])
+        p, t = teacher_topk_probs(batch, cache.betas, temperature)
+        assert np.array_equal(input_ids, batch["input_ids"][0]) and np.array_equal(ids, batch["topk_ids"][0])
+        np.testing.assert_allclose(probs, p[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(tail, t[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(probs.sum(-1) + tail, 1.0, atol=1e-6)
