@@ -3,10 +3,13 @@
 A checkpoint directory holds::
 
     model/              save_pretrained (safetensors)
-    optimizer.pt        optimizer state_dict
-    rng.pt              torch (and CUDA) RNG states (data order is a pure function of the step)
-    trainer_state.json  global step, stage, position in the data, counters
+    optimizer.pt        optimizer state_dict (AdamW moments and step counts of this stage)
+    rng.pt              torch (and CUDA) RNG states
+    trainer_state.json  global step, stage and step in it, position in the data, counters
     params.yaml         the resolved config the run used
+
+There is no scheduler state to keep: the learning rate is a pure function of (stage, step in
+stage) (``kdsweep.schedule``), and so is the data order (``MicroBatches``).
 
 It is written under a temporary name and renamed, so a crash mid-save leaves the previous
 checkpoint intact. Everything is loaded with ``weights_only=True`` (no pickled code).
@@ -24,11 +27,13 @@ import yaml
 
 
 def save(path: Path, model, optimizer, state: dict, params_dict: dict) -> None:
+    """Write a checkpoint to ``path`` atomically (``optimizer`` may be None: weights only)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -47,8 +52,21 @@ def load_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
+def changed_params(path: Path, params_dict: dict) -> list[str]:
+    """Dotted keys whose value differs between the checkpoint's params.yaml and ``params_dict``."""
+    saved = yaml.safe_load((path / "params.yaml").read_text())
+
+    def flat(d, prefix=""):
+        if isinstance(d, dict):
+            return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+
+    a, b = flat(saved), flat(json.loads(json.dumps(params_dict)))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def restore(path: Path, model, optimizer) -> None:
-    """Load weights (in place), optimizer and RNG states from a checkpoint directory."""
+    """Load weights (in place), optimizer (unless None) and RNG states from a checkpoint directory."""
     from safetensors.torch import load_file
 
     weights = {}
@@ -58,7 +76,8 @@ def restore(path: Path, model, optimizer) -> None:
     tied = {k for k in missing if "lm_head" in k or "embed" in k}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -8,8 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from kdsweep.losses import LossSpec, TeacherFn, distillation_loss
-from kdsweep.teachers import shifted_targets
+from kdsweep.losses import LossSpec, TeacherFn, student_loss
 
 
 @torch.no_grad()
@@ -27,12 +26,8 @@ def evaluate(student, batches: Iterable[dict[str, torch.Tensor]],
     student.eval()
     ce = kl = top1 = 0.0
     tokens = 0
-    head = student.get_output_embeddings().weight
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, total=total, leave=False):
-        ids = batch["input_ids"]
-        hidden = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
-        out = distillation_loss(hidden.reshape(-1, hidden.shape[-1]), head, shifted_targets(ids),
-                                teacher_fn_for(batch), spec)
+        out = student_loss(student, batch["input_ids"], teacher_fn_for(batch), spec)
         ce, kl, top1 = ce + out.ce_sum.item(), kl + out.kl_sum.item(), top1 + out.top1_matches.item()
         tokens += out.num_tokens
     student.train(was_training)

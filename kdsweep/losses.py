@@ -14,38 +14,52 @@ The T^2 factor (Hinton et al., 2015) keeps the KD gradient's scale independent o
 KL summed over the vocabulary, averaged over real target tokens. ``F.kl_div(...,
 reduction="batchmean")`` on a (B, T, V) tensor divides by B only, so it is not used.
 
+Directions (what "KL" is), over the same buckets:
+
+* ``forward``: KL(p_T || q_T), mass-covering (the default);
+* ``reverse``: KL(q_T || p_T), mode-seeking;
+* ``jsd``: the generalised Jensen-Shannon divergence with weight ``beta`` (Agarwal et al.,
+  2024, "On-policy distillation", GKD), ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with
+  ``m = beta * p + (1 - beta) * q``; beta = 0.5 is the symmetric JSD. It is bounded by
+  log 2 and vanishes (with its gradient) as beta goes to 0 or 1, so beta is kept inside (0, 1).
+
 Modes (how p_T is represented):
 
 * ``topk_tail``: k + 1 buckets, the teacher's top-k tokens plus one tail bucket holding the
   remaining mass, on both sides. Exact for the teacher values it is given (the cache stores
   the full-vocabulary normaliser; its own precision is stated in ``kdsweep.cache``), and
-  equal to the dense KL when k = V. Teacher ids the student's vocabulary lacks count in the
+  equal to the dense loss when k = V. Teacher ids the student's vocabulary lacks count in the
   tail bucket.
 * ``topk_renorm``: the teacher renormalised over its top-k (common practice, biased: see
   Anshumann et al., 2025, "Sparse Logit Sampling"). Forward: the student is not
-  renormalised; reverse: both sides are, so the KL stays non-negative.
+  renormalised; reverse and jsd: both sides are, so the divergence stays non-negative.
 * ``dense``: the full vocabulary (needs a live teacher).
 
-``direction: reverse`` swaps the arguments: KL(q_T || p_T) over the same buckets.
-
-Memory: the student's logits are never materialised for the whole batch. The LM head and
-the loss run on ``chunk_size`` tokens at a time under activation checkpointing, so the
-backward pass recomputes one chunk's logits at a time. Peak extra memory is
-O(chunk_size x V), independent of batch x sequence length.
+Memory and time: the student's logits are never materialised for the whole batch. The LM
+head and the loss run on ``chunk_size`` tokens at a time, and each chunk's gradient with
+respect to its logits is taken right there, in the forward pass (analytically for the
+(C, V) part, see :func:`chunk_loss_and_grad`), and turned into gradients of the hidden
+states and the head weight (as Liger-Kernel's fused linear losses do). So backward needs no
+recomputation (three head matmuls, as the naive path), and peak extra memory is about four
+(chunk_size, V) float32 buffers plus one head-weight gradient, independent of batch x
+sequence (``bench/loss.py``: 6% of the naive path's at V = 151,936, chunk 256). :func:`loss_sums` is the same loss written for plain autograd (the reference).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# A finite stand-in for log(0): keeps gradients finite where a bucket is empty.
+# A finite stand-in for log(0): keeps products 0 * log(0) at 0 and gradients finite.
 _LOG_ZERO = -1e30
+# Floor of the teacher's tail mass in log space: reverse KL is infinite where the teacher
+# has no mass but the student has some; this keeps it finite (and large).
+_TINY = 1e-20
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,19 @@ class LossSpec:
     alpha: float
     temperature: float
     mode: str = "topk_tail"  # topk_tail | topk_renorm | dense
-    direction: str = "forward"  # forward | reverse
+    direction: str = "forward"  # forward | reverse | jsd
     scale_by_t2: bool = True
     chunk_size: int = 1024
+    jsd_beta: float = 0.5
+
+    @property
+    def ce_weight(self) -> float:
+        return 1.0 - self.alpha
+
+    @property
+    def kl_weight(self) -> float:
+        """``alpha * T^2`` (or ``alpha`` without the T^2 convention)."""
+        return self.alpha * (self.temperature**2 if self.scale_by_t2 else 1.0)
 
 
 @dataclass
@@ -80,17 +104,22 @@ TeacherFn = Callable[[int, int], TeacherChunk]
 
 @dataclass
 class LossOutput:
-    """Sums over the chunk's (or batch's) real tokens; divide by a token count to average."""
+    """Sums over the real tokens of a chunk or batch; divide by a token count to average.
 
+    ``weighted_sum = (1 - alpha) * ce_sum + alpha * T^2 * kl_sum`` carries the gradient;
+    from :func:`distillation_loss` the other sums are detached (they are for logging).
+    """
+
+    weighted_sum: torch.Tensor
     ce_sum: torch.Tensor
     kl_sum: torch.Tensor
     top1_matches: torch.Tensor
     num_tokens: int
 
-    def total(self, spec: LossSpec, normalizer: int) -> torch.Tensor:
-        """``((1 - alpha) * CE_sum + alpha * T^2 * KL_sum) / normalizer``."""
-        t2 = spec.temperature**2 if spec.scale_by_t2 else 1.0
-        return ((1 - spec.alpha) * self.ce_sum + spec.alpha * t2 * self.kl_sum) / max(normalizer, 1)
+    def total(self, normalizer: int) -> torch.Tensor:
+        """The loss: ``weighted_sum / normalizer``, with ``normalizer`` the real-token count
+        of the *whole accumulated batch* (``batchmean``)."""
+        return self.weighted_sum / max(normalizer, 1)
 
 
 def sparse_teacher_from_logits(logits: torch.Tensor, k: int, temperature: float) -> SparseTeacher:
@@ -109,71 +138,112 @@ def restrict_to_vocab(teacher: SparseTeacher, vocab_size: int) -> SparseTeacher:
                          teacher.log_probs.masked_fill(~valid, float("-inf")))
 
 
-def _tail(full_log_probs: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
-    """Log-mass outside the (valid) top-k ids of a full distribution (C, V), by masking them.
+def divergence(lp: torch.Tensor, lq: torch.Tensor, direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
+    """Divergence between two distributions over the same buckets, per row.
+
+    Args:
+        lp: (C, K) teacher log-probabilities; ``_LOG_ZERO`` (not -inf) for an empty bucket.
+        lq: (C, K) student log-probabilities, same convention.
+        direction: ``forward`` KL(p||q), ``reverse`` KL(q||p) or ``jsd`` (weight ``jsd_beta``).
+    Returns:
+        (C,) divergences in nats.
+    """
+    if direction == "forward":
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if direction == "reverse":
+        return (lq.exp() * (lq - lp)).sum(-1)
+    if direction == "jsd":
+        lm = torch.logaddexp(lp + math.log(jsd_beta), lq + math.log1p(-jsd_beta))
+        return (jsd_beta * (lp.exp() * (lp - lm)).sum(-1)
+                + (1 - jsd_beta) * (lq.exp() * (lq - lm)).sum(-1))
+    raise ValueError(f"unknown loss direction {direction!r}")
+
+
+def _tail(lq: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
+    """Log-mass of a full distribution (C, V) outside the (valid) top-k ids, by masking them.
 
     Returns the tail log-mass (C,) and whether the ids cover the whole vocabulary (C,).
     """
-    mask = torch.zeros_like(full_log_probs).scatter_add_(-1, ids, valid.to(full_log_probs.dtype)) > 0
-    masked = full_log_probs.masked_fill(mask, _LOG_ZERO)
-    return torch.logsumexp(masked, dim=-1), mask.all(-1)
+    # uint8 counts: valid top-k ids are distinct, so no count exceeds 1.
+    mask = torch.zeros(lq.shape, dtype=torch.uint8, device=lq.device).scatter_add_(-1, ids, valid.to(torch.uint8)) > 0
+    return torch.logsumexp(lq.masked_fill(mask, _LOG_ZERO), dim=-1), mask.all(-1)
 
 
-def kl_per_token(student_logits: torch.Tensor, teacher: TeacherChunk, temperature: float, mode: str,
-                 direction: str) -> torch.Tensor:
-    """KL between teacher and student at ``temperature`` for each of C positions.
+def sparse_divergence(lp_k: torch.Tensor, lq_k: torch.Tensor, lq_tail: torch.Tensor, covered: torch.Tensor,
+                      mode: str, direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
+    """The top-k modes' divergence per position, from bucket log-probabilities only.
 
     Args:
-        student_logits: (C, V) float32.
-        teacher: :class:`SparseTeacher` for the top-k modes, or (C, V_t) logits for ``dense``.
+        lp_k: (C, k) teacher log-probabilities of its top-k ids, ``_LOG_ZERO`` at ids the
+            student lacks.
+        lq_k: (C, k) student log-probabilities (at temperature T) of the same ids, same convention.
+        lq_tail: (C,) student log-mass outside the valid ids (``_LOG_ZERO`` where ``covered``).
+        covered: (C,) the valid ids cover the student's whole vocabulary.
     Returns:
-        (C,) KL values (nats).
+        (C,) divergences (nats).
     """
-    lq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    if mode == "dense":
-        if not torch.is_tensor(teacher):
-            raise ValueError("loss mode 'dense' needs full teacher logits (a live teacher)")
-        lp = torch.log_softmax(teacher[:, : lq.shape[-1]].float() / temperature, dim=-1)
-        if direction == "forward":
-            return (lp.exp() * (lp - lq)).sum(-1)
-        return (lq.exp() * (lq - lp)).sum(-1)
-
-    if torch.is_tensor(teacher):
-        raise ValueError(f"loss mode {mode!r} needs a SparseTeacher")
-    teacher = restrict_to_vocab(teacher, lq.shape[-1])
-    lp_k = teacher.log_probs.float()
-    valid = torch.isfinite(lp_k)
-    lp_k_safe = lp_k.masked_fill(~valid, _LOG_ZERO)
-    lq_k = lq.gather(-1, teacher.ids)
-
     if mode == "topk_renorm":
-        lp_hat = lp_k_safe - torch.logsumexp(lp_k_safe, -1, keepdim=True)
+        lp_hat = lp_k - torch.logsumexp(lp_k, -1, keepdim=True)
         if direction == "forward":
-            return (lp_hat.exp() * (lp_hat - lq_k)).sum(-1)
-        lq_k_safe = lq_k.masked_fill(~valid, _LOG_ZERO)
-        lq_hat = lq_k_safe - torch.logsumexp(lq_k_safe, -1, keepdim=True)
-        return (lq_hat.exp() * (lq_hat - lp_hat)).sum(-1)
-
+            return divergence(lp_hat, lq_k, direction)
+        return divergence(lp_hat, lq_k - torch.logsumexp(lq_k, -1, keepdim=True), direction, jsd_beta)
     if mode != "topk_tail":
         raise ValueError(f"unknown loss mode {mode!r}")
-    p_k = lp_k_safe.exp()
-    lq_tail, covered = _tail(lq, teacher.ids, valid)
     # Where the top-k covers the student's whole vocabulary the student has no tail bucket:
     # the teacher is then conditioned on the student's vocabulary (renormalised over the
     # valid ids, as `dense` does), which also drops rounding slivers of tail mass.
-    norm = torch.where(covered, p_k.sum(-1), torch.ones_like(p_k[..., 0]))
-    p_k = p_k / norm.unsqueeze(-1)
-    lp_k_safe = lp_k_safe - torch.log(norm).unsqueeze(-1)
-    p_tail = (1 - p_k.sum(-1)).clamp(min=0).masked_fill(covered, 0)
-    if direction == "forward":
-        top = torch.xlogy(p_k, p_k) - p_k * lq_k.masked_fill(~valid, 0)
-        tail = torch.xlogy(p_tail, p_tail) - p_tail * lq_tail
-        return top.sum(-1) + tail
-    q_k = lq_k.exp() * valid
-    lp_tail = torch.log(p_tail.clamp(min=1e-20))  # reverse KL is infinite where the teacher has no mass
-    top = q_k * (lq_k - lp_k_safe)
-    q_tail = lq_tail.exp()
-    return top.sum(-1) + q_tail * (lq_tail - lp_tail)
+    lp_k = torch.where(covered.unsqueeze(-1), lp_k - torch.logsumexp(lp_k, -1, keepdim=True), lp_k)
+    p_tail = (1 - lp_k.exp().sum(-1)).clamp(min=_TINY)
+    lp_tail = torch.log(p_tail).masked_fill(covered, _LOG_ZERO)
+    return divergence(torch.cat([lp_k, lp_tail.unsqueeze(-1)], -1), torch.cat([lq_k, lq_tail.unsqueeze(-1)], -1),
+                      direction, jsd_beta)
+
+
+def divergence_per_token(lq: torch.Tensor, teacher: TeacherChunk, temperature: float, mode: str,
+                         direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
+    """The KD divergence at each of C positions, given the student's log-probabilities.
+
+    This is the plain autograd definition (the reference the fused path is tested against).
+
+    Args:
+        lq: (C, V) float32 ``log_softmax(student_logits / temperature)``.
+        teacher: :class:`SparseTeacher` (at ``temperature``) for the top-k modes, or
+            (C, V_t) raw logits for ``dense``.
+    Returns:
+        (C,) divergences (nats).
+    """
+    if mode == "dense":
+        return divergence(_dense_teacher(teacher, lq.shape[-1], temperature), lq, direction, jsd_beta)
+    teacher, valid, lp_k = _sparse_teacher(teacher, lq.shape[-1])
+    lq_k = lq.gather(-1, teacher.ids).masked_fill(~valid, _LOG_ZERO)
+    lq_tail, covered = _tail(lq, teacher.ids, valid)
+    return sparse_divergence(lp_k, lq_k, lq_tail.masked_fill(covered, _LOG_ZERO), covered, mode, direction, jsd_beta)
+
+
+def _dense_teacher(teacher: TeacherChunk, vocab_size: int, temperature: float) -> torch.Tensor:
+    """(C, V) teacher log-probabilities at ``temperature`` from its raw logits."""
+    if not torch.is_tensor(teacher):
+        raise ValueError("loss mode 'dense' needs full teacher logits (a live teacher)")
+    # Teacher rows beyond the student's vocabulary (padded vocabularies) are dropped:
+    # the teacher is conditioned on the tokens the student can produce.
+    return torch.log_softmax(teacher[:, :vocab_size].float() / temperature, dim=-1)
+
+
+def _sparse_teacher(teacher: TeacherChunk, vocab_size: int):
+    """The teacher restricted to the student's vocabulary, which of its ids are valid, and
+    their log-probabilities with ``_LOG_ZERO`` at invalid ids."""
+    if torch.is_tensor(teacher):
+        raise ValueError("the top-k loss modes need a SparseTeacher")
+    teacher = restrict_to_vocab(teacher, vocab_size)
+    valid = torch.isfinite(teacher.log_probs)
+    return teacher, valid, teacher.log_probs.float().masked_fill(~valid, _LOG_ZERO)
+
+
+def kl_per_token(student_logits: torch.Tensor, teacher: TeacherChunk, temperature: float, mode: str,
+                 direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
+    """:func:`divergence_per_token` from the student's raw logits (C, V)."""
+    lq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return divergence_per_token(lq, teacher, temperature, mode, direction, jsd_beta)
 
 
 def teacher_top1(teacher: TeacherChunk) -> torch.Tensor:
@@ -185,7 +255,7 @@ def teacher_top1(teacher: TeacherChunk) -> torch.Tensor:
 
 def loss_sums(student_logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk, spec: LossSpec,
               temperature: float | None = None) -> LossOutput:
-    """CE and KL *sums* over the real targets of one chunk.
+    """CE and KD-divergence *sums* over the real targets of one chunk (differentiable).
 
     Args:
         student_logits: (C, V).
@@ -194,49 +264,200 @@ def loss_sums(student_logits: torch.Tensor, targets: torch.Tensor, teacher: Teac
     """
     t = spec.temperature if temperature is None else temperature
     real = targets != IGNORE_INDEX
-    ce = F.cross_entropy(student_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    kl = (kl_per_token(student_logits, teacher, t, spec.mode, spec.direction) * real).sum()
+    logits = student_logits.float()
+    lq = torch.log_softmax(logits / t, dim=-1)
+    if t == 1.0:  # CE is read off the same log-probabilities: one (C, V) tensor fewer
+        ce = F.nll_loss(lq, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    per_token = divergence_per_token(lq, teacher, t, spec.mode, spec.direction, spec.jsd_beta)
+    kl = per_token.masked_fill(~real, 0).sum()
     with torch.no_grad():
-        top1 = ((student_logits.argmax(-1) == teacher_top1(teacher)) & real).sum().float()
-    return LossOutput(ce, kl, top1, int(real.sum()))
+        top1 = ((logits.argmax(-1) == teacher_top1(teacher)) & real).sum().float()
+    return LossOutput(spec.ce_weight * ce + spec.kl_weight * kl, ce, kl, top1, int(real.sum()))
+
+
+def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
+    """The autocast dtype if autocast is on for ``device``, else ``fallback``."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return fallback
+
+
+def chunk_loss_and_grad(z: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk, spec: LossSpec,
+                        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss sums of one chunk and their gradient with respect to its logits.
+
+    The (C, V) work is done without autograd, in place where it can be, so a chunk needs
+    a few (C, V) float32 buffers (the logits, the tempered logits that become the gradient,
+    temporaries). Autograd runs only on the (C, k + 1) bucket log-probabilities
+    (top-k modes) and turns their gradient g into the logits' analytically: with
+    q = softmax(z / T) and G = sum of g over the buckets,
+
+        dL/dz_j = (g_j - q_j G) / T                          for a top-k id j
+        dL/dz_j = q_j (g_tail / q_tail - G) / T              for j in the tail
+        dCE/dz_j = softmax(z)_j - [j = y]
+
+    ``dense`` differentiates through the (C, V) log-probabilities instead (live teacher).
+
+    Args:
+        z: (C, V) float32 student logits; **overwritten**.
+        targets: (C,) next-token ids, ``-100`` where no loss is taken.
+    Returns:
+        ``[weighted_sum, ce_sum, kl_sum, top1_matches, num_tokens]`` as a (5,) float64
+        tensor, and d(weighted_sum)/dz (C, V) or None.
+    """
+    t, vocab = spec.temperature, z.shape[-1]
+    real = targets != IGNORE_INDEX
+    y = targets.clamp(min=0).unsqueeze(-1)
+    with torch.no_grad():
+        lse1 = torch.logsumexp(z, -1, keepdim=True)
+        ce = ((lse1 - z.gather(-1, y)).squeeze(-1) * real).sum()
+        top1 = ((z.argmax(-1) == teacher_top1(teacher)) & real).sum()
+        zt = z / t
+        lse_t = torch.logsumexp(zt, -1, keepdim=True)
+        if spec.mode == "dense":
+            lp = _dense_teacher(teacher, vocab, t)
+            leaves = [zt.sub_(lse_t)]  # (C, V) student log-probabilities
+        else:
+            teacher, valid, lp_k = _sparse_teacher(teacher, vocab)
+            lq_k = (zt.gather(-1, teacher.ids) - lse_t).masked_fill(~valid, _LOG_ZERO)
+            # zt becomes the tail: valid top-k ids -> -inf ("amin" keeps duplicate ids exact).
+            inf = torch.full_like(lq_k, float("inf"))
+            zt.scatter_reduce_(-1, teacher.ids, torch.where(valid, -inf, inf), "amin")
+            tail_lse = torch.logsumexp(zt, -1)
+            covered = torch.isneginf(tail_lse)
+            lq_tail = (tail_lse - lse_t.squeeze(-1)).masked_fill(covered, _LOG_ZERO)
+            leaves = [lq_k, lq_tail]
+    with torch.set_grad_enabled(need_grad):
+        for leaf in leaves:
+            leaf.requires_grad_(need_grad)
+        if spec.mode == "dense":
+            per_token = divergence(lp, leaves[0], spec.direction, spec.jsd_beta)
+        else:
+            per_token = sparse_divergence(lp_k, lq_k, lq_tail, covered, spec.mode, spec.direction, spec.jsd_beta)
+        kl = per_token.masked_fill(~real, 0).sum()
+        grads = torch.autograd.grad(kl, leaves, allow_unused=True) if need_grad else None
+    sums = torch.stack([spec.ce_weight * ce + spec.kl_weight * kl.detach(), ce, kl.detach(), top1,
+                        real.sum()]).double()
+    if not need_grad:
+        return sums, None
+
+    scale = spec.kl_weight / t
+    with torch.no_grad():
+        if spec.mode == "dense":
+            (g,) = grads
+            grad = leaves[0].detach().exp_()  # q, in place of the log-probabilities
+            grad.mul_(-g.sum(-1, keepdim=True)).add_(g).mul_(scale)
+        else:
+            g_k, g_tail = grads
+            if g_tail is None:  # topk_renorm has no tail bucket
+                g_tail = torch.zeros_like(lq_tail)
+            big_g = g_k.sum(-1) + g_tail
+            q_tail = lq_tail.detach().exp()  # 0 where covered
+            # Tail ids: q_j / q_tail = exp(zt_j - tail_lse) <= 1 (masked ids give exp(-inf) = 0).
+            grad = zt.sub_(tail_lse.masked_fill(covered, 0).unsqueeze(-1)).exp_()
+            grad.mul_(((g_tail.masked_fill(covered, 0) - big_g * q_tail) * scale).unsqueeze(-1))
+            top = (g_k - lq_k.detach().exp() * big_g.unsqueeze(-1)) * scale
+            grad.scatter_add_(-1, teacher.ids, top.masked_fill(~valid, 0))
+        coef = (spec.ce_weight * real).to(grad.dtype).unsqueeze(-1)
+        grad.addcmul_(z.sub_(lse1).exp_(), coef)  # softmax(z), in place of the logits
+        grad.scatter_add_(-1, y, -coef)
+    return sums, grad
+
+
+def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher_fn: TeacherFn,
+             spec: LossSpec, grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> torch.Tensor:
+    """Run the head + loss chunk by chunk; fill the gradient buffers that are given.
+
+    Returns the sums ``[weighted, ce, kl, top1, tokens]`` (float64, detached).
+    """
+    dtype = _compute_dtype(hidden.device, weight.dtype)
+    w = weight.detach().to(dtype)
+    need_grad = grad_hidden is not None or grad_weight is not None
+    sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
+    # Dtypes are explicit below; autocast would otherwise re-cast the head weight per chunk.
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], spec.chunk_size):
+            end = min(hidden.shape[0], start + spec.chunk_size)
+            tgt = targets[start:end]
+            if not bool((tgt != IGNORE_INDEX).any()):
+                continue
+            h = hidden[start:end].detach().to(dtype)
+            chunk_sums, g = chunk_loss_and_grad((h @ w.t()).float(), tgt, teacher_fn(start, end), spec, need_grad)
+            sums += chunk_sums
+            if g is None:
+                continue
+            g = g.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = g @ w
+            if grad_weight is not None:
+                if grad_weight.dtype == dtype:
+                    grad_weight.addmm_(g.t(), h)
+                else:  # bf16 matmul, fp32 accumulation across chunks
+                    grad_weight.add_(g.t() @ h)
+    return sums
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The chunked head + loss with its gradient taken in the forward pass (no recompute).
+
+    Only ``weighted_sum`` is differentiable; backward scales the stored gradients by its
+    incoming gradient (e.g. 1 / number of tokens of the accumulated batch).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_fn, spec):
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        sums = _chunked(hidden, weight, targets, teacher_fn, spec, grad_hidden, grad_weight)
+        ctx.grads = (grad_hidden, grad_weight)
+        weighted, ce, kl, top1, tokens = (s.float() for s in sums)
+        ctx.mark_non_differentiable(ce, kl, top1, tokens)
+        return weighted, ce, kl, top1, tokens
+
+    @staticmethod
+    def backward(ctx, grad_weighted, *_):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads  # one backward only: the buffers are handed to autograd and scaled in place
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_weighted.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_weighted.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None
 
 
 def distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
                       teacher_fn: TeacherFn, spec: LossSpec) -> LossOutput:
-    """CE and KL sums for N positions, computing the LM head and the loss per chunk.
+    """CE and KD sums for N positions, computing the LM head and the loss per chunk.
 
     Args:
         hidden: (N, H) the student's final hidden states (after the final norm).
         head_weight: (V, H) the student's LM-head weight (no bias, as in Qwen/Llama).
         targets: (N,) next-token ids, ``-100`` where no loss is taken.
         teacher_fn: ``teacher_fn(start, end)`` returns the teacher for positions
-            [start, end). It runs inside the checkpointed chunk, so a live teacher's
-            (C, V) logits are recomputed in backward instead of being kept.
+            [start, end), called once per chunk (a live teacher's (C, V) logits exist for
+            one chunk at a time).
         spec: alpha, temperature, mode, direction, chunk size.
     Returns:
-        Sums over the real targets; ``out.total(spec, normalizer)`` is the loss, with
-        ``normalizer`` the real-token count of the *whole accumulated batch*.
+        Sums over the real targets; ``out.total(normalizer)`` is the loss, with
+        ``normalizer`` the real-token count of the *whole accumulated batch*. Under
+        ``torch.autocast`` the head matmuls run in the autocast dtype and the loss in fp32.
     """
-    n = hidden.shape[0]
-    ce = hidden.new_zeros((), dtype=torch.float32)
-    kl = hidden.new_zeros((), dtype=torch.float32)
-    top1 = hidden.new_zeros((), dtype=torch.float32)
-    tokens = 0
-    for start in range(0, n, spec.chunk_size):
-        end = min(n, start + spec.chunk_size)
-        tgt = targets[start:end]
-        if not bool((tgt != IGNORE_INDEX).any()):
-            continue
+    if torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad):
+        weighted, ce, kl, top1, tokens = _FusedHeadLoss.apply(hidden, head_weight, targets, teacher_fn, spec)
+    else:
+        weighted, ce, kl, top1, tokens = _chunked(hidden, head_weight, targets, teacher_fn, spec, None, None).float()
+    return LossOutput(weighted, ce, kl, top1, int(tokens))
 
-        def chunk(h: torch.Tensor, start: int = start, end: int = end, tgt: torch.Tensor = tgt):
-            out = loss_sums(h @ head_weight.t(), tgt, teacher_fn(start, end), spec)
-            return out.ce_sum, out.kl_sum, out.top1_matches
 
-        h = hidden[start:end]
-        if torch.is_grad_enabled() and h.requires_grad:
-            c, k, t = checkpoint(chunk, h, use_reentrant=False)
-        else:
-            c, k, t = chunk(h)
-        ce, kl, top1 = ce + c, kl + k, top1 + t
-        tokens += int((tgt != IGNORE_INDEX).sum())
-    return LossOutput(ce, kl, top1, tokens)
+def student_loss(student, input_ids: torch.Tensor, teacher_fn: TeacherFn, spec: LossSpec) -> LossOutput:
+    """The student's decoder on (B, L) packed sequences, then the chunked head + loss.
+
+    Position t predicts token t + 1, so the last position is dropped and the targets are
+    ``input_ids[:, 1:]`` flattened to (B * (L - 1),), the order the teacher uses too. No KV
+    cache is built (training and evaluation see whole sequences).
+    """
+    hidden = student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    return distillation_loss(hidden.reshape(-1, hidden.shape[-1]), student.get_output_embeddings().weight,
+                             input_ids[:, 1:].reshape(-1), teacher_fn, spec)

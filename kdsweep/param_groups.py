@@ -2,8 +2,9 @@
 
 Rules are an ordered list of ``{pattern, lr_multiplier}``. Each parameter name is matched
 with ``re.fullmatch`` against the patterns in order and **the first match wins**; a
-parameter no rule matches gets ``default_multiplier`` (1.0). A multiplier of 0 freezes the
-parameter: ``requires_grad=False`` and it is left out of the optimizer entirely.
+parameter no rule matches gets ``default_multiplier`` (``training.default_lr_multiplier``,
+1.0 unless set). A multiplier of 0 freezes the parameter: ``requires_grad=False`` and it is
+left out of the optimizer entirely.
 
 Mistakes are errors, not silence: a pattern that matches no parameter, or rules that
 freeze everything, raise :class:`UserError`; a pattern whose every match was already taken
@@ -96,7 +97,10 @@ def plan_groups(named_numel: list[tuple[str, int]], rules: list[tuple[str, float
     shadowed = [g.pattern for i, g in enumerate(groups) if raw_hits[i] and not g.names]
     all_groups = [g for g in groups + [default] if g.names]
     if all(g.multiplier == 0 for g in all_groups):
-        raise UserError(f"{where}: every parameter has multiplier 0, so nothing would train; give some rule a multiplier > 0")
+        unmatched = f"; the {len(default.names)} unmatched parameters get the default {default_multiplier:g} " \
+            "(training.default_lr_multiplier)" if default.names else ""
+        raise UserError(f"{where}: every parameter has multiplier 0, so nothing would train{unmatched}; "
+                        "give some rule a multiplier > 0")
     return Plan(all_groups, shadowed)
 
 

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from kdsweep.cache import log_normalizer
+from kdsweep.config import TeacherConfig
 from kdsweep.losses import SparseTeacher, TeacherFn, sparse_teacher_from_logits
+from kdsweep.models import load_teacher
 
 
 def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -42,12 +44,29 @@ def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float)
     return lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])
 
 
+def live_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a live teacher runs in: ``auto`` is bfloat16 (CPUs run it too; on a GPU
+    without bf16 support, float32); an explicit ``teacher.dtype`` is kept."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
+
+
+def load_live_teacher(teacher_dir, cfg: TeacherConfig, device: torch.device):
+    """The teacher for live distillation: eval mode, frozen, in :func:`live_teacher_dtype`."""
+    dtype = live_teacher_dtype(cfg.dtype, device)
+    return load_teacher(teacher_dir, cfg.model_copy(update={"dtype": str(dtype).removeprefix("torch.")}), device)
+
+
 @torch.no_grad()
 def live_teacher_fn(teacher, input_ids: torch.Tensor, temperature: float, mode: str, top_k: int,
                     vocab_size: int) -> TeacherFn:
     """Run the teacher's decoder once (eval, no_grad, its own dtype); the LM head runs per
-    chunk inside ``teacher_fn`` so no (B, L, V) teacher tensor exists."""
-    hidden = teacher.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
+    chunk inside ``teacher_fn`` so no (B, L, V) teacher tensor exists. The chunk's logits
+    are upcast to float32 before the loss."""
+    hidden = teacher.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     head = teacher.get_output_embeddings()
 
@@ -59,8 +78,3 @@ def live_teacher_fn(teacher, input_ids: torch.Tensor, temperature: float, mode: 
         return sparse_teacher_from_logits(logits, top_k, temperature)
 
     return teacher_fn
-
-
-def shifted_targets(input_ids: torch.Tensor) -> torch.Tensor:
-    """(B * (L - 1),) next-token targets of packed sequences (no padding)."""
-    return input_ids[:, 1:].reshape(-1)

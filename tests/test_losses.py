@@ -1,5 +1,7 @@
 """Property checks of the KD loss (kdsweep.losses) on small tensors, fp32/fp64, fixed seeds."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,17 +39,31 @@ def teacher_for(mode: str, logits: torch.Tensor, k: int, temperature: float):
 
 
 def reference_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
-                 direction: str) -> torch.Tensor:
-    """(C,) full-vocabulary KL in float64, written independently of the package."""
+                 direction: str, beta: float = 0.5) -> torch.Tensor:
+    """(C,) full-vocabulary divergence in float64, written independently of the package."""
     lp = F.log_softmax(teacher_logits.double() / temperature, dim=-1)
     lq = F.log_softmax(student_logits.double() / temperature, dim=-1)
     if direction == "forward":
         return F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
-    return F.kl_div(lp, lq, reduction="none", log_target=True).sum(-1)
+    if direction == "reverse":
+        return F.kl_div(lp, lq, reduction="none", log_target=True).sum(-1)
+    return bucket_divergence(lp.exp(), lq.exp(), "jsd", beta)
+
+
+def bucket_divergence(p: torch.Tensor, q: torch.Tensor, direction: str, beta: float = 0.5) -> torch.Tensor:
+    """(C,) divergence between probability rows p (teacher) and q (student), by definition."""
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+    if direction == "forward":
+        return kl(p, q)
+    if direction == "reverse":
+        return kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
 
 
 # --------------------------------------------------------------------------- KL properties
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("mode,k", [("dense", None), ("topk_tail", 5), ("topk_tail", 16), ("topk_renorm", 16)])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_identical_distributions_give_zero_kl(mode, k, direction, temperature):
@@ -58,7 +74,7 @@ def test_identical_distributions_give_zero_kl(mode, k, direction, temperature):
 
 
 @pytest.mark.parametrize("mode,k", [("dense", None)] + [(m, k) for m in ("topk_tail", "topk_renorm") for k in (1, 5, 16)])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 def test_kl_is_nonnegative_for_random_logits(mode, k, direction):
     for seed in range(3):
         teacher = randn(32, 16, seed=seed, scale=4.0)
@@ -69,7 +85,7 @@ def test_kl_is_nonnegative_for_random_logits(mode, k, direction):
             assert kl.min() >= -1e-6, (seed, temperature, kl.min())
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_topk_tail_with_k_equal_vocab_equals_dense(direction, temperature):
     teacher, student = randn(24, 20, seed=1, scale=3.0), randn(24, 20, seed=2, scale=3.0)
@@ -89,9 +105,9 @@ def test_topk_tail_with_small_k_is_exact_over_k_plus_one_buckets():
     p_b = torch.cat([p.gather(-1, ids), 1 - p.gather(-1, ids).sum(-1, keepdim=True)], -1)
     q_b = torch.cat([q.gather(-1, ids), 1 - q.gather(-1, ids).sum(-1, keepdim=True)], -1)
     sparse = sparse_teacher_from_logits(teacher, k, temperature)
-    for direction, (a, b) in (("forward", (p_b, q_b)), ("reverse", (q_b, p_b))):
-        got = kl_per_token(student, sparse, temperature, "topk_tail", direction)
-        torch.testing.assert_close(got.double(), (a * (a.log() - b.log())).sum(-1), atol=1e-5, rtol=0)
+    for direction in ("forward", "reverse", "jsd"):
+        got = kl_per_token(student, sparse, temperature, "topk_tail", direction, jsd_beta=0.3)
+        torch.testing.assert_close(got.double(), bucket_divergence(p_b, q_b, direction, beta=0.3), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- the cached teacher
@@ -100,7 +116,7 @@ def _cache_batch(logits: torch.Tensor, b: int, length: int, betas) -> tuple[dict
     return {key: summary[key].reshape(b, length, -1) for key in CACHE_KEYS}, summary["max_error"]
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_cached_teacher_with_k_equal_vocab_equals_dense(temperature, direction):
     """The cache path (summarize_logits -> cached_teacher_fn) reproduces the dense KL.
@@ -147,9 +163,9 @@ def test_t2_scaling_of_the_kl_term(temperature):
     *_, spec, out = _sums(alpha=1.0, temperature=temperature)
     assert out.num_tokens == 8
     kl = out.kl_sum / out.num_tokens
-    torch.testing.assert_close(out.total(spec, out.num_tokens), temperature**2 * kl)
+    torch.testing.assert_close(out.total(out.num_tokens), temperature**2 * kl)
     *_, spec, out = _sums(alpha=1.0, temperature=temperature, scale_by_t2=False)
-    torch.testing.assert_close(out.total(spec, out.num_tokens), kl)
+    torch.testing.assert_close(out.total(out.num_tokens), kl)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -169,7 +185,7 @@ def test_total_matches_independent_formula(alpha, mode):
         q_b = torch.cat([q.gather(-1, ids), 1 - q.gather(-1, ids).sum(-1, keepdim=True)], -1)
         kl = (p_b * (p_b.log() - q_b.log())).sum(-1)[real].mean()
     expected = (1 - alpha) * ce + alpha * temperature**2 * kl
-    torch.testing.assert_close(out.total(spec, int(real.sum())).double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.total(int(real.sum())).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- chunking and accumulation
@@ -177,7 +193,8 @@ def _sparse_fn(teacher: SparseTeacher, offset: int = 0):
     return lambda a, b: SparseTeacher(teacher.ids[offset + a : offset + b], teacher.log_probs[offset + a : offset + b])
 
 
-@pytest.mark.parametrize("mode,direction", [("topk_tail", "forward"), ("topk_tail", "reverse"),
+@pytest.mark.parametrize("mode,direction", [("topk_tail", "forward"), ("topk_tail", "reverse"), ("topk_tail", "jsd"),
+                                            ("dense", "jsd"), ("topk_renorm", "jsd"),
                                             ("dense", "forward"), ("topk_renorm", "forward")])
 def test_chunked_equals_unchunked(mode, direction):
     n, h, v, temperature = 45, 12, 24, 2.0
@@ -193,7 +210,7 @@ def test_chunked_equals_unchunked(mode, direction):
         weight = randn(v, h, seed=12, scale=0.5).requires_grad_()
         spec = LossSpec(alpha=0.4, temperature=temperature, mode=mode, direction=direction, chunk_size=chunk_size)
         out = distillation_loss(hidden, weight, targets, fn, spec)
-        loss = out.total(spec, out.num_tokens)
+        loss = out.total(out.num_tokens)
         loss.backward()
         results.append((loss.detach(), out.num_tokens, out.top1_matches, hidden.grad, weight.grad))
     (l1, n1, t1, gh1, gw1), (l2, n2, t2, gh2, gw2) = results
@@ -222,7 +239,7 @@ def test_batchmean_under_gradient_accumulation_with_uneven_padding():
 
     hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
     out = distillation_loss(hidden.reshape(-1, h), weight, targets.reshape(-1), _sparse_fn(teacher), spec)
-    full = out.total(spec, num_real)
+    full = out.total(num_real)
     full.backward()
 
     hidden_acc, weight_acc = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
@@ -230,10 +247,10 @@ def test_batchmean_under_gradient_accumulation_with_uneven_padding():
     for j in range(0, b, micro):
         out_j = distillation_loss(hidden_acc[j : j + micro].reshape(-1, h), weight_acc,
                                   targets[j : j + micro].reshape(-1), _sparse_fn(teacher, offset=j * steps), spec)
-        loss_j = out_j.total(spec, num_real)
+        loss_j = out_j.total(num_real)
         loss_j.backward()
         accumulated += float(loss_j.detach())
-        naive += float(out_j.total(spec, out_j.num_tokens).detach()) / (b // micro)
+        naive += float(out_j.total(out_j.num_tokens).detach()) / (b // micro)
         tokens += out_j.num_tokens
 
     assert tokens == out.num_tokens == num_real
@@ -298,7 +315,7 @@ def test_topk_renorm_differs_from_topk_tail_when_k_below_vocab():
 
 
 @pytest.mark.parametrize("scale", [1.0, 40.0])
-@pytest.mark.parametrize("mode,direction", [(m, d) for m in ("topk_tail", "topk_renorm") for d in ("forward", "reverse")])
+@pytest.mark.parametrize("mode,direction", [(m, d) for m in ("topk_tail", "topk_renorm") for d in ("forward", "reverse", "jsd")])
 def test_no_nan_gradients_when_topk_covers_the_vocabulary(mode, direction, scale):
     """k = V leaves an empty tail bucket; scale 40 makes most teacher probabilities underflow to 0."""
     n, h, v = 12, 8, 16
@@ -308,7 +325,131 @@ def test_no_nan_gradients_when_topk_covers_the_vocabulary(mode, direction, scale
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(26))
     spec = LossSpec(alpha=0.7, temperature=1.5, mode=mode, direction=direction, chunk_size=5)
     out = distillation_loss(hidden, weight, targets, _sparse_fn(teacher), spec)
-    loss = out.total(spec, out.num_tokens)
+    loss = out.total(out.num_tokens)
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+# --------------------------------------------------------------------------- JSD
+def test_jsd_is_symmetric_at_half_and_bounded_by_log2():
+    a, b, temperature = randn(16, 24, seed=27, scale=4.0), randn(16, 24, seed=28, scale=4.0), 1.0
+    ab = kl_per_token(b, a, temperature, "dense", "jsd", jsd_beta=0.5)
+    ba = kl_per_token(a, b, temperature, "dense", "jsd", jsd_beta=0.5)
+    torch.testing.assert_close(ab, ba, atol=1e-6, rtol=0)
+    assert ab.max() <= math.log(2) + 1e-6
+    # beta weighs the teacher's side: it is not symmetric elsewhere.
+    assert (kl_per_token(b, a, temperature, "dense", "jsd", jsd_beta=0.2)
+            - kl_per_token(a, b, temperature, "dense", "jsd", jsd_beta=0.2)).abs().max() > 1e-3
+    torch.testing.assert_close(kl_per_token(b, a, 2.0, "dense", "jsd", jsd_beta=0.2).double(),
+                               reference_kl(a, b, 2.0, "jsd", beta=0.2), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- the fused chunked head + loss
+def _naive(hidden, weight, targets, teacher_logits, spec, k):
+    """Full (N, V) logits and plain autograd: what the chunked loss must reproduce."""
+    logits = hidden @ weight.t()
+    teacher = teacher_logits if spec.mode == "dense" else sparse_teacher_from_logits(teacher_logits, k, spec.temperature)
+    return loss_sums(logits, targets, teacher, spec)
+
+
+@pytest.mark.parametrize("mode,direction", [("topk_tail", "forward"), ("topk_tail", "reverse"), ("topk_tail", "jsd"),
+                                            ("topk_renorm", "forward"), ("dense", "forward"), ("dense", "jsd")])
+def test_chunked_loss_and_gradients_equal_full_logits_autograd(mode, direction):
+    """fp32, within 1e-5: the gradients the chunks take in the forward pass are autograd's."""
+    n, h, v, k, temperature = 50, 16, 40, 6, 2.0
+    teacher_logits = randn(n, v, seed=30, scale=3.0)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(31))
+    targets[[1, 2, 30]] = IGNORE_INDEX
+    spec = LossSpec(alpha=0.6, temperature=temperature, mode=mode, direction=direction, chunk_size=16, jsd_beta=0.4)
+    fn = (lambda a, b: teacher_logits[a:b]) if mode == "dense" else \
+        _sparse_fn(sparse_teacher_from_logits(teacher_logits, k, temperature))
+    results = []
+    for fused in (True, False):
+        hidden = randn(n, h, seed=32).requires_grad_()
+        weight = randn(v, h, seed=33, scale=0.5).requires_grad_()
+        out = distillation_loss(hidden, weight, targets, fn, spec) if fused else \
+            _naive(hidden, weight, targets, teacher_logits, spec, k)
+        (out.total(40) * 3.0).backward()  # an arbitrary upstream gradient scale
+        results.append((out, hidden.grad, weight.grad))
+    (fo, fh, fw), (no, nh, nw) = results
+    for name in ("weighted_sum", "ce_sum", "kl_sum", "top1_matches"):
+        torch.testing.assert_close(getattr(fo, name), getattr(no, name).detach(), atol=1e-5, rtol=1e-6)
+    assert fo.num_tokens == no.num_tokens == n - 3
+    torch.testing.assert_close(fh, nh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fw, nw, atol=1e-5, rtol=0)
+
+
+def test_no_grad_and_frozen_head_paths_give_the_same_sums_and_hidden_gradient():
+    n, h, v, temperature = 30, 8, 20, 1.5
+    sparse = sparse_teacher_from_logits(randn(n, v, seed=34, scale=3.0), 5, temperature)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(35))
+    spec = LossSpec(alpha=0.5, temperature=temperature, chunk_size=7)
+    hidden, weight = randn(n, h, seed=36).requires_grad_(), randn(v, h, seed=37).requires_grad_()
+    full = distillation_loss(hidden, weight, targets, _sparse_fn(sparse), spec)
+    full.total(n).backward()
+    with torch.no_grad():
+        plain = distillation_loss(hidden, weight, targets, _sparse_fn(sparse), spec)
+    torch.testing.assert_close(plain.weighted_sum, full.weighted_sum.detach())
+    torch.testing.assert_close(plain.kl_sum, full.kl_sum)
+
+    frozen_hidden = hidden.detach().clone().requires_grad_()
+    frozen = distillation_loss(frozen_hidden, weight.detach(), targets, _sparse_fn(sparse), spec)
+    frozen.total(n).backward()
+    torch.testing.assert_close(frozen_hidden.grad, hidden.grad)
+    assert not full.ce_sum.requires_grad and not full.kl_sum.requires_grad  # logging values
+
+
+def test_bf16_autocast_runs_the_head_in_bf16_and_the_loss_in_fp32():
+    n, h, v, temperature = 64, 32, 48, 2.0
+    sparse = sparse_teacher_from_logits(randn(n, v, seed=38, scale=3.0), 8, temperature)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(39))
+    spec = LossSpec(alpha=0.5, temperature=temperature, chunk_size=20)
+    results = []
+    for bf16 in (False, True):
+        hidden, weight = randn(n, h, seed=40).requires_grad_(), randn(v, h, seed=41, scale=0.3).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = distillation_loss(hidden, weight, targets, _sparse_fn(sparse), spec)
+        out.total(n).backward()
+        assert out.weighted_sum.dtype == torch.float32
+        assert hidden.grad.dtype == weight.grad.dtype == torch.float32  # fp32 master weights
+        results.append((out.total(n).detach(), weight.grad))
+    (l32, g32), (l16, g16) = results
+    assert l16 != l32  # bf16 did run
+    torch.testing.assert_close(l16, l32, rtol=2e-2, atol=0)
+    torch.testing.assert_close(g16, g32, rtol=0.1, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", ["ids_beyond_student_vocab", "k_equals_vocab", "peaked"])
+@pytest.mark.parametrize("mode,direction", [(m, d) for m in ("topk_tail", "topk_renorm") for d in ("forward", "reverse", "jsd")])
+def test_fused_gradients_match_autograd_in_edge_cases(case, mode, direction):
+    """Ids the student lacks (tail bucket), a top-k that covers the vocabulary (no tail
+    bucket), and logits so peaked that probabilities underflow: finite and equal to autograd."""
+    n, h, v, temperature = 24, 8, 16, 1.5
+    if case == "ids_beyond_student_vocab":
+        teacher_logits = randn(n, 24, seed=42, scale=2.0)
+        teacher_logits[:, 20] += 6.0  # always in the top-k, never in the student's vocabulary
+        teacher_logits[:5, v - 1] += 8.0  # and the clamped id v - 1 is also a real top-k id in some rows
+        sparse = sparse_teacher_from_logits(teacher_logits, 6, temperature)
+    else:
+        scale = 40.0 if case == "peaked" else 3.0
+        sparse = sparse_teacher_from_logits(randn(n, v, seed=43, scale=scale), v if case == "k_equals_vocab" else 5,
+                                            temperature)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(44))
+    targets[3] = IGNORE_INDEX
+    spec = LossSpec(alpha=0.7, temperature=temperature, mode=mode, direction=direction, chunk_size=10)
+    w_scale = 10.0 if case == "peaked" else 0.5
+    grads = []
+    for fused in (True, False):
+        hidden = randn(n, h, seed=45).requires_grad_()
+        weight = randn(v, h, seed=46, scale=w_scale).requires_grad_()
+        out = distillation_loss(hidden, weight, targets, _sparse_fn(sparse), spec) if fused else \
+            loss_sums(hidden @ weight.t(), targets, sparse, spec)
+        out.total(n).backward()
+        assert torch.isfinite(out.weighted_sum) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+        grads.append((out.weighted_sum.detach(), hidden.grad, weight.grad))
+    (l1, h1, w1), (l2, h2, w2) = grads
+    torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5)
+    # fp32 rounding scales with the gradients' size (|grad| ~ 16 and loss ~ 1600 when peaked).
+    torch.testing.assert_close(h1, h2, atol=1e-5 * max(1.0, float(h2.abs().max())), rtol=1e-4)
+    torch.testing.assert_close(w1, w2, atol=1e-5 * max(1.0, float(w2.abs().max())), rtol=1e-4)

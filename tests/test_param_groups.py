@@ -162,3 +162,14 @@ def test_format_plan_table(model):
     default = group_of(plan, "lm_head.weight")
     assert rows["(default)"] == [str(len(default.names)), f"{default.numel:,}", "0.001"]
     assert len(rows) == 3
+
+
+def test_default_multiplier_zero_freezes_unmatched_and_is_named_when_nothing_trains(model):
+    plan = plan_groups(named_numel(model), [(NORM, 0.5)], default_multiplier=0.0)
+    groups = build_param_groups(model, plan, BASE_LR, weight_decay=0.1)
+    trained = {id(p) for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in trained) is ("norm" in name) and p.requires_grad is ("norm" in name), name
+    assert "(default)" in format_plan(plan, BASE_LR) and "frozen" in format_plan(plan, BASE_LR)
+    with pytest.raises(UserError, match=r"unmatched parameters get the default 0 \(training.default_lr_multiplier\)"):
+        plan_groups(named_numel(model), [(NORM, 0.0)], default_multiplier=0.0)
