@@ -32,7 +32,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	dvc repro
 	dvc metrics show
-	@if [ -f experiments/demo.yaml ] && kdsweep run --help >/dev/null 2>&1; then kdsweep run experiments/demo.yaml; fi
+	kdsweep run experiments/demo.yaml
 
 ## The fast test suite (slow end-to-end tests: make test-slow).
 test: $(STAMP)

@@ -65,9 +65,11 @@ def distill(
 ) -> None:
     """Train the student on the teacher (sections `loss`, `training`, `parameter_lr_multipliers`, `stages`)."""
     from kdsweep.stages import distill as stage
+    from kdsweep.sweep.trial import eval_hook_from_env
 
     p = _params(params)
-    stage.main(p, resume=resume, run_dir=run_dir)
+    # Inside a sweep trial this reports each evaluation to the Optuna trial (pruning); else None.
+    stage.main(p, resume=resume, run_dir=run_dir, eval_hook=eval_hook_from_env(p))
 
 
 @app.command()
@@ -82,6 +84,10 @@ def _register_groups() -> None:
     from kdsweep.cache_cli import cache_app
 
     app.add_typer(cache_app, name="cache")
+
+    from kdsweep.sweep.cli import register
+
+    register(app)  # run, best, report, status
 
 
 _register_groups()

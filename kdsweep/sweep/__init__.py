@@ -1,0 +1,21 @@
+"""Sweeps: an Optuna study over the DVC pipeline, declared in ``experiments/<study>.yaml``.
+
+The pieces, in the order a sweep uses them:
+
+==================  ==============================================================
+``spec.py``         the typed study spec (pydantic; errors name the key)
+``space.py``        pure: the search space as dimensions, sampling, and turning
+                    sampled values into ``params.yaml`` overrides
+``plan.py``         validation of a spec against ``params.yaml``, ``dvc.yaml`` and
+                    the student's parameter names, before any trial runs
+``dvcexp.py``       I/O with DVC and git: ``dvc exp run`` arguments, experiment refs,
+                    upstream checks, cache objects of dropped trials
+``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
+``trial.py``        inside a trial's ``kdsweep distill``: reports validation loss to
+                    the Optuna trial and asks whether to prune
+``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``
+``cli.py``          the typer commands
+==================  ==============================================================
+
+The spec format is documented in ``docs/study-spec.md``.
+"""

@@ -1,0 +1,68 @@
+"""The sweep's commands: ``kdsweep run``, ``best``, ``report``, ``status``.
+
+Each imports its module inside the command, so ``kdsweep --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+StudyArg = Annotated[str, typer.Argument(help="A study name (storage studies/<name>.journal) or its spec file.")]
+StorageOpt = Annotated[Optional[str], typer.Option(
+    "--storage",
+    help="Optuna storage: a .journal path or an RDB URL (default: the spec's, or studies/<name>.journal).")]
+
+
+def run(
+    spec: Annotated[Path, typer.Argument(help="The study spec, e.g. experiments/demo.yaml (see docs/study-spec.md).")],
+    workers: Annotated[Optional[int], typer.Option(
+        help="Trials run in parallel (overrides the spec's `workers`).")] = None,
+    n_trials: Annotated[Optional[int], typer.Option(help="Overrides the spec's budget.n_trials.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Validate the spec and print the plan; run nothing.")] = False,
+) -> None:
+    """Run an Optuna study: every trial is a DVC experiment <study>-<number>; re-run to resume."""
+    from kdsweep.sweep.runner import run as run_study
+
+    run_study(spec, workers=workers, n_trials=n_trials, check=check)
+
+
+def best(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    top: Annotated[int, typer.Option(help="Rows to show.")] = 20,
+    apply: Annotated[bool, typer.Option(
+        "--apply", help="`dvc exp apply` the best complete trial to the workspace.")] = False,
+    branch: Annotated[Optional[str], typer.Option(
+        help="Make a git branch of the best trial (`dvc exp branch`).")] = None,
+) -> None:
+    """Trials ranked by the objective (complete ones first, then pruned ones by their last value)."""
+    from kdsweep.sweep.results import best as show_best
+
+    show_best(study, storage, top=top, apply=apply, branch=branch)
+
+
+def report(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Directory of the report (default reports/<study>).")] = None,
+) -> None:
+    """Markdown report with PNG plots (history, importances, parallel coordinates, alpha x T) and dvc exp show."""
+    from kdsweep.sweep.results import report as write_report
+
+    write_report(study, storage, out)
+
+
+def status(study: StudyArg, storage: StorageOpt = None) -> None:
+    """Progress of a study: finished, running and waiting trials, the best so far, time left."""
+    from kdsweep.sweep.results import status as show_status
+
+    show_status(study, storage)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the sweep's commands to the ``kdsweep`` app."""
+    for command in (run, best, report, status):
+        app.command(command.__name__)(command)

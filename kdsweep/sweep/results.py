@@ -1,0 +1,328 @@
+"""What a study found: ``kdsweep best``, ``kdsweep report`` and ``kdsweep status``.
+
+All three read the Optuna study (trial states, values, the user attributes the runner
+wrote); ``best --apply`` and ``report`` also talk to DVC (``dvc exp apply``, ``dvc exp show``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from kdsweep.errors import UserError
+from kdsweep.sweep import dvcexp
+from kdsweep.sweep.spec import load_spec
+from kdsweep.sweep.study import (EXPERIMENT, FAIL_REASON, INTERRUPTED, OUTPUTS, REMOVED, display, headline,
+                                 last_value, open_storage, ranked, storage_url)
+
+
+class StudyHandle:
+    """An existing study, found from a spec path or a study name."""
+
+    def __init__(self, study: str, storage: str | None = None):
+        import optuna
+
+        self.root = dvcexp.repo_root(Path.cwd())
+        path = Path(study)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            spec, _ = load_spec(path)
+        elif (self.root / "experiments" / f"{study}.yaml").is_file():
+            spec, _ = load_spec(self.root / "experiments" / f"{study}.yaml")
+            if spec.study != study:
+                spec = spec.model_copy(update={"study": study, "storage": None})
+        else:
+            from kdsweep.sweep.spec import StudySpec
+
+            spec = StudySpec(study=study)
+        if storage:
+            spec = spec.model_copy(update={"storage": storage})
+        self.name = spec.study
+        self.url = storage_url(spec, self.root)
+        if self.url.startswith("journal:") and not Path(self.url[len("journal:"):]).is_file():
+            raise UserError(f"no study {self.name!r}: {display(self.url, self.root)} does not exist "
+                            f"(run `kdsweep run experiments/{self.name}.yaml` first, or pass --storage)")
+        self.storage = open_storage(self.url)
+        try:
+            self.study = optuna.load_study(study_name=self.name, storage=self.storage)
+        except KeyError:
+            names = optuna.get_all_study_names(self.storage)
+            raise UserError(f"no study {self.name!r} in {display(self.url, self.root)}; it has: "
+                            f"{', '.join(names) or 'none'}") from None
+        self.spec = self.study.user_attrs.get("spec") or json.loads(spec.model_dump_json(warnings=False))
+        self.metric = self.spec["objective"]["metric"]
+        self.direction = self.spec["objective"]["direction"]
+        self.trials = self.study.get_trials(deepcopy=False)
+        self.removed = set(self.study.user_attrs.get(REMOVED, []))
+
+    def outputs(self, t) -> str:
+        """Whether the trial's outputs are still in the DVC cache (retention removes all but the best)."""
+        if t.user_attrs.get(OUTPUTS) != "kept":
+            return ""
+        return "removed" if t.number in self.removed else "kept"
+
+    def param_names(self) -> list[str]:
+        names: list[str] = []
+        for t in self.trials:
+            names += [n for n in t.params if n not in names]
+        return names
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return "" if v is None else str(v)
+
+
+def table(header: list[str], rows: list[list[Any]], markdown: bool = False) -> str:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells])
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells])
+
+
+def _short(name: str) -> str:
+    return name.replace("lr_multiplier", "lr_mult").replace("stages[", "st[")
+
+
+def ranked_rows(h: StudyHandle, top: int | None = None) -> tuple[list[str], list[list[Any]], list]:
+    params = h.param_names()
+    header = ["rank", "trial", "experiment", "state", h.metric, "best_val_loss", "steps", "outputs"]
+    header += [_short(p) for p in params]
+    order = ranked(h.trials, h.direction)[:top]
+    rows = [[i + 1, t.number, t.user_attrs.get(EXPERIMENT), t.state.name.lower(), last_value(t),
+             t.user_attrs.get("best_val_loss"), t.user_attrs.get("steps"), h.outputs(t)]
+            + [t.params.get(p) for p in params] for i, t in enumerate(order)]
+    return header, rows, order
+
+
+def best(study: str, storage: str | None = None, top: int = 20, apply: bool = False, branch: str | None = None) -> int:
+    """Print the ranked trials; optionally apply the best to the workspace or branch it."""
+    import optuna
+
+    h = StudyHandle(study, storage)
+    header, rows, order = ranked_rows(h, top)
+    print(f"study {h.name}: {h.direction} {h.metric} ({display(h.url, h.root)})")
+    print(table(header, rows) if rows else "no complete or pruned trial yet")
+    failed = [t for t in h.trials if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)]
+    for t in failed:
+        why = headline(t.user_attrs.get(FAIL_REASON) or "")
+        print(f"failed: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {why}")
+    if not (apply or branch):
+        return 0
+    complete = [t for t in order if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise UserError(f"study {h.name} has no complete trial to apply")
+    winner = complete[0]
+    name = winner.user_attrs.get(EXPERIMENT)
+    if name not in dvcexp.exp_refs(h.root):
+        raise UserError(f"experiment {name} of trial {winner.number} is not in this repository (`dvc exp list`)")
+    if h.outputs(winner) == "removed":
+        print(f"warning: trial {winner.number}'s outputs were removed by retention; `dvc repro` rebuilds them")
+    if apply:
+        _dvc(h.root, "exp", "apply", name)
+        print(f"applied {name} (trial {winner.number}, {h.metric} {winner.value:.4f}): params.yaml, dvc.lock, "
+              f"metrics and models/student now hold it; `git diff params.yaml` shows the change")
+    if branch:
+        _dvc(h.root, "exp", "branch", name, branch)
+        print(f"branch {branch} holds {name}")
+    return 0
+
+
+def _dvc(root: Path, *args: str) -> str:
+    r = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"dvc {' '.join(args)} failed:\n{(r.stderr or r.stdout).strip()[-1500:]}")
+    return r.stdout
+
+
+def status(study: str, storage: str | None = None) -> int:
+    """Progress of a study: finished, running, waiting; the best so far; an estimate of what is left."""
+    import optuna
+
+    TS = optuna.trial.TrialState
+    h = StudyHandle(study, storage)
+    n = (h.spec.get("budget") or {}).get("n_trials")
+    by = {s: [t for t in h.trials if t.state == s] for s in TS}
+    interrupted = [t for t in by[TS.FAIL] if t.user_attrs.get(INTERRUPTED)]
+    failed = len(by[TS.FAIL]) - len(interrupted)
+    finished = len(by[TS.COMPLETE]) + len(by[TS.PRUNED]) + failed
+    print(f"study {h.name} ({display(h.url, h.root)}): {finished}" + (f" of {n}" if n else "") + " finished: "
+          f"{len(by[TS.COMPLETE])} complete, {len(by[TS.PRUNED])} pruned, {failed} failed; "
+          f"{len(by[TS.RUNNING])} running, {len(by[TS.WAITING])} waiting"
+          + (f"; {len(interrupted)} interrupted and retried" if interrupted else ""))
+    try:
+        b = h.study.best_trial
+        print(f"best: trial {b.number} ({b.user_attrs.get(EXPERIMENT)}) {h.metric} {b.value:.4f}")
+    except ValueError:
+        print("best: none yet")
+    now = time.time()
+    for t in by[TS.RUNNING]:
+        step = max(t.intermediate_values) if t.intermediate_values else None
+        since = (now - t.datetime_start.timestamp()) if t.datetime_start else 0
+        at = f"step {step}, {h.spec['objective'].get('report') or 'val_loss'} {t.intermediate_values[step]:.4f}" \
+            if step is not None else "starting"
+        print(f"running: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {at}, {since:.0f} s")
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in h.trials
+                 if t.datetime_complete and t.datetime_start and t.state in (TS.COMPLETE, TS.PRUNED, TS.FAIL)]
+    if n and durations and finished < n:
+        workers = h.spec.get("workers") or 1
+        left = (n - finished) * (sum(durations) / len(durations)) / workers
+        print(f"about {left / 60:.1f} min left ({n - finished} trials of ~{sum(durations) / len(durations):.0f} s, "
+              f"{workers} worker(s))")
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+def _exp_show_rows(h: StudyHandle) -> tuple[list[str], list[list[Any]]]:
+    """This study's rows of ``dvc exp show``: name, state, metrics, and the params that vary."""
+    data = json.loads(_dvc(h.root, "exp", "show", "--json"))
+    prefix = f"{h.name}-"
+    rows = []
+    for baseline in data:
+        for exp in baseline.get("experiments") or []:
+            rev = (exp.get("revs") or [{}])[0]
+            name = exp.get("name") or rev.get("name") or ""
+            if not (name.startswith(prefix) and name[len(prefix):].isdigit()):
+                continue
+            d = rev.get("data") or {}
+            params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+            metrics = ((d.get("metrics") or {}).get("metrics/distill.json") or {}).get("data") or {}
+            rows.append((int(name[len(prefix):]), name, params, metrics))
+    rows.sort()
+    keys: list[str] = []
+    for t in h.trials:
+        keys += [k for k in (t.user_attrs.get("overrides") or {}) if k not in keys]
+    scalar = [k for k in keys if all(not isinstance(_get(p, k), (dict, list)) for _, _, p, _ in rows)]
+    header = ["Experiment", "state", "val_loss", "best_val_loss", "steps"] + scalar
+    return header, [[name, m.get("state"), m.get("val_loss"), m.get("best_val_loss"), m.get("steps")]
+                    + [_get(p, k) for k in scalar] for _, name, p, m in rows]
+
+
+def _get(d: dict, key: str) -> Any:
+    node: Any = d
+    for part in key.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            return None
+    return node
+
+
+def report(study: str, storage: str | None = None, out_dir: Path | None = None) -> Path:
+    """Write ``reports/<study>/report.md`` with PNG plots and the ``dvc exp show`` table."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    TS = optuna.trial.TrialState
+    h = StudyHandle(study, storage)
+    out = Path(out_dir) if out_dir else h.root / "reports" / h.name
+    out.mkdir(parents=True, exist_ok=True)
+    complete = [t for t in h.trials if t.state == TS.COMPLETE]
+    plots: list[tuple[str, str, str]] = []  # (title, file, note)
+
+    def save(title: str, file: str, draw) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = draw()
+            fig = result.figure if hasattr(result, "figure") else (
+                result.flat[0].figure if hasattr(result, "flat") else plt.gcf())
+            fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
+            fig.tight_layout()
+            fig.savefig(out / file, dpi=100)
+            plt.close("all")
+            plots.append((title, file, ""))
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as e:
+            plt.close("all")
+            plots.append((title, "", f"not drawn: {e}"))
+
+    vis = optuna.visualization.matplotlib
+    save("Optimisation history", "optimization_history.png", lambda: vis.plot_optimization_history(h.study))
+    if len(complete) >= 2:
+        save("Parameter importances", "param_importances.png", lambda: vis.plot_param_importances(h.study))
+    else:
+        plots.append(("Parameter importances", "", "needs at least 2 complete trials"))
+    save("Parallel coordinates", "parallel_coordinates.png", lambda: vis.plot_parallel_coordinate(h.study))
+    save("alpha x temperature", "alpha_temperature.png", lambda: _alpha_temperature(h, plt))
+
+    header, rows, _ = ranked_rows(h)
+    exp_header, exp_rows = _exp_show_rows(h)
+    failed = [t for t in h.trials if t.state == TS.FAIL]
+    lines = [f"# Study `{h.name}`", "",
+             f"{h.direction.capitalize()} `{h.metric}` over {len(h.trials)} trials "
+             f"({len(complete)} complete, {sum(t.state == TS.PRUNED for t in h.trials)} pruned, {len(failed)} failed); "
+             f"storage `{display(h.url, h.root)}`.", ""]
+    try:
+        b = h.study.best_trial
+        lines += [f"**Best**: trial {b.number} (`{b.user_attrs.get(EXPERIMENT)}`), {h.metric} = {b.value:.4f}: "
+                  + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in b.params.items()), "",
+                  f"Reproduce it: `kdsweep best {h.name} --apply` "
+                  f"(runs `dvc exp apply {b.user_attrs.get(EXPERIMENT)}`).", ""]
+    except ValueError:
+        pass
+    for title, file, note in plots:
+        lines += [f"## {title}", "", f"![{title}]({file})" if file else f"_{note}_", ""]
+    lines += ["## Trials, ranked", "", table(header, rows, markdown=True), ""]
+    if failed:
+        lines += ["## Failed trials", ""]
+        for t in failed:
+            why = headline(t.user_attrs.get(FAIL_REASON) or "")
+            lines.append(f"- trial {t.number} (`{t.user_attrs.get(EXPERIMENT)}`): {why}")
+        lines.append("")
+    lines += ["## `dvc exp show`", "", "This study's experiments as DVC records them (metrics/distill.json and the "
+              "params each trial set):", "", table(exp_header, exp_rows, markdown=True), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    print(f"wrote {path.relative_to(h.root) if h.root in path.parents else path} "
+          f"({sum(bool(f) for _, f, _ in plots)} plots)")
+    return path
+
+
+def _alpha_temperature(h: StudyHandle, plt):
+    """Each trial at its (alpha, T), coloured by the objective; pruned trials hollow."""
+    import optuna
+
+    TS = optuna.trial.TrialState
+    pts = []
+    for t in h.trials:
+        o = t.user_attrs.get("overrides") or {}
+        a, temp = o.get("loss.alpha"), o.get("loss.temperature")
+        v = last_value(t)
+        if isinstance(a, (int, float)) and isinstance(temp, (int, float)) and v is not None and math.isfinite(v) \
+                and t.state in (TS.COMPLETE, TS.PRUNED):
+            pts.append((a, temp, v, t.state == TS.PRUNED, t.number))
+    if not pts:
+        raise ValueError("no trial sets both loss.alpha and loss.temperature")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    done = [p for p in pts if not p[3]]
+    vmin, vmax = min(p[2] for p in pts), max(p[2] for p in pts)
+    if done:
+        sc = ax.scatter([p[0] for p in done], [p[1] for p in done], c=[p[2] for p in done], cmap="viridis_r",
+                        vmin=vmin, vmax=vmax, s=80, edgecolors="k", label="complete")
+        fig.colorbar(sc, ax=ax, label=h.metric)
+    pruned = [p for p in pts if p[3]]
+    if pruned:
+        ax.scatter([p[0] for p in pruned], [p[1] for p in pruned], facecolors="none", edgecolors="tab:red", s=80,
+                   label="pruned (last value)")
+    for a, temp, _, _, n in pts:
+        ax.annotate(str(n), (a, temp), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("loss.alpha")
+    ax.set_ylabel("loss.temperature (KD)")
+    ax.set_title(f"{h.name}: alpha x temperature")
+    ax.legend(loc="best")
+    return ax

@@ -1,0 +1,137 @@
+"""Optuna glue shared by the runner and the trials: storage, sampler and pruner from the spec.
+
+The storage is named by one string that both the runner and a trial's process (which runs
+in a temporary copy of the repository) resolve the same way: ``journal:<absolute path>`` for
+Optuna's JournalFileBackend (the default, ``studies/<study>.journal``; safe for several
+processes on one machine), or an RDB URL (``sqlite:///...``, ``postgresql://...``) for several
+machines. Relative paths are made absolute against the repository root.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from kdsweep.sweep.spec import StudySpec
+
+# Optuna's trial attributes the sweep writes (user_attrs), by name.
+EXPERIMENT = "experiment"      # the DVC experiment's name, <study>-<number>
+OVERRIDES = "overrides"        # the dotted params.yaml keys the trial set
+FAIL_REASON = "fail_reason"    # why a trial failed (the tail of its error output)
+INTERRUPTED = "interrupted"    # the runner stopped during the trial; it was retried
+RETRY_OF = "retry_of"          # the trial number this one retries
+OUTPUTS = "outputs"            # "kept": the trial's experiment holds outputs in the DVC cache
+REMOVED = "outputs_removed"    # study attribute: trial numbers whose outputs retention removed
+
+
+def storage_url(spec: StudySpec, root: Path) -> str:
+    """The storage string of a study (see the module docstring)."""
+    s = spec.storage or f"studies/{spec.study}.journal"
+    if s.endswith(".journal") and "://" not in s:
+        path = Path(s)
+        return f"journal:{path if path.is_absolute() else (root / path)}"
+    if s.startswith("sqlite:///") and not s.startswith("sqlite:////"):
+        return "sqlite:///" + str(root / s[len("sqlite:///"):])
+    return s
+
+
+def open_storage(url: str):
+    """An Optuna storage object for a storage string."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return optuna.storages.RDBStorage(url)
+
+
+def display(url: str, root: Path) -> str:
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):])
+        return str(path.relative_to(root)) if root in path.parents else str(path)
+    return url.split("@")[-1] if "@" in url else url  # no password in the console
+
+
+def make_sampler(spec: dict[str, Any], offset: int = 0):
+    """The sampler; ``offset`` shifts the seed so a resumed run does not replay the first run's draws."""
+    import optuna
+
+    kind = spec["type"]
+    seed = None if spec.get("seed") is None else spec["seed"] + offset
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec["n_startup_trials"],
+                                          multivariate=spec["multivariate"], constant_liar=spec["constant_liar"])
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec["n_startup_trials"])
+    if kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec["n_startup_trials"],
+                                            warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {kind!r}")
+
+
+def make_pruner(spec: dict[str, Any]):
+    """The pruner. Its resource is the optimizer step at which distill evaluated."""
+    import optuna
+
+    kind = spec["type"]
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec["n_startup_trials"],
+                                           n_warmup_steps=spec["n_warmup_steps"], interval_steps=spec["interval_steps"])
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec["min_resource"],
+                                                      reduction_factor=spec["reduction_factor"],
+                                                      min_early_stopping_rate=spec["min_early_stopping_rate"])
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=spec["min_resource"], max_resource=spec["max_resource"],
+                                              reduction_factor=spec["reduction_factor"])
+    return optuna.pruners.NopPruner()
+
+
+def counts_toward_budget(trial) -> bool:
+    """Complete, pruned and failed trials use the budget; trials interrupted by the runner
+    stopping do not (they are retried)."""
+    import optuna
+
+    s = trial.state
+    return s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or (
+        s == optuna.trial.TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED))
+
+
+def last_value(trial) -> float | None:
+    if trial.value is not None:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
+
+
+def ranked(trials: list, direction: str) -> list:
+    """Complete trials by objective, then pruned ones by their last reported value."""
+    import optuna
+
+    sign = 1 if direction == "minimize" else -1
+    TS = optuna.trial.TrialState
+
+    def key(t):
+        v = last_value(t)
+        return (0 if t.state == TS.COMPLETE else 1, sign * v if v is not None else float("inf"), t.number)
+
+    return sorted([t for t in trials if t.state in (TS.COMPLETE, TS.PRUNED)], key=key)
+
+
+def headline(reason: str) -> str:
+    """The line of a failure that says why: kdsweep's own ``error:``, else an exception, else the last."""
+    lines = [s.strip() for s in reason.splitlines() if s.strip()]
+    for pattern in (r"^error: ", r"^\w*(Error|Exception)\b.*: ", r"^ERROR: "):
+        found = [s for s in lines if re.match(pattern, s)]
+        if found:
+            return found[0]
+    return lines[-1] if lines else "(no output)"

@@ -1,0 +1,358 @@
+"""Studies end to end on the tiny config: real git + DVC repositories, real Optuna journal
+storage, real TensorBoard files, `kdsweep` run as the user runs it (a subprocess).
+
+One session-scoped repository runs `dvc repro` for the upstream stages once; each test
+works on a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from conftest import REPO, tiny_params_dict
+
+BIN = Path(sys.executable).parent
+UPSTREAM = ["prepare", "teacher", "teacher_logits", "student"]
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+SPEC = {
+    "fixed": {"training.max_steps": 6, "training.eval_steps": 3, "training.logging_steps": 3, "training.threads": 1},
+    "space": {"loss.alpha": {"type": "float", "low": 0.1, "high": 0.9},
+              "loss.temperature": {"type": "float", "low": 1.0, "high": 4.0}},
+    "baselines": [{"loss.alpha": 0.5, "loss.temperature": 2.0}],
+    "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2},
+    "pruner": {"type": "none"},
+    "budget": {"n_trials": 2},
+    "workers": 1,
+    "retention": {"keep_best": 1},
+}
+TS = optuna.trial.TrialState
+
+
+def sh(repo: Path, *cmd: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), cwd=repo, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def kdsweep(repo: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return sh(repo, str(BIN / "kdsweep"), *args, **kw)
+
+
+def write_spec(repo: Path, name: str, **changes) -> str:
+    spec = {**json.loads(json.dumps(SPEC)), **changes, "study": name}
+    path = repo / "experiments" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return f"experiments/{name}.yaml"
+
+
+def study(repo: Path, name: str) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(
+        str(repo / "studies" / f"{name}.journal"))))
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """`dvc exp show --json`: experiment name -> {"params": params.yaml, "metrics": metrics/distill.json}."""
+    out = {}
+    for baseline in json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout):
+        for exp in baseline.get("experiments") or []:
+            rev = exp["revs"][0]
+            data = rev.get("data") or {}
+            out[exp.get("name") or rev.get("name")] = {
+                "params": data["params"]["params.yaml"]["data"],
+                "metrics": data["metrics"]["metrics/distill.json"]["data"],
+                "rev": rev["rev"]}
+    return out
+
+
+def lock(repo: Path, rev: str | None = None) -> dict:
+    text = (repo / "dvc.lock").read_text() if rev is None else sh(repo, "git", "show", f"{rev}:dvc.lock").stdout
+    return yaml.safe_load(text)["stages"]
+
+
+@pytest.fixture(scope="session")
+def sweep_template(tmp_path_factory) -> Path:
+    """A git + DVC repository with the tiny config whose upstream stages `dvc repro` ran once.
+
+    dvc.lock is left uncommitted, as after `make demo`'s `dvc repro` in a fresh clone.
+    """
+    repo = tmp_path_factory.mktemp("sweep") / "repo"
+    shutil.copytree(REPO / "kdsweep", repo / "kdsweep", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.name", "t")
+    sh(repo, "git", "config", "user.email", "t@t")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "tiny pipeline")
+    sh(repo, "dvc", "repro", "student", "teacher_logits")
+    kdsweep(repo, "run", write_spec(repo, "warmup"), "--check")  # caches the student's parameter names
+    return repo
+
+
+@pytest.fixture
+def sweep_repo(sweep_template, tmp_path) -> Path:
+    dst = tmp_path / "repo"
+    shutil.copytree(sweep_template, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def small_study(sweep_template, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-trial study (the baseline, then one TPE trial) run once for the tests below."""
+    repo = tmp_path_factory.mktemp("small") / "repo"
+    shutil.copytree(sweep_template, repo, symlinks=True)
+    proc = kdsweep(repo, "run", write_spec(repo, "small"))
+    return repo, proc
+
+
+# --------------------------------------------------------------------------- the default suite
+def test_small_study_records_every_trial_as_a_dvc_experiment(small_study):
+    repo, proc = small_study
+    s = study(repo, "small")
+    assert [(t.number, t.state) for t in s.trials] == [(0, TS.COMPLETE), (1, TS.COMPLETE)]
+    assert s.trials[0].params == {"loss.alpha": 0.5, "loss.temperature": 2.0}  # the baseline is trial 0
+    exps = experiments(repo)
+    assert {"small-0", "small-1"} <= exps.keys()
+    for t in s.trials:
+        e = exps[f"small-{t.number}"]
+        assert e["params"]["loss"]["alpha"] == pytest.approx(t.params["loss.alpha"])
+        assert e["params"]["loss"]["temperature"] == pytest.approx(t.params["loss.temperature"])
+        assert e["params"]["training"]["max_steps"] == 6
+        m = e["metrics"]
+        assert m["state"] == "complete" and m["steps"] == 6
+        assert t.value == pytest.approx(m["val_loss"]) and m["best_val_loss"] <= m["val_loss"] + 1e-9
+        assert sorted(t.intermediate_values) == [3, 6]  # reported at every evaluation
+    assert "upstream recomputations: 0" in proc.stdout
+
+
+def test_trials_reuse_the_upstream_stages(small_study, sweep_template):
+    repo, proc = small_study
+    before = lock(sweep_template)
+    assert {s: lock(repo)[s] for s in UPSTREAM} == {s: before[s] for s in UPSTREAM}  # workspace untouched
+    for name, e in experiments(repo).items():
+        if name.startswith("small-"):
+            assert {s: lock(repo, e["rev"])[s] for s in UPSTREAM} == {s: before[s] for s in UPSTREAM}, name
+    for log in (repo / "studies" / "small" / "logs").glob("*.log"):
+        text = log.read_text()
+        assert "Running stage 'distill'" in text
+        assert not any(f"Running stage '{s}'" in text for s in UPSTREAM), log
+
+
+def test_each_trial_writes_hparams_that_tensorboard_reads(small_study):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    repo, _ = small_study
+    s = study(repo, "small")
+    for t in s.trials:
+        acc = EventAccumulator(str(repo / "runs" / "small" / str(t.number)))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        assert content, "no HParams summaries"
+        hparams = {}
+        for raw in content.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+            if data.HasField("session_start_info"):
+                hparams = {k: v.number_value if v.HasField("number_value") else v.string_value
+                           for k, v in data.session_start_info.hparams.items()}
+        assert hparams["loss.alpha"] == pytest.approx(t.params["loss.alpha"], rel=1e-6)
+        assert hparams["loss.temperature"] == pytest.approx(t.params["loss.temperature"], rel=1e-6)
+        assert "eval/val_loss" in acc.Tags()["scalars"]
+
+
+def test_retention_keeps_only_the_best_trials_outputs(small_study):
+    repo, proc = small_study
+    s = study(repo, "small")
+    best, other = sorted(s.trials, key=lambda t: t.value)
+    cache = repo / ".dvc" / "cache" / "files" / "md5"
+    exps = experiments(repo)
+
+    def files(name):
+        out = next(o for o in lock(repo, exps[name]["rev"])["distill"]["outs"] if o["path"] == "models/student")
+        entries = json.loads((cache / out["md5"][:2] / out["md5"][2:]).read_text()) \
+            if (cache / out["md5"][:2] / out["md5"][2:]).exists() else None
+        return out["md5"], entries
+
+    _, kept = files(f"small-{best.number}")
+    assert kept and all((cache / e["md5"][:2] / e["md5"][2:]).exists() for e in kept)
+    dropped_dir, dropped = files(f"small-{other.number}")
+    assert dropped is None  # its manifest and the files only it had are gone
+    assert s.user_attrs["outputs_removed"] == [other.number]
+    assert "retention: keeping the outputs of the best 1" in proc.stdout and "freed" in proc.stdout
+    assert f"small-{other.number}" in exps  # the experiment itself stays listed
+
+
+def test_status_best_and_report(small_study, tmp_path):
+    repo, _ = small_study
+    out = kdsweep(repo, "status", "small").stdout
+    assert "2 of 2 finished: 2 complete, 0 pruned, 0 failed" in out
+    best = kdsweep(repo, "best", "small").stdout
+    assert best.splitlines()[1].split()[:2] == ["rank", "trial"] and "small-0" in best and "small-1" in best
+    report_dir = tmp_path / "report"
+    kdsweep(repo, "report", "small", "--out", str(report_dir))
+    text = (report_dir / "report.md").read_text()
+    for png in ("optimization_history.png", "parallel_coordinates.png", "alpha_temperature.png",
+                "param_importances.png"):
+        assert f"]({png})" in text and (report_dir / png).stat().st_size > 1000, png
+    assert "## `dvc exp show`" in text and "| small-0 | complete |" in text
+
+
+def test_best_apply_restores_the_best_params_and_checkpoint(small_study, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(small_study[0], repo, symlinks=True)
+    s = study(repo, "small")
+    winner = s.best_trial
+    kdsweep(repo, "best", "small", "--apply", "--branch", "best-small")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["loss"]["alpha"] == pytest.approx(winner.params["loss.alpha"])
+    assert params["loss"]["temperature"] == pytest.approx(winner.params["loss.temperature"])
+    rev = experiments(repo)[f"small-{winner.number}"]["rev"]
+    out = next(o for o in lock(repo, rev)["distill"]["outs"] if o["path"] == "models/student")
+    manifest = json.loads((repo / ".dvc/cache/files/md5" / out["md5"][:2] / out["md5"][2:]).read_text())
+    for entry in manifest:
+        assert hashlib.md5((repo / "models/student" / entry["relpath"]).read_bytes()).hexdigest() == entry["md5"]
+    branch = sh(repo, "git", "show", "best-small:params.yaml").stdout
+    assert yaml.safe_load(branch)["loss"]["alpha"] == pytest.approx(winner.params["loss.alpha"])
+
+
+# --------------------------------------------------------------------------- slow: heavier studies
+@pytest.mark.slow
+def test_four_trials_with_two_workers(sweep_repo):
+    proc = kdsweep(sweep_repo, "run", write_spec(sweep_repo, "par", baselines=[], workers=2,
+                                                 budget={"n_trials": 4}, retention={"keep_best": None}))
+    s = study(sweep_repo, "par")
+    assert [t.number for t in s.trials] == [0, 1, 2, 3] and all(t.state == TS.COMPLETE for t in s.trials)
+    names = [t.user_attrs["experiment"] for t in s.trials]
+    assert names == [f"par-{i}" for i in range(4)] and set(names) <= experiments(sweep_repo).keys()
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in s.trials)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "two trials ran at the same time"
+    assert "upstream recomputations: 0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_harmful_learning_rate_is_pruned(sweep_repo):
+    spec = write_spec(sweep_repo, "prune",
+                      fixed={**SPEC["fixed"], "training.max_steps": 9},
+                      space={"training.learning_rate": {"type": "categorical", "choices": [0.003, 0.5]}},
+                      baselines=[{"training.learning_rate": 0.003}, {"training.learning_rate": 0.003},
+                                 {"training.learning_rate": 0.5}],
+                      pruner={"type": "median", "n_startup_trials": 2}, budget={"n_trials": 3})
+    kdsweep(sweep_repo, "run", spec)
+    s = study(sweep_repo, "prune")
+    assert [t.state for t in s.trials] == [TS.COMPLETE, TS.COMPLETE, TS.PRUNED]
+    pruned = s.trials[2]
+    assert list(pruned.intermediate_values) == [3] and pruned.intermediate_values[3] > s.trials[0].intermediate_values[3]
+    m = experiments(sweep_repo)["prune-2"]["metrics"]
+    assert m["state"] == "pruned" and m["steps"] == 3  # stopped early, still recorded by DVC
+
+
+@pytest.mark.slow
+def test_a_failing_trial_does_not_stop_the_study(sweep_repo):
+    spec = write_spec(sweep_repo, "fail",
+                      fixed={**SPEC["fixed"], "training.max_nonfinite_steps": 1},
+                      space={"training.learning_rate": {"type": "categorical", "choices": [0.003, 1000000.0]}},
+                      baselines=[{"training.learning_rate": 0.003}, {"training.learning_rate": 1000000.0},
+                                 {"training.learning_rate": 0.003}],
+                      budget={"n_trials": 3})
+    proc = kdsweep(sweep_repo, "run", spec)
+    s = study(sweep_repo, "fail")
+    assert [t.state for t in s.trials] == [TS.COMPLETE, TS.FAIL, TS.COMPLETE]
+    assert "non-finite" in s.trials[1].user_attrs["fail_reason"]
+    assert "trial 1 (fail-1): failed: error: distill: stopped after 1 non-finite" in proc.stderr + proc.stdout
+    failed = experiments(sweep_repo)["fail-1"]  # DVC keeps no failed run; kdsweep records it
+    assert failed["metrics"]["state"] == "failed" and "non-finite" in failed["metrics"]["reason"]
+    assert failed["params"]["training"]["learning_rate"] == 1000000.0
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_runner_then_resume(sweep_repo):
+    import psutil
+
+    spec = write_spec(sweep_repo, "kill", baselines=[], budget={"n_trials": 3}, retention={"keep_best": None},
+                      fixed={**SPEC["fixed"], "training.max_steps": 150})
+    runner = subprocess.Popen([str(BIN / "kdsweep"), "run", spec], cwd=sweep_repo, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = sweep_repo / "studies" / "kill" / "logs" / "1.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "Step 3: Val Loss" in log.read_text()):  # trial 1 is training
+        assert runner.poll() is None and time.monotonic() < deadline, "trial 1 never started"
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+
+    def orphans():
+        return [p for p in psutil.process_iter(["cmdline"]) if "kill-1" in " ".join(p.info["cmdline"] or [])]
+
+    deadline = time.monotonic() + 60
+    while orphans() and time.monotonic() < deadline:  # the trial notices its runner is gone and stops
+        time.sleep(0.5)
+    assert not orphans()
+    killed = study(sweep_repo, "kill")
+    assert killed.trials[1].state == TS.RUNNING  # what SIGKILL leaves behind
+
+    out = kdsweep(sweep_repo, "run", spec).stdout
+    assert "resume: trial 1 (kill-1) was interrupted; marked failed and re-enqueued" in out
+    s = study(sweep_repo, "kill")
+    numbers = [t.number for t in s.trials]
+    assert numbers == list(range(len(numbers))) == [0, 1, 2, 3]  # no number twice
+    interrupted = [t for t in s.trials if t.user_attrs.get("interrupted")]
+    assert [t.number for t in interrupted] == [1] and interrupted[0].state == TS.FAIL
+    retry = next(t for t in s.trials if t.user_attrs.get("retry_of") == 1)
+    assert retry.params == s.trials[1].params and retry.state == TS.COMPLETE
+    finished = [t for t in s.trials if t.state in (TS.COMPLETE, TS.PRUNED)
+                or (t.state == TS.FAIL and not t.user_attrs.get("interrupted"))]
+    assert len(finished) == 3  # n_trials reached, exactly
+    names = [t.user_attrs["experiment"] for t in s.trials]
+    assert len(set(names)) == len(names)
+    exps = experiments(sweep_repo)
+    assert {f"kill-{t.number}" for t in finished} <= exps.keys() and "kill-1" not in exps
+    assert not list((sweep_repo / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))  # no temp copy left
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_trial_and_resume_retries_it(sweep_repo):
+    import psutil
+
+    spec = write_spec(sweep_repo, "int", baselines=[], budget={"n_trials": 2}, retention={"keep_best": None},
+                      fixed={**SPEC["fixed"], "training.max_steps": 150})
+    runner = subprocess.Popen([str(BIN / "kdsweep"), "run", spec], cwd=sweep_repo, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = sweep_repo / "studies" / "int" / "logs" / "0.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "Step 3: Val Loss" in log.read_text()):
+        assert runner.poll() is None and time.monotonic() < deadline, "trial 0 never started"
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGINT)
+    out = runner.communicate(timeout=120)[0]
+    assert runner.returncode == 130 and "interrupted: stopping the running trials" in out
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "int-0" in " ".join(p.info["cmdline"] or [])]
+    t0 = study(sweep_repo, "int").trials[0]
+    assert t0.state == TS.FAIL and t0.user_attrs["interrupted"]  # marked by the runner itself, at once
+
+    kdsweep(sweep_repo, "run", spec)
+    s = study(sweep_repo, "int")
+    assert [t.state for t in s.trials] == [TS.FAIL, TS.COMPLETE, TS.COMPLETE]
+    assert s.trials[1].user_attrs["retry_of"] == 0 and s.trials[1].params == t0.params
+    assert not list((sweep_repo / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))
