@@ -144,7 +144,7 @@ class TeacherConfig(_Section):
     cache_compression: Literal["gzip", "none"] = Field(
         "gzip",
         description="gzip: shuffle + gzip level 4, ~54% of the raw size; none: no compression, ~1.8x larger "
-        "files that read 2-3x faster (bench/RESULTS-cache.md). Both keep every float16 value and a checksum per chunk.",
+        "files that read 2-3x faster (BENCHMARKS.md). Both keep every float16 value and a checksum per chunk.",
     )
 
     @field_validator("temperature_range")

@@ -431,8 +431,9 @@ class Runner:
                 now = time.monotonic() - t0
                 chunks.append(line)
                 log.write(f"{now:8.2f} {line}")
-                for key, text in (("distill_start", "Running stage 'distill'"), ("first_eval", "Step 0: Val Loss"),
-                                  ("commit", "Updating lock file"), ("done", "Ran experiment")):
+                for key, text in (("distill_start", "Running stage 'distill'"),
+                                  ("reporter", "reports " + self.spec.objective.report_metric + " at every"),
+                                  ("first_eval", "Step 0: Val Loss"), ("done", "Ran experiment")):
                     if text in line and key not in marks:
                         marks[key] = now
 
@@ -461,9 +462,9 @@ class Runner:
                  "overhead_seconds": round(run.wall - train, 2)}
         m = run.marks
         if "distill_start" in m:
-            attrs["dvc_setup_seconds"] = round(m["distill_start"], 2)
-        if "distill_start" in m and "first_eval" in m:
-            attrs["distill_startup_seconds"] = round(m["first_eval"] - m["distill_start"], 2)
+            attrs["dvc_setup_seconds"] = round(m["distill_start"], 2)  # DVC: temporary copy, checkout
+        if "distill_start" in m and "reporter" in m:  # process start, imports, params, Optuna
+            attrs["distill_import_seconds"] = round(m["reporter"] - m["distill_start"], 2)
         for k, v in attrs.items():
             self.storage.set_trial_user_attr(trial._trial_id, k, v)
 
