@@ -27,10 +27,10 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdsweep.errors import UserError
 
@@ -247,18 +247,22 @@ class TrainingConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default.")
 
 
+def check_regex(pattern: str) -> str:
+    """A field validator: the pattern must compile (reported with the regex error)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+    return pattern
+
+
+RegexPattern = Annotated[str, AfterValidator(check_regex)]
+
+
 class LRMultiplier(_Section):
-    pattern: str = Field(description="Regular expression matched against the full parameter name (re.fullmatch).")
+    pattern: RegexPattern = Field(description="Regular expression matched against the full parameter name (re.fullmatch).")
     lr_multiplier: float = Field(ge=0, description="Learning rate = base x multiplier; 0 freezes the parameter.")
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"invalid regular expression {v!r}: {e}") from None
-        return v
 
 
 # The reference's "Recommended Starting Point" (compressed experts at full LR, pre-trained

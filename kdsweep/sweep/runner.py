@@ -15,6 +15,8 @@ How a trial runs is in :mod:`kdsweep.sweep.dvcexp`, how it reports to the pruner
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -503,10 +505,8 @@ class Runner:
                                      {"state": "failed", "reason": headline(reason)[:300]}, extra)
             except Exception as e:  # recording is a convenience; the study has the reason either way
                 tqdm.write(f"trial {trial.number}: could not record the failed experiment: {e}")
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):  # the trial may already be finished
             self.study.tell(trial.number, state=TS.FAIL)
-        except (RuntimeError, ValueError):
-            pass  # already finished
         tqdm.write(f"trial {trial.number} ({self.name}-{trial.number}): failed: {headline(reason)[:200]}")
         self._finished(trial, failed=True)
 

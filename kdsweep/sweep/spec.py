@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from kdsweep.config import read_yaml
+from kdsweep.config import RegexPattern, read_yaml
 from kdsweep.errors import UserError
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -137,17 +137,9 @@ NumberOrDist = Annotated[
 class LRMultiplierKnob(_Conditional):
     """One ``parameter_lr_multipliers`` rule whose multiplier the study sets or samples."""
 
-    pattern: str = Field(description="The rule's regex (re.fullmatch on parameter names).")
+    pattern: RegexPattern = Field(description="The rule's regex (re.fullmatch on parameter names).")
     lr_multiplier: NumberOrDist = Field(description="A number, or a float/categorical distribution.")
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"invalid regular expression {v!r}: {e}") from None
-        return v
 
     @model_validator(mode="after")
     def _nonnegative(self) -> LRMultiplierKnob:
