@@ -29,7 +29,7 @@ import os
 import platform
 import tempfile
 import time
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import chdir, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 TEACHER = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -44,16 +44,6 @@ def active_params_per_token(arch: dict, vocab: int) -> int:
     attn = h * d * (2 * arch["num_attention_heads"] + 2 * arch["num_key_value_heads"])
     experts = arch["num_experts_per_tok"] * 3 * h * arch["moe_intermediate_size"]
     return arch["num_hidden_layers"] * (attn + h * arch["num_experts"] + experts) + h * vocab
-
-
-@contextmanager
-def chdir(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def tokens_per_s(train_csv: Path) -> float:

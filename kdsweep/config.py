@@ -368,17 +368,18 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         if not fields or part not in fields:
             return []
         ann = fields[part].annotation
-        current = _submodel(ann)
+        current = submodel_of(ann)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
+def submodel_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field annotation (``X``, ``X | None``, ``list[X]``...), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        found = _submodel(arg)
+        found = submodel_of(arg)
         if found is not None:
             return found
     return None

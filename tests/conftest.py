@@ -6,9 +6,8 @@ Qwen3-MoE teacher trained for a few steps, an HDF5 cache and a compressed studen
 
 from __future__ import annotations
 
-import os
 import shutil
-from contextlib import contextmanager
+from contextlib import chdir
 from pathlib import Path
 
 import pytest
@@ -46,16 +45,6 @@ def tiny_params_dict(**overrides) -> dict:
     """The shipped params.yaml with the TINY overrides (and any others) applied."""
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())
     return deep_merge(deep_merge(shipped, TINY), overrides)
-
-
-@contextmanager
-def chdir(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from kdsweep.config import RegexPattern, read_yaml
+from kdsweep.config import RegexPattern, read_yaml, submodel_of
 from kdsweep.errors import UserError
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -388,16 +388,6 @@ _TAG_MODELS: dict[str, type[BaseModel] | None] = {
 }
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _submodel(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def _model_at(raw_loc: tuple, root: type[BaseModel] | None) -> type[BaseModel] | None:
     """The spec model whose fields apply at a (tagged) pydantic error location, to suggest close keys."""
     model = root
@@ -405,7 +395,7 @@ def _model_at(raw_loc: tuple, root: type[BaseModel] | None) -> type[BaseModel] |
         if part in _TAG_MODELS:
             model = _TAG_MODELS[part] or model
         elif model is not None and part in model.model_fields:
-            model = _submodel(model.model_fields[part].annotation)
+            model = submodel_of(model.model_fields[part].annotation)
         # else: a list index or a dict key (a space key); the model is the container's item model
     return model
 
