@@ -17,7 +17,7 @@ export GIT_COMMITTER_EMAIL ?= kdsweep@localhost
 # wanted; on a GPU machine install your CUDA build of torch first: TORCH_SPEC= make ...
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow install clean-outputs
+.PHONY: demo test test-slow lint install clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: $(STAMP)
 ## The fast test suite (slow end-to-end tests: make test-slow).
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## ruff check + ruff format --check on the whole tree (configured in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kdsweep tests bench
+	$(VENV)/bin/ruff format --check kdsweep tests bench
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -112,13 +112,26 @@ def bench_generation(model, seqs: np.ndarray, layout: CacheLayout, batch: int, w
     t_sum = best_of(with_summary)
     t_gen = best_of(full_generate, repeat=2)
     tokens = seqs.size
-    rows = [["teacher forward (decoder + LM head)", f"{t_fwd:.2f}", f"{tokens / t_fwd:,.0f}", "-"],
-            ["forward + top-k + normaliser", f"{t_sum:.2f}", f"{tokens / t_sum:,.0f}", f"+{t_sum / t_fwd - 1:.0%}"],
-            ["`generate()`: + batch files, HDF5 assembly (gzip)", f"{t_gen:.2f}", f"{tokens / t_gen:,.0f}",
-             f"+{t_gen / t_fwd - 1:.0%}"]]
+    rows = [
+        ["teacher forward (decoder + LM head)", f"{t_fwd:.2f}", f"{tokens / t_fwd:,.0f}", "-"],
+        ["forward + top-k + normaliser", f"{t_sum:.2f}", f"{tokens / t_sum:,.0f}", f"+{t_sum / t_fwd - 1:.0%}"],
+        [
+            "`generate()`: + batch files, HDF5 assembly (gzip)",
+            f"{t_gen:.2f}",
+            f"{tokens / t_gen:,.0f}",
+            f"+{t_gen / t_fwd - 1:.0%}",
+        ],
+    ]
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    out = table([f"generation, {params:.1f}M-parameter teacher, vocab {vocab:,}, {tokens:,} tokens", "seconds",
-                 "tokens/s", "over forward"], rows)
+    out = table(
+        [
+            f"generation, {params:.1f}M-parameter teacher, vocab {vocab:,}, {tokens:,} tokens",
+            "seconds",
+            "tokens/s",
+            "over forward",
+        ],
+        rows,
+    )
     return out, {"path": summaries[-1], "t_fwd": t_fwd, "t_gen": t_gen}
 
 
@@ -134,12 +147,18 @@ def bench_big_vocab_summary(betas: np.ndarray, k: int) -> str:
     t_head = best_of(lambda: h @ w.T)
     # Qwen3-30B-A3B: ~3.3B active parameters per token, of which the LM head is 2048 x 151,936.
     head_share = hidden * BIG_VOCAB / 3.3e9
-    return table(["vocab 151,936, per token, one core", "ms/token"],
-                 [["top-k + normaliser (`summarize_logits`)", f"{t_sum / n * 1e3:.2f}"],
-                  ["LM head alone, hidden 2048 (fp32 matmul)", f"{t_head / n * 1e3:.2f}"],
-                  ["ratio summary / LM head", f"{t_sum / t_head:.2f}"],
-                  [f"estimate: summary / Qwen3-30B-A3B forward (LM head = {head_share:.1%} of its FLOPs)",
-                   f"{t_sum / t_head * head_share:.1%}"]])
+    return table(
+        ["vocab 151,936, per token, one core", "ms/token"],
+        [
+            ["top-k + normaliser (`summarize_logits`)", f"{t_sum / n * 1e3:.2f}"],
+            ["LM head alone, hidden 2048 (fp32 matmul)", f"{t_head / n * 1e3:.2f}"],
+            ["ratio summary / LM head", f"{t_sum / t_head:.2f}"],
+            [
+                f"estimate: summary / Qwen3-30B-A3B forward (LM head = {head_share:.1%} of its FLOPs)",
+                f"{t_sum / t_head * head_share:.1%}",
+            ],
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- size
@@ -179,9 +198,12 @@ def dataset_bytes(arrays: dict[str, np.ndarray], compression: int) -> dict[str, 
 def variants(stored: dict[str, np.ndarray], betas: np.ndarray, vocab: int, rng) -> dict[str, dict]:
     """The same cache content in the layouts compared (see the module docstring)."""
     ids = deltas_to_ids(stored["topk_id_deltas"])
-    base = {"input_ids": stored["input_ids"], "topk_logits": stored["topk_logits"],
-            "tail_log_normalizer_residual": stored["tail_log_normalizer_residual"],
-            "tail_log_normalizer_slope": stored["tail_log_normalizer_slope"]}
+    base = {
+        "input_ids": stored["input_ids"],
+        "topk_logits": stored["topk_logits"],
+        "tail_log_normalizer_residual": stored["tail_log_normalizer_residual"],
+        "tail_log_normalizer_slope": stored["tail_log_normalizer_slope"],
+    }
     out = {f"vocab {vocab:,}": {**base, "topk_id_deltas": stored["topk_id_deltas"]}}
     # Format 1 stored f itself (float32) and f' (float16) at the grid, and absolute ids.
     t = decode_log_normalizer(stored["tail_log_normalizer_residual"], stored["tail_log_normalizer_slope"], betas)
@@ -193,8 +215,12 @@ def variants(stored: dict[str, np.ndarray], betas: np.ndarray, vocab: int, rng) 
     w = torch.exp(torch.from_numpy(t) - f)
     f_slope = (1 - w) * g_slope + w * torch.from_numpy(stored["tail_log_normalizer_slope"].astype(np.float32))
     out[f"vocab {vocab:,}, format 1 (absolute ids, f as float32)"] = {
-        "input_ids": stored["input_ids"], "topk_ids": ids.astype(np.uint16), "topk_logits": stored["topk_logits"],
-        "log_normalizer": f.numpy(), "log_normalizer_slope": f_slope.half().numpy()}
+        "input_ids": stored["input_ids"],
+        "topk_ids": ids.astype(np.uint16),
+        "topk_logits": stored["topk_logits"],
+        "log_normalizer": f.numpy(),
+        "log_normalizer_slope": f_slope.half().numpy(),
+    }
     inj = np.sort(rng.choice(BIG_VOCAB, vocab, replace=False)).astype(np.uint32)
     out[f"vocab {BIG_VOCAB:,} (teacher's ids, injected)"] = {**base, "topk_id_deltas": ids_to_deltas(inj[ids])}
     k = ids.shape[-1]
@@ -202,7 +228,9 @@ def variants(stored: dict[str, np.ndarray], betas: np.ndarray, vocab: int, rng) 
     while (dup := (np.diff(rand, axis=-1) == 0).any(-1)).any():  # distinct ids per position
         rand[dup] = np.sort(rng.integers(0, BIG_VOCAB, (int(dup.sum()), k)), -1)
     out[f"vocab {BIG_VOCAB:,}, random ids (worst case)"] = {
-        **base, "topk_id_deltas": ids_to_deltas(rand.astype(np.uint32).reshape(ids.shape))}
+        **base,
+        "topk_id_deltas": ids_to_deltas(rand.astype(np.uint32).reshape(ids.shape)),
+    }
     return out
 
 
@@ -220,24 +248,49 @@ def bench_size(stored: dict[str, np.ndarray], stored_bf16: dict[str, np.ndarray]
     cases = variants(stored, betas, vocab, rng)
     cases[f"vocab {vocab:,}, teacher logits in bf16 (a GPU's default)"] = stored_bf16
     for name, arrays in cases.items():
-        for level in ((4, 1, 9, 0) if name == f"vocab {vocab:,}" else (4,)):
+        for level in (4, 1, 9, 0) if name == f"vocab {vocab:,}" else (4,):
             b = dataset_bytes(arrays, level)
             ids_b = b.get("topk_id_deltas", b.get("topk_ids"))
-            norm_b = (b.get("tail_log_normalizer_residual", 0) + b.get("tail_log_normalizer_slope", 0)
-                      + b.get("log_normalizer", 0) + b.get("log_normalizer_slope", 0))
+            norm_b = (
+                b.get("tail_log_normalizer_residual", 0)
+                + b.get("tail_log_normalizer_slope", 0)
+                + b.get("log_normalizer", 0)
+                + b.get("log_normalizer_slope", 0)
+            )
             total = sum(b.values())
-            rows.append([name, "gzip %d" % level if level else "none", f"{b['input_ids'] / tokens:.1f}",
-                         f"{ids_b / tokens:.1f}", f"{b['topk_logits'] / tokens:.1f}", f"{norm_b / tokens:.1f}",
-                         f"{total / tokens:.1f}", f"**{total / tokens / k:.2f}**"])
-    out = table(["content (k = %d, G = %d)" % (k, len(betas)), "compression", "input_ids", "ids", "values",
-                 "normaliser", "bytes/token", "bytes/logit"], rows)
+            rows.append(
+                [
+                    name,
+                    "gzip %d" % level if level else "none",
+                    f"{b['input_ids'] / tokens:.1f}",
+                    f"{ids_b / tokens:.1f}",
+                    f"{b['topk_logits'] / tokens:.1f}",
+                    f"{norm_b / tokens:.1f}",
+                    f"{total / tokens:.1f}",
+                    f"**{total / tokens / k:.2f}**",
+                ]
+            )
+    out = table(
+        [
+            "content (k = %d, G = %d)" % (k, len(betas)),
+            "compression",
+            "input_ids",
+            "ids",
+            "values",
+            "normaliser",
+            "bytes/token",
+            "bytes/logit",
+        ],
+        rows,
+    )
     u = stored["topk_logits"].view(np.uint16)
     ub = stored_bf16["topk_logits"].view(np.uint16)
     gaps = stored["topk_id_deltas"][..., 1:]
-    out += ("\n\nEntropy (order 0, per stored value): float16 logits %.2f bits (low byte %.2f of 8, high byte %.2f); "
-            "with a bf16 teacher %.2f bits; id gaps at vocab %d: %.2f bits."
-            % (entropy_bits(u), entropy_bits(u & 0xFF), entropy_bits(u >> 8), entropy_bits(ub), vocab,
-               entropy_bits(gaps)))
+    out += (
+        "\n\nEntropy (order 0, per stored value): float16 logits %.2f bits (low byte %.2f of 8, high byte %.2f); "
+        "with a bf16 teacher %.2f bits; id gaps at vocab %d: %.2f bits."
+        % (entropy_bits(u), entropy_bits(u & 0xFF), entropy_bits(u >> 8), entropy_bits(ub), vocab, entropy_bits(gaps))
+    )
     return out
 
 
@@ -248,8 +301,9 @@ def write_file(arrays: dict[str, np.ndarray], like: Path, path: Path, compressio
     reads inflate a chunk each time, as they do on a real cache of millions of tokens."""
     with h5py.File(like, "r") as src, h5py.File(path, "w") as f:
         for key, arr in arrays.items():
-            f.create_dataset(key, data=np.concatenate([arr] * repeat), chunks=(1,) + arr.shape[1:],
-                             **_dataset_options(compression))
+            f.create_dataset(
+                key, data=np.concatenate([arr] * repeat), chunks=(1,) + arr.shape[1:], **_dataset_options(compression)
+            )
         for key, value in src.attrs.items():
             f.attrs[key] = value
         if arrays["topk_id_deltas"].dtype == np.uint32:
@@ -266,13 +320,20 @@ def bench_read(files: dict[str, Path], batch: int, n_batches: int, step_tokens_p
             idx = [rng.choice(c.num_sequences, batch, replace=False) for _ in range(n_batches)]
             for i in idx[:20]:
                 c.read(i)  # warm: the file is in the page cache
-            t = best_of(lambda: [c.read(i) for i in idx])
+            t = best_of(lambda c=c, idx=idx: [c.read(i) for i in idx])
             rate = n_batches * batch * c.seq_len / t
-            rows.append([name, "in memory" if in_memory else "lazy (warm file)", f"{rate / 1e6:.2f}",
-                         f"{rate / step_tokens_per_s:,.0f}x"])
+            rows.append(
+                [
+                    name,
+                    "in memory" if in_memory else "lazy (warm file)",
+                    f"{rate / 1e6:.2f}",
+                    f"{rate / step_tokens_per_s:,.0f}x",
+                ]
+            )
             c.close()
-    return table([f"read, random batches of {batch} sequences, one core", "mode", "M tokens/s",
-                  "vs a training step"], rows)
+    return table(
+        [f"read, random batches of {batch} sequences, one core", "mode", "M tokens/s", "vs a training step"], rows
+    )
 
 
 def training_step_tokens_per_s(vocab: int, seq_len: int, batch: int) -> float:
@@ -280,9 +341,20 @@ def training_step_tokens_per_s(vocab: int, seq_len: int, batch: int) -> float:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=vocab, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2))
+    model = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (batch, seq_len))
 
@@ -322,17 +394,43 @@ def bench_grid(model, seqs: np.ndarray, vocab: int, k: int, t_range=(1.0, 4.0)) 
             betas = temperature_grid(*t_range, g)
             summ = summarize_logits(logits.float(), k, betas)
             top = summ["topk_logits"].double()
-            f = torch.stack([log_normalizer(summ["log_normalizer"], summ["log_normalizer_slope"], betas, 1 / t).double()
-                             for t in temps], -1)
-            p_err = max(float((torch.exp(top / t - f[:, i, None]) - torch.exp(top / t - exact[:, i, None])).abs()
-                              .sum(-1).max()) for i, t in enumerate(temps))
-            arrays = {"r": summ["tail_log_normalizer_residual"].numpy()[None],
-                      "d": summ["log_normalizer_slope"].numpy()[None]}
+            f = torch.stack(
+                [
+                    log_normalizer(summ["log_normalizer"], summ["log_normalizer_slope"], betas, 1 / t).double()
+                    for t in temps
+                ],
+                -1,
+            )
+            p_err = max(
+                float((torch.exp(top / t - f[:, i, None]) - torch.exp(top / t - exact[:, i, None])).abs().sum(-1).max())
+                for i, t in enumerate(temps)
+            )
+            arrays = {
+                "r": summ["tail_log_normalizer_residual"].numpy()[None],
+                "d": summ["log_normalizer_slope"].numpy()[None],
+            }
             nbytes = sum(dataset_bytes(arrays, 4).values()) / s.shape[0]
-            rows.append([f"{name}, top-{k} mass {mass:.2f}", g, f"{float(summ['max_error']):.1e}",
-                         f"{(f - exact).abs().max():.1e}", f"{p_err:.1e}", f"{nbytes:.1f}"])
-    return table([f"normaliser, T in [{t_range[0]:g}, {t_range[1]:g}], vocab {vocab:,}", "grid points G",
-                  "stored bound", "max error over 61 T", "max sum_i |p_cache - p_i| (top-k)", "bytes/token"], rows)
+            rows.append(
+                [
+                    f"{name}, top-{k} mass {mass:.2f}",
+                    g,
+                    f"{float(summ['max_error']):.1e}",
+                    f"{(f - exact).abs().max():.1e}",
+                    f"{p_err:.1e}",
+                    f"{nbytes:.1f}",
+                ]
+            )
+    return table(
+        [
+            f"normaliser, T in [{t_range[0]:g}, {t_range[1]:g}], vocab {vocab:,}",
+            "grid points G",
+            "stored bound",
+            "max error over 61 T",
+            "max sum_i |p_cache - p_i| (top-k)",
+            "bytes/token",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
@@ -346,8 +444,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences per teacher forward and per read")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; torch threads 1; "
-          f"h5py {h5py.version.version}, HDF5 {h5py.version.hdf5_version}\n")
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; torch threads 1; "
+        f"h5py {h5py.version.version}, HDF5 {h5py.version.hdf5_version}\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, seqs = teacher_and_data(args, work)
@@ -361,20 +461,31 @@ def main() -> None:
         print(bench_big_vocab_summary(betas, args.top_k), "\n", flush=True)
 
         stored = stored_arrays(gen["path"])
-        bf16_path = generate(Bf16Logits(model), seqs, work / "bf16.h5", layout, batch_size=args.batch,
-                             device=torch.device("cpu"), desc="bench bf16")
+        bf16_path = generate(
+            Bf16Logits(model),
+            seqs,
+            work / "bf16.h5",
+            layout,
+            batch_size=args.batch,
+            device=torch.device("cpu"),
+            desc="bench bf16",
+        )
         stored_bf16 = stored_arrays(bf16_path)
         print(bench_size(stored, stored_bf16, betas, vocab), "\n", flush=True)
 
         step = training_step_tokens_per_s(vocab, seqs.shape[1], args.batch)
-        print(f"training step of a small student (hidden 128, 2 layers, 8 experts), batch {args.batch} x "
-              f"{seqs.shape[1]}: {step:,.0f} tokens/s\n")
+        print(
+            f"training step of a small student (hidden 128, 2 layers, 8 experts), batch {args.batch} x "
+            f"{seqs.shape[1]}: {step:,.0f} tokens/s\n"
+        )
         rng = np.random.default_rng(0)
         cases = variants(stored, betas, vocab, rng)
         repeat = max(1, -(-2048 // len(seqs)))
         files = {}
-        for name, arrays in ((f"vocab {vocab:,}", cases[f"vocab {vocab:,}"]),
-                             (f"vocab {BIG_VOCAB:,}", cases[f"vocab {BIG_VOCAB:,} (teacher's ids, injected)"])):
+        for name, arrays in (
+            (f"vocab {vocab:,}", cases[f"vocab {vocab:,}"]),
+            (f"vocab {BIG_VOCAB:,}", cases[f"vocab {BIG_VOCAB:,} (teacher's ids, injected)"]),
+        ):
             for level, label in ((4, "gzip"), (0, "no compression")):
                 path = work / f"read-{len(files)}.h5"
                 files[f"{name}, {label}"] = write_file(arrays, gen["path"], path, level, repeat)

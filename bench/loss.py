@@ -65,7 +65,9 @@ def run_variant(variant: str, tokens: int, vocab: int, hidden: int, k: int, repe
             full.scatter_(-1, ids, log_probs.exp())
             kl = F.kl_div(F.log_softmax(logits / t, -1), full, reduction="sum") / tokens
             return (1 - alpha) * F.cross_entropy(logits, targets) + alpha * t**2 * kl
-        spec = LossSpec(alpha=alpha, temperature=t, chunk_size=int(variant.split("_")[1]) if "chunked" in variant else tokens)
+        spec = LossSpec(
+            alpha=alpha, temperature=t, chunk_size=int(variant.split("_")[1]) if "chunked" in variant else tokens
+        )
         if variant == "naive_topk":
             return loss_sums(h @ w.t(), targets, teacher, spec).total(tokens)
         fn = lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])  # noqa: E731
@@ -83,8 +85,13 @@ def run_variant(variant: str, tokens: int, vocab: int, hidden: int, k: int, repe
         peaks.append(_status_mb("VmHWM") - before)
         value, grad_norm = float(loss), float(torch.cat([h.grad.flatten(), w.grad.flatten()]).norm())
         del loss
-    return {"variant": variant, "extra_peak_mb": min(peaks), "seconds": min(times), "loss": value,
-            "grad_norm": grad_norm}
+    return {
+        "variant": variant,
+        "extra_peak_mb": min(peaks),
+        "seconds": min(times),
+        "loss": value,
+        "grad_norm": grad_norm,
+    }
 
 
 def main() -> None:
@@ -99,29 +106,42 @@ def main() -> None:
     ap.add_argument("--skip-naive-dense", action="store_true", help="it needs ~5 x N x V x 4 bytes of free memory")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
-    shape = dict(tokens=args.tokens, vocab=args.vocab, hidden=args.hidden, k=args.k, repeats=args.repeats,
-                 threads=args.threads)
+    shape = dict(
+        tokens=args.tokens, vocab=args.vocab, hidden=args.hidden, k=args.k, repeats=args.repeats, threads=args.threads
+    )
     if args.variant:
         print(json.dumps(run_variant(args.variant, **shape)))
         return
 
     import psutil
 
-    variants = ([] if args.skip_naive_dense else ["naive_dense"]) + ["naive_topk"] + \
-        [f"chunked_{c}" for c in args.chunks.split(",")]
+    variants = (
+        ([] if args.skip_naive_dense else ["naive_dense"])
+        + ["naive_topk"]
+        + [f"chunked_{c}" for c in args.chunks.split(",")]
+    )
     nv_mb = args.tokens * args.vocab * 4 / 2**20
-    print(f"# bench/loss.py: V={args.vocab:,}, N={args.tokens:,} tokens, hidden {args.hidden}, top-{args.k}, "
-          f"threads {args.threads}, best of {args.repeats}; one N x V fp32 tensor = {nv_mb:,.0f} MB")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
+    print(
+        f"# bench/loss.py: V={args.vocab:,}, N={args.tokens:,} tokens, hidden {args.hidden}, top-{args.k}, "
+        f"threads {args.threads}, best of {args.repeats}; one N x V fp32 tensor = {nv_mb:,.0f} MB"
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        flush=True,
+    )
     results = []
     for v in variants:
         if v == "naive_dense" and psutil.virtual_memory().available < 6.5 * nv_mb * 2**20:
-            print(f"# skipped {v}: needs ~{6.5 * nv_mb / 1024:.1f} GiB free, "
-                  f"{psutil.virtual_memory().available / 2**30:.1f} GiB available")
+            print(
+                f"# skipped {v}: needs ~{6.5 * nv_mb / 1024:.1f} GiB free, "
+                f"{psutil.virtual_memory().available / 2**30:.1f} GiB available"
+            )
             continue
         cmd = [sys.executable, __file__, "--variant", v] + [f"--{key}={val}" for key, val in shape.items()]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        )
         if proc.returncode:
             print(f"# {v} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
             continue
@@ -132,8 +152,10 @@ def main() -> None:
     print(f"\n| variant | extra peak MB | vs {ref['variant']} | time s | vs {ref['variant']} | loss | grad norm |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['variant']} | {r['extra_peak_mb']:,.0f} | {100 * r['extra_peak_mb'] / ref['extra_peak_mb']:.1f}% "
-              f"| {r['seconds']:.2f} | {r['seconds'] / ref['seconds']:.2f}x | {r['loss']:.5f} | {r['grad_norm']:.5f} |")
+        print(
+            f"| {r['variant']} | {r['extra_peak_mb']:,.0f} | {100 * r['extra_peak_mb'] / ref['extra_peak_mb']:.1f}% "
+            f"| {r['seconds']:.2f} | {r['seconds'] / ref['seconds']:.2f}x | {r['loss']:.5f} | {r['grad_norm']:.5f} |"
+        )
 
 
 if __name__ == "__main__":

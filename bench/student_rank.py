@@ -41,23 +41,50 @@ def main() -> None:
             tmp = Path(tmp)
             t0 = time.perf_counter()
             s = student.main(params, out=tmp / "init", metrics_path=tmp / "student.json")
-            m = distill.main(params, student_dir=tmp / "init", out=tmp / "student", metrics_path=tmp / "d.json",
-                             plots_dir=tmp / "plots", run_dir=tmp / "runs", checkpoint_dir=tmp / "ckpt")
+            m = distill.main(
+                params,
+                student_dir=tmp / "init",
+                out=tmp / "student",
+                metrics_path=tmp / "d.json",
+                plots_dir=tmp / "plots",
+                run_dir=tmp / "runs",
+                checkpoint_dir=tmp / "ckpt",
+            )
             init = [float(x) for x in (tmp / "plots/eval.csv").read_text().splitlines()[1].split(",")]
-        rows.append({
-            "rank": rank, "expert_ratio": s["expert_parameter_ratio"], "params": s["student"]["total"],
-            "teacher_val": s["val_loss"]["teacher"], "random_init_val": s["val_loss"].get("random_init_student"),
-            "init_val": init[1], "init_kl": init[2], "distilled_val": m["val_loss"], "distilled_kl": m["val_kl"],
-            "seconds": round(time.perf_counter() - t0, 1),
-        })
-    header = ("rank", "expert params", "student params", "val CE init", "val CE distilled", "val KL init",
-              "val KL distilled", "random-init val CE", "teacher val CE", "seconds")
+        rows.append(
+            {
+                "rank": rank,
+                "expert_ratio": s["expert_parameter_ratio"],
+                "params": s["student"]["total"],
+                "teacher_val": s["val_loss"]["teacher"],
+                "random_init_val": s["val_loss"].get("random_init_student"),
+                "init_val": init[1],
+                "init_kl": init[2],
+                "distilled_val": m["val_loss"],
+                "distilled_kl": m["val_kl"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    header = (
+        "rank",
+        "expert params",
+        "student params",
+        "val CE init",
+        "val CE distilled",
+        "val KL init",
+        "val KL distilled",
+        "random-init val CE",
+        "teacher val CE",
+        "seconds",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['rank']} | {r['expert_ratio']:.1%} | {r['params']:,} | {r['init_val']:.4f} | "
-              f"{r['distilled_val']:.4f} | {r['init_kl']:.4f} | {r['distilled_kl']:.4f} | "
-              f"{r['random_init_val']:.4f} | {r['teacher_val']:.4f} | {r['seconds']} |")
+        print(
+            f"| {r['rank']} | {r['expert_ratio']:.1%} | {r['params']:,} | {r['init_val']:.4f} | "
+            f"{r['distilled_val']:.4f} | {r['init_kl']:.4f} | {r['distilled_kl']:.4f} | "
+            f"{r['random_init_val']:.4f} | {r['teacher_val']:.4f} | {r['seconds']} |"
+        )
     import matplotlib
 
     matplotlib.use("Agg")

@@ -37,8 +37,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 UPSTREAM = ("prepare", "teacher", "teacher_logits", "student")
-FILES = ("dvc.yaml", "params.yaml", "Makefile", "pyproject.toml", "README.md", ".dvcignore", ".gitignore",
-         ".dvc/config", ".dvc/.gitignore")
+FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    "Makefile",
+    "pyproject.toml",
+    "README.md",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+)
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -47,10 +56,17 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@localhost",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@localhost",
+    }
 
 
 def run(repo: Path, *cmd: str, log: Path | None = None) -> tuple[float, str]:
@@ -74,8 +90,11 @@ def make_repo(work: Path) -> Path:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     (repo / ".venv").symlink_to(BIN.parent)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "bench"],
-                ["git", "config", "user.email", "bench@localhost"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.name", "bench"],
+        ["git", "config", "user.email", "bench@localhost"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True)
     (repo / ".git" / "info" / "exclude").write_text(".venv\n")
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
@@ -118,9 +137,17 @@ def overhead_rows(repo: Path, name: str, workers: int) -> list:
 
     o = [t.user_attrs["overhead_seconds"] for t in ts]
     setup, imports = mean("dvc_setup_seconds"), mean("distill_import_seconds")
-    return [f"{workers}", len(ts), f"{statistics.mean(o):.2f}", f"{max(o):.2f}", f"{setup:.2f}", f"{imports:.2f}",
-            f"{statistics.mean(o) - setup - imports:.2f}", f"{mean('train_seconds'):.2f}",
-            "yes" if max(o) <= 5.0 else "no"]
+    return [
+        f"{workers}",
+        len(ts),
+        f"{statistics.mean(o):.2f}",
+        f"{max(o):.2f}",
+        f"{setup:.2f}",
+        f"{imports:.2f}",
+        f"{statistics.mean(o) - setup - imports:.2f}",
+        f"{mean('train_seconds'):.2f}",
+        "yes" if max(o) <= 5.0 else "no",
+    ]
 
 
 def summary(repo: Path, name: str) -> dict:
@@ -128,11 +155,15 @@ def summary(repo: Path, name: str) -> dict:
     done = [t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]
     complete = [t for t in ts if t.state.name == "COMPLETE"]
     times = [(t.datetime_start, t.datetime_complete) for t in done if t.datetime_complete]
-    return {"trials": len(done), "complete": len(complete), "pruned": len(done) - len(complete),
-            "failed": sum(t.state.name == "FAIL" for t in ts),
-            "best": min(t.value for t in complete) if complete else float("nan"),
-            "steps": sum(int(t.user_attrs.get("steps", 0)) for t in done),
-            "span": (max(b for _, b in times) - min(a for a, _ in times)).total_seconds() if times else 0.0}
+    return {
+        "trials": len(done),
+        "complete": len(complete),
+        "pruned": len(done) - len(complete),
+        "failed": sum(t.state.name == "FAIL" for t in ts),
+        "best": min(t.value for t in complete) if complete else float("nan"),
+        "steps": sum(int(t.user_attrs.get("steps", 0)) for t in done),
+        "span": (max(b for _, b in times) - min(a for a, _ in times)).total_seconds() if times else 0.0,
+    }
 
 
 def main() -> None:
@@ -143,8 +174,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None, help="budget of the pruning comparison (default: the demo's)")
     args = ap.parse_args()
 
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; python {platform.python_version()}")
+    print(
+        f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; machine: {platform.node()}, "
+        f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; python {platform.python_version()}"
+    )
     repo = args.repo
     results: list[tuple[str, str]] = []
     total_recomputed = [0, 0]
@@ -176,8 +210,9 @@ def main() -> None:
         pruned_name = name
     else:
         pruned_name = "demo"
-    wall, out = run(repo, str(BIN / "kdsweep"), "run", study_spec(repo, "demo-nopruning", pruner={"type": "none"},
-                                                                  budget=budget))
+    wall, out = run(
+        repo, str(BIN / "kdsweep"), "run", study_spec(repo, "demo-nopruning", pruner={"type": "none"}, budget=budget)
+    )
     a, b = recomputations(repo, "demo-nopruning", out)
     total_recomputed[0] += a
     total_recomputed[1] += b
@@ -191,11 +226,24 @@ def main() -> None:
         name = f"overhead-{workers}w"
         (repo / "studies" / f"{name}.journal").unlink(missing_ok=True)  # a fresh study on every bench run
         shutil.rmtree(repo / "studies" / name, ignore_errors=True)
-        spec_path = study_spec(repo, name, fixed={**spec["fixed"], "training.max_steps": 8, "training.eval_steps": 8,
-                                                  "training.logging_steps": 8, "training.warmup_steps": 2},
-                               stage_layouts=None, baselines=[], pruner={"type": "none"},
-                               budget={"n_trials": n_trials}, workers=workers, retention={"keep_best": 1},
-                               execution={"threads_per_trial": threads})
+        spec_path = study_spec(
+            repo,
+            name,
+            fixed={
+                **spec["fixed"],
+                "training.max_steps": 8,
+                "training.eval_steps": 8,
+                "training.logging_steps": 8,
+                "training.warmup_steps": 2,
+            },
+            stage_layouts=None,
+            baselines=[],
+            pruner={"type": "none"},
+            budget={"n_trials": n_trials},
+            workers=workers,
+            retention={"keep_best": 1},
+            execution={"threads_per_trial": threads},
+        )
         wall, out = run(repo, str(BIN / "kdsweep"), "run", spec_path)
         a, b = recomputations(repo, name, out)
         total_recomputed[0] += a
@@ -206,27 +254,77 @@ def main() -> None:
     all_logs = sum(len(re.findall(rf"Running stage '{s}'", p.read_text())) for p in logs for s in UPSTREAM)
     n_logs = len(logs)
     print()
-    print(table(["workers", "trials", "overhead mean (s)", "overhead max (s)",
-                 "DVC: temporary copy, checkout (s)", "distill process: start, imports, Optuna (s)",
-                 "rest: load cache + student, save, exit, DVC commit (s)", "training loop incl. evals (s)",
-                 "max <= 5 s"], rows))
+    print(
+        table(
+            [
+                "workers",
+                "trials",
+                "overhead mean (s)",
+                "overhead max (s)",
+                "DVC: temporary copy, checkout (s)",
+                "distill process: start, imports, Optuna (s)",
+                "rest: load cache + student, save, exit, DVC commit (s)",
+                "training loop incl. evals (s)",
+                "max <= 5 s",
+            ],
+            rows,
+        )
+    )
     print()
-    print(table(["study (same seed, budget)", "trials", "complete", "pruned", "failed", "best val_loss",
-                 "total training steps", "first start to last end (s)"],
-                [[f"{pruned_name} (pruner: {spec['pruner']['type']})", p["trials"], p["complete"], p["pruned"], p["failed"],
-                  f"{p['best']:.4f}", p["steps"], f"{p['span']:.0f}"],
-                 ["demo-nopruning", n["trials"], n["complete"], n["pruned"], n["failed"], f"{n['best']:.4f}", n["steps"],
-                  f"{n['span']:.0f}"]]))
+    print(
+        table(
+            [
+                "study (same seed, budget)",
+                "trials",
+                "complete",
+                "pruned",
+                "failed",
+                "best val_loss",
+                "total training steps",
+                "first start to last end (s)",
+            ],
+            [
+                [
+                    f"{pruned_name} (pruner: {spec['pruner']['type']})",
+                    p["trials"],
+                    p["complete"],
+                    p["pruned"],
+                    p["failed"],
+                    f"{p['best']:.4f}",
+                    p["steps"],
+                    f"{p['span']:.0f}",
+                ],
+                [
+                    "demo-nopruning",
+                    n["trials"],
+                    n["complete"],
+                    n["pruned"],
+                    n["failed"],
+                    f"{n['best']:.4f}",
+                    n["steps"],
+                    f"{n['span']:.0f}",
+                ],
+            ],
+        )
+    )
     print()
-    results += [("pruning: best val_loss vs no pruning", f"{gap:+.2%} (goal: within 1%) "
-                 f"{'met' if gap <= 0.01 else 'NOT met'}"),
-                ("pruning: training steps vs no pruning", f"{ratio:.0%} (goal: <= 50%) {'met' if ratio <= 0.5 else 'NOT met'}"),
-                ("upstream recomputations: Running-stage lines in every trial log / runners' count",
-                 f"{all_logs} in {n_logs} trial logs / {total_recomputed[1]} (goal: 0)")]
+    results += [
+        ("pruning: best val_loss vs no pruning", f"{gap:+.2%} (goal: within 1%) {'met' if gap <= 0.01 else 'NOT met'}"),
+        ("pruning: training steps vs no pruning", f"{ratio:.0%} (goal: <= 50%) {'met' if ratio <= 0.5 else 'NOT met'}"),
+        (
+            "upstream recomputations: Running-stage lines in every trial log / runners' count",
+            f"{all_logs} in {n_logs} trial logs / {total_recomputed[1]} (goal: 0)",
+        ),
+    ]
     print(table(["goal", "measured"], [list(r) for r in results]))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}; repository: {repo}")
-    json.dump({"rows": rows, "pruned": p, "nopruning": n, "results": results},
-              open(repo / "bench-sweep.json", "w"), default=str, indent=2)
+    (repo / "bench-sweep.json").write_text(
+        json.dumps(
+            {"rows": rows, "pruned": p, "nopruning": n, "results": results},
+            default=str,
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,26 @@ import time
 from contextlib import chdir, redirect_stderr, redirect_stdout
 from pathlib import Path
 
-TEACHER = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-           "head_dim": 64, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 512}
-STUDENT = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "head_dim": 64, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256}
+TEACHER = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 512,
+}
+STUDENT = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 256,
+}
 
 
 def active_params_per_token(arch: dict, vocab: int) -> int:
@@ -75,26 +91,42 @@ def main() -> None:
     base = {
         "dataset": {"max_samples": 24},
         "teacher": {"arch": teacher_arch, "train": {"max_steps": 1}, "top_k": 64},
-        "training": {"max_steps": args.steps, "per_device_train_batch_size": 8, "logging_steps": 5,
-                     "eval_steps": 10**6, "eval_max_batches": 1, "threads": args.threads, "warmup_steps": 2},
+        "training": {
+            "max_steps": args.steps,
+            "per_device_train_batch_size": 8,
+            "logging_steps": 5,
+            "eval_steps": 10**6,
+            "eval_max_batches": 1,
+            "threads": args.threads,
+            "warmup_steps": 2,
+        },
         "parameter_lr_multipliers": [{"pattern": ".*", "lr_multiplier": 1.0}],
     }
     live = {"use_cached_logits": False}
-    modes = [("fp32", "cache", {}, "-"),
-             ("fp32", "live", {"teacher": live}, "bf16 (auto)"),
-             ("fp32", "live", {"teacher": {**live, "dtype": "float32"}}, "fp32"),
-             ("bf16", "cache", {"training": {"bf16": True}}, "-"),
-             ("bf16", "live", {"teacher": live, "training": {"bf16": True}}, "bf16 (auto)")]
+    modes = [
+        ("fp32", "cache", {}, "-"),
+        ("fp32", "live", {"teacher": live}, "bf16 (auto)"),
+        ("fp32", "live", {"teacher": {**live, "dtype": "float32"}}, "fp32"),
+        ("bf16", "cache", {"training": {"bf16": True}}, "-"),
+        ("bf16", "live", {"teacher": live, "training": {"bf16": True}}, "bf16 (auto)"),
+    ]
     root = Path(tempfile.mkdtemp(prefix="kdsweep-bench-"))
     log = (root / "stages.log").open("w")
-    print(f"# bench/teacher_modes.py --steps {args.steps} --rounds {args.rounds} --threads {args.threads}"
-          f"{' --quick' if args.quick else ''}")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; pipeline in {root}", flush=True)
+    print(
+        f"# bench/teacher_modes.py --steps {args.steps} --rounds {args.rounds} --threads {args.threads}"
+        f"{' --quick' if args.quick else ''}"
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; pipeline in {root}",
+        flush=True,
+    )
 
     def merge(a: dict, b: dict) -> dict:
-        return {k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-                for k, v in {**a, **b}.items()}
+        return {
+            k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+            for k, v in {**a, **b}.items()
+        }
 
     params = validate(base)
     with chdir(root), redirect_stdout(log), redirect_stderr(log):
@@ -103,11 +135,20 @@ def main() -> None:
         teacher_logits.main(params)
         vocab = int(__import__("json").loads(Path("data/prepared/meta.json").read_text())["tokenizer"]["vocab_size"])
         torch.manual_seed(0)
-        Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=vocab, intermediate_size=2 * student_arch["moe_intermediate_size"],
-                                           tie_word_embeddings=False, **student_arch)).save_pretrained("models/student_init")
+        Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(
+                vocab_size=vocab,
+                intermediate_size=2 * student_arch["moe_intermediate_size"],
+                tie_word_embeddings=False,
+                **student_arch,
+            )
+        ).save_pretrained("models/student_init")
     t_flops, s_flops = (2 * active_params_per_token(a, vocab) for a in (teacher_arch, student_arch))
-    print(f"# teacher {t_flops / 1e6:.1f} MFLOP/token forward, student {s_flops / 1e6:.1f}: "
-          f"teacher = {t_flops / s_flops:.1f}x the student's compute", flush=True)
+    print(
+        f"# teacher {t_flops / 1e6:.1f} MFLOP/token forward, student {s_flops / 1e6:.1f}: "
+        f"teacher = {t_flops / s_flops:.1f}x the student's compute",
+        flush=True,
+    )
 
     best = [0.0] * len(modes)
     for r in range(args.rounds):
@@ -123,8 +164,10 @@ def main() -> None:
     print("\n| student | teacher | live teacher dtype | tokens/s | s/step (8 x 127 tokens) | cache speed-up |")
     print("|---|---|---|---:|---:|---:|")
     for student_dtype, name, dtype, tps in results:
-        print(f"| {student_dtype} | {name} | {dtype} | {tps:,.0f} | {8 * 127 / tps:.3f} | "
-              f"{cached[student_dtype] / tps:.2f}x |")
+        print(
+            f"| {student_dtype} | {name} | {dtype} | {tps:,.0f} | {8 * 127 / tps:.3f} | "
+            f"{cached[student_dtype] / tps:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

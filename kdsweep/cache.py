@@ -78,8 +78,13 @@ FP16_MIN = float(np.finfo(np.float16).min)
 _MASKED = -1e4  # stands in for -inf logits: exp(b * _MASKED) == 0 and 0 * _MASKED is not NaN
 # Virtual (merged) datasets read these where a shard is missing, so a silent gap cannot
 # look like data: ids out of range, NaN logits.
-_VDS_FILL = {"input_ids": -1, "topk_id_deltas": None, "topk_logits": np.nan,
-             "tail_log_normalizer_residual": np.iinfo(np.int32).min, "tail_log_normalizer_slope": np.nan}
+_VDS_FILL = {
+    "input_ids": -1,
+    "topk_id_deltas": None,
+    "topk_logits": np.nan,
+    "tail_log_normalizer_residual": np.iinfo(np.int32).min,
+    "tail_log_normalizer_slope": np.nan,
+}
 GZIP_LEVEL = 4
 
 
@@ -182,8 +187,9 @@ def _decode_torch(residuals: torch.Tensor, slopes: torch.Tensor, betas: Sequence
     f = torch.empty(residuals.shape, dtype=torch.float64, device=residuals.device)
     f[..., 0] = residuals[..., 0].double() * q
     for j in range(1, residuals.shape[-1]):
-        f[..., j] = (f[..., j - 1] + (float(betas[j]) - float(betas[j - 1])) / 2 * (d[..., j - 1] + d[..., j])) \
-            + residuals[..., j].double() * q
+        f[..., j] = (
+            f[..., j - 1] + (float(betas[j]) - float(betas[j - 1])) / 2 * (d[..., j - 1] + d[..., j])
+        ) + residuals[..., j].double() * q
     return f
 
 
@@ -334,8 +340,10 @@ def teacher_batch_summary(model, input_ids: torch.Tensor, layout: CacheLayout, c
     """Run the teacher on (B, L) ``input_ids`` and return the stored arrays (numpy) plus ``max_error``."""
     if chunk_tokens is None:  # ~16M logits per chunk: bounded memory at any vocabulary
         chunk_tokens = max(1, min(4096, 2**24 // layout.vocab_size))
-    parts = [summarize_logits(lg, layout.top_k, layout.betas) for lg in
-             _teacher_logits_chunks(model, input_ids, layout.vocab_size, chunk_tokens)]
+    parts = [
+        summarize_logits(lg, layout.top_k, layout.betas)
+        for lg in _teacher_logits_chunks(model, input_ids, layout.vocab_size, chunk_tokens)
+    ]
     b, length = input_ids.shape
 
     def cat(key):
@@ -371,17 +379,31 @@ def _is_finished(path: Path, layout: CacheLayout, compression: int) -> bool:
     """An existing complete file made from the same inputs, layout and compression (nothing to do)."""
     try:
         with h5py.File(path, "r") as f:
-            return (bool(f.attrs.get("complete", False)) and int(f.attrs.get("format_version", -1)) == FORMAT_VERSION
-                    and json.loads(f.attrs["fingerprint"]) == layout.fingerprint
-                    and np.array_equal(f.attrs["betas"], layout.betas) and int(f.attrs["top_k"]) == layout.top_k
-                    and (f["topk_logits"].compression_opts or 0) == compression)
+            return (
+                bool(f.attrs.get("complete", False))
+                and int(f.attrs.get("format_version", -1)) == FORMAT_VERSION
+                and json.loads(f.attrs["fingerprint"]) == layout.fingerprint
+                and np.array_equal(f.attrs["betas"], layout.betas)
+                and int(f.attrs["top_k"]) == layout.top_k
+                and (f["topk_logits"].compression_opts or 0) == compression
+            )
     except (OSError, KeyError, ValueError):
         return False
 
 
-def generate(model, input_ids: np.ndarray, path: str | Path, layout: CacheLayout, *, batch_size: int,
-             device: torch.device, shard: tuple[int, int] | None = None, desc: str = "teacher logits",
-             partial_dir: str | Path | None = None, compression: int = GZIP_LEVEL) -> Path:
+def generate(
+    model,
+    input_ids: np.ndarray,
+    path: str | Path,
+    layout: CacheLayout,
+    *,
+    batch_size: int,
+    device: torch.device,
+    shard: tuple[int, int] | None = None,
+    desc: str = "teacher logits",
+    partial_dir: str | Path | None = None,
+    compression: int = GZIP_LEVEL,
+) -> Path:
     """Write the cache for ``input_ids`` (N, L) to ``path``; resumable, atomic at the end.
 
     Each finished batch is saved as its own small file under ``partial_dir`` (default
@@ -402,8 +424,14 @@ def generate(model, input_ids: np.ndarray, path: str | Path, layout: CacheLayout
         return path
     start, stop = shard_range(len(input_ids), shard, batch_size)
     partial = Path(partial_dir) if partial_dir is not None else path.with_name(path.name + ".partial")
-    meta = {"fingerprint": layout.fingerprint, "batch_size": batch_size, "range": [start, stop],
-            "betas": layout.betas.tolist(), "top_k": layout.top_k, "format_version": FORMAT_VERSION}
+    meta = {
+        "fingerprint": layout.fingerprint,
+        "batch_size": batch_size,
+        "range": [start, stop],
+        "betas": layout.betas.tolist(),
+        "top_k": layout.top_k,
+        "format_version": FORMAT_VERSION,
+    }
     meta_file = partial / "meta.json"
     if partial.exists() and (not meta_file.exists() or json.loads(meta_file.read_text()) != meta):
         print(f"{partial}: left by a run with other settings; starting over")
@@ -425,8 +453,18 @@ def generate(model, input_ids: np.ndarray, path: str | Path, layout: CacheLayout
         os.replace(tmp, partial / f"batch-{s:09d}.npz")
 
     dtype = next(p.dtype for p in model.parameters()) if hasattr(model, "parameters") else None
-    _assemble(path, partial, input_ids[start:stop], batch_starts, layout, shard, start, len(input_ids),
-              compression, {"teacher_dtype": str(dtype).removeprefix("torch."), "device": device.type})
+    _assemble(
+        path,
+        partial,
+        input_ids[start:stop],
+        batch_starts,
+        layout,
+        shard,
+        start,
+        len(input_ids),
+        compression,
+        {"teacher_dtype": str(dtype).removeprefix("torch."), "device": device.type},
+    )
     shutil.rmtree(partial)
     return path
 
@@ -462,8 +500,18 @@ def _write_attrs(f: h5py.File, layout: CacheLayout, **extra) -> None:
         f.attrs[key] = value
 
 
-def _assemble(path: Path, partial: Path, input_ids: np.ndarray, batch_starts: list[int], layout: CacheLayout,
-              shard: tuple[int, int] | None, offset: int, total: int, compression: int, info: dict) -> None:
+def _assemble(
+    path: Path,
+    partial: Path,
+    input_ids: np.ndarray,
+    batch_starts: list[int],
+    layout: CacheLayout,
+    shard: tuple[int, int] | None,
+    offset: int,
+    total: int,
+    compression: int,
+    info: dict,
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     max_error = 0.0
     with h5py.File(tmp, "w") as f:
@@ -476,15 +524,22 @@ def _assemble(path: Path, partial: Path, input_ids: np.ndarray, batch_starts: li
                     arrays = {key: part[key] for key in (*STORED[1:], "max_error")}
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                 batch_file.unlink(missing_ok=True)
-                raise UserError(f"{batch_file}: damaged batch file ({e}); it was removed: run the same command again "
-                                "to recompute that batch and finish the cache") from None
+                raise UserError(
+                    f"{batch_file}: damaged batch file ({e}); it was removed: run the same command again "
+                    "to recompute that batch and finish the cache"
+                ) from None
             sl = slice(s - offset, s - offset + len(arrays["topk_logits"]))
             for key in STORED[1:]:
                 f[key][sl] = arrays[key]
             max_error = max(max_error, float(arrays["max_error"]))
         _write_attrs(
-            f, layout, log_normalizer_max_error=max_error, sequence_offset=offset, total_sequences=total,
-            shard=np.array(shard if shard else (0, 1)), **info,
+            f,
+            layout,
+            log_normalizer_max_error=max_error,
+            sequence_offset=offset,
+            total_sequences=total,
+            shard=np.array(shard if shard else (0, 1)),
+            **info,
         )
         f.attrs["complete"] = True  # set last: a file without it was never finished
     os.replace(tmp, path)
@@ -503,27 +558,34 @@ def merge_shards(path: str | Path) -> Path:
     path = Path(path)
     shards = shard_files(path)
     if not shards:
-        raise UserError(f"{path}: no shard files {path.stem}.shard-I-of-N{path.suffix} next to it; "
-                        "generate them with `kdsweep cache generate --shard I/N`")
+        raise UserError(
+            f"{path}: no shard files {path.stem}.shard-I-of-N{path.suffix} next to it; "
+            "generate them with `kdsweep cache generate --shard I/N`"
+        )
     heads = sorted(((int(c.attrs["sequence_offset"]), c) for c in map(TeacherLogitCache, shards)), key=lambda t: t[0])
     first = heads[0][1]
     n_shards, total = int(first.attrs["shard"][1]), int(first.attrs["total_sequences"])
     if len(heads) != n_shards:
         have = sorted(int(c.attrs["shard"][0]) for _, c in heads)
         missing = sorted(set(range(n_shards)) - set(have))
-        raise UserError(f"{path}: found {len(heads)} of {n_shards} shards (missing {missing}); generate them with "
-                        f"`kdsweep cache generate --shard I/{n_shards}`")
+        raise UserError(
+            f"{path}: found {len(heads)} of {n_shards} shards (missing {missing}); generate them with "
+            f"`kdsweep cache generate --shard I/{n_shards}`"
+        )
     for _, c in heads:
         if c.fingerprint != first.fingerprint:
-            raise UserError(f"{c.path}: fingerprint differs from {first.path}: " +
-                            "; ".join(diff_fingerprints(c.fingerprint, first.fingerprint)))
+            raise UserError(
+                f"{c.path}: fingerprint differs from {first.path}: "
+                + "; ".join(diff_fingerprints(c.fingerprint, first.fingerprint))
+            )
         if not np.array_equal(c.betas, first.betas) or int(c.attrs["shard"][1]) != n_shards:
             raise UserError(f"{c.path}: temperature grid or shard count differs from {first.path}; regenerate it")
     expected = 0
     for off, c in heads:
         if off != expected:
-            raise UserError(f"{c.path}: starts at sequence {off}, expected {expected}; "
-                            "shards overlap or one is missing")
+            raise UserError(
+                f"{c.path}: starts at sequence {off}, expected {expected}; shards overlap or one is missing"
+            )
         expected += c.num_sequences
     if expected != total:
         raise UserError(f"{path}: shards cover {expected} of {total} sequences")
@@ -554,8 +616,10 @@ def merge_shards(path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- reader
 def _refuse(path: Path, problem: str) -> UserError:
-    return UserError(f"{path}: {problem}; check it with `kdsweep cache verify {path}`, then delete it and re-run "
-                     "`dvc repro teacher_logits` (or `kdsweep cache generate` with the same options)")
+    return UserError(
+        f"{path}: {problem}; check it with `kdsweep cache verify {path}`, then delete it and re-run "
+        "`dvc repro teacher_logits` (or `kdsweep cache generate` with the same options)"
+    )
 
 
 class TeacherLogitCache:
@@ -581,8 +645,10 @@ class TeacherLogitCache:
             )
         version = int(f.attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
-            raise UserError(f"{self.path}: cache format version {version}, this kdsweep reads {FORMAT_VERSION}; "
-                            "regenerate it with `dvc repro teacher_logits`")
+            raise UserError(
+                f"{self.path}: cache format version {version}, this kdsweep reads {FORMAT_VERSION}; "
+                "regenerate it with `dvc repro teacher_logits`"
+            )
         self.attrs = dict(f.attrs)
         self.top_k = int(f.attrs["top_k"])
         self.vocab_size = int(f.attrs["vocab_size"])
@@ -596,19 +662,26 @@ class TeacherLogitCache:
 
     def _check_shard(self, shard: Path) -> None:
         if not shard.is_file():
-            raise UserError(f"{self.path}: merged cache, but its shard {shard} is missing; copy the shard files "
-                            "next to it (they are read from there) or re-run `kdsweep cache merge`")
+            raise UserError(
+                f"{self.path}: merged cache, but its shard {shard} is missing; copy the shard files "
+                "next to it (they are read from there) or re-run `kdsweep cache merge`"
+            )
         try:
             with h5py.File(shard, "r") as s:
                 complete, fp = bool(s.attrs.get("complete", False)), json.loads(s.attrs.get("fingerprint", "{}"))
         except OSError as e:
             raise _refuse(shard, f"shard of {self.path.name} is not a readable HDF5 file ({e})") from None
         if not complete:
-            raise UserError(f"{shard}: shard of {self.path.name} is incomplete; resume it with "
-                            "`kdsweep cache generate --shard I/N`, then run `kdsweep cache merge` again")
+            raise UserError(
+                f"{shard}: shard of {self.path.name} is incomplete; resume it with "
+                "`kdsweep cache generate --shard I/N`, then run `kdsweep cache merge` again"
+            )
         if fp != self.fingerprint:
-            raise UserError(f"{shard}: shard made from other inputs than {self.path.name}: "
-                            + "; ".join(diff_fingerprints(fp, self.fingerprint)) + "; regenerate it and merge again")
+            raise UserError(
+                f"{shard}: shard made from other inputs than {self.path.name}: "
+                + "; ".join(diff_fingerprints(fp, self.fingerprint))
+                + "; regenerate it and merge again"
+            )
 
     @property
     def file(self) -> h5py.File:
@@ -616,8 +689,10 @@ class TeacherLogitCache:
             try:
                 self._file = h5py.File(self.path, "r")
             except FileNotFoundError:
-                raise UserError(f"{self.path}: teacher-logit cache not found; run `dvc repro teacher_logits` "
-                                "(or `kdsweep cache generate`)") from None
+                raise UserError(
+                    f"{self.path}: teacher-logit cache not found; run `dvc repro teacher_logits` "
+                    "(or `kdsweep cache generate`)"
+                ) from None
             except OSError as e:
                 raise _refuse(self.path, f"not a readable HDF5 file ({e}): it is truncated or corrupt") from None
             self._pid = os.getpid()
@@ -637,8 +712,14 @@ class TeacherLogitCache:
             for key in STORED:
                 ds = h5py.Dataset(h5py.h5d.open(f.id, key.encode(), dapl=dapl))
                 row = tuple(ds.shape[1:])
-                self._dsets[key] = (ds, row, ds.dtype, h5py.h5s.create_simple((1,) + row), ds.id.get_space(),
-                                    h5py.h5t.py_create(ds.dtype))
+                self._dsets[key] = (
+                    ds,
+                    row,
+                    ds.dtype,
+                    h5py.h5s.create_simple((1,) + row),
+                    ds.id.get_space(),
+                    h5py.h5t.py_create(ds.dtype),
+                )
         return self._dsets
 
     def datasets(self) -> dict[str, h5py.Dataset]:
@@ -661,7 +742,8 @@ class TeacherLogitCache:
         diffs = diff_fingerprints(self.fingerprint, expected)
         if diffs:
             raise UserError(
-                f"{self.path}: teacher-logit cache was made from different inputs:\n  " + "\n  ".join(diffs)
+                f"{self.path}: teacher-logit cache was made from different inputs:\n  "
+                + "\n  ".join(diffs)
                 + "\nregenerate it with `dvc repro teacher_logits`"
             )
 
@@ -683,8 +765,11 @@ class TeacherLogitCache:
                     read(mspace, fspace, buf[r : r + 1], mtype)
                 out[key] = buf
         except OSError as e:
-            raise _refuse(self.path, f"cannot read sequences {idx[:8].tolist()}: a chunk fails its fletcher32 "
-                          f"checksum or decompression ({e})") from None
+            raise _refuse(
+                self.path,
+                f"cannot read sequences {idx[:8].tolist()}: a chunk fails its fletcher32 "
+                f"checksum or decompression ({e})",
+            ) from None
         return out
 
     def _read_all(self) -> dict[str, np.ndarray]:
@@ -699,8 +784,9 @@ class TeacherLogitCache:
             "input_ids": stored["input_ids"],
             "topk_ids": deltas_to_ids(stored["topk_id_deltas"]),
             "topk_logits": stored["topk_logits"],
-            "tail_log_normalizer": decode_log_normalizer(stored["tail_log_normalizer_residual"],
-                                                         stored["tail_log_normalizer_slope"], self.betas),
+            "tail_log_normalizer": decode_log_normalizer(
+                stored["tail_log_normalizer_residual"], stored["tail_log_normalizer_slope"], self.betas
+            ),
             "log_normalizer_slope": stored["tail_log_normalizer_slope"],
         }
 
@@ -740,8 +826,9 @@ class TeacherLogitCache:
         return state
 
 
-def teacher_topk_probs(batch: dict[str, np.ndarray | torch.Tensor], betas: Sequence[float],
-                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_topk_probs(
+    batch: dict[str, np.ndarray | torch.Tensor], betas: Sequence[float], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k probabilities (..., k) and tail mass (...,) at ``temperature`` from read arrays.
 
     ``p_i = exp(s_i / T - f(1/T))`` and tail mass ``exp(t(1/T) - f(1/T))``; they sum to 1.
@@ -755,8 +842,9 @@ def teacher_topk_probs(batch: dict[str, np.ndarray | torch.Tensor], betas: Seque
     return torch.exp(s - lse.unsqueeze(-1)), torch.exp(tail - lse)
 
 
-def reconstruct_full(batch: dict[str, np.ndarray | torch.Tensor], betas: Sequence[float], temperature: float,
-                     vocab_size: int) -> torch.Tensor:
+def reconstruct_full(
+    batch: dict[str, np.ndarray | torch.Tensor], betas: Sequence[float], temperature: float, vocab_size: int
+) -> torch.Tensor:
     """Full-vocabulary teacher probabilities (..., V) from cached top-k arrays at ``temperature``.
 
     The top-k entries get their exact probabilities; the tail mass 1 - sum(top-k) is spread

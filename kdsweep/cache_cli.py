@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -44,9 +44,16 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 
 
 # --------------------------------------------------------------------------- generate
-def standalone_params(params_path: Path, *, teacher_model: str | None = None, dataset: str | None = None,
-                      dataset_config: str | None = None, top_k: int | None = None, batch_size: int | None = None,
-                      max_samples: int | None = None):
+def standalone_params(
+    params_path: Path,
+    *,
+    teacher_model: str | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    top_k: int | None = None,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+):
     """params.yaml (when present) with the reference script's options on top, validated."""
     from kdsweep.config import read_yaml, validate
 
@@ -73,24 +80,42 @@ def standalone_params(params_path: Path, *, teacher_model: str | None = None, da
 @cache_app.command("generate")
 def cache_generate(
     params: ParamsOpt = Path("params.yaml"),
-    teacher_model: Annotated[Optional[str], typer.Option(
-        help="Teacher: Hugging Face id or local directory (sets teacher.model). Standalone mode.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(
-        help="Dataset: Hugging Face id or local save_to_disk directory, or 'builtin' (sets dataset.name / "
-        "dataset.source). Standalone mode.")] = None,
-    dataset_config: Annotated[Optional[str], typer.Option(
-        help="Dataset configuration, e.g. wikitext-2-raw-v1 (sets dataset.config_name). Standalone mode.")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(
-        help="Where the standalone run writes prepared/, teacher/, metrics/ and {train,validation}.h5 "
-        "(unfinished batches go to <output-dir>.partial/). Default: teacher_logits. Standalone mode.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(
-        help="Teacher logits kept per position (sets teacher.top_k). Standalone mode.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Sequences per teacher forward (sets teacher.cache_batch_size). Standalone mode.")] = None,
-    max_samples: Annotated[Optional[int], typer.Option(
-        help="Use at most this many documents (sets dataset.max_samples). Standalone mode.")] = None,
-    shard: Annotated[Optional[str], typer.Option(
-        help="Write only shard I of N, as I/N; run every shard (anywhere), then `kdsweep cache merge`.")] = None,
+    teacher_model: Annotated[
+        str | None,
+        typer.Option(help="Teacher: Hugging Face id or local directory (sets teacher.model). Standalone mode."),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="Dataset: Hugging Face id or local save_to_disk directory, or 'builtin' (sets dataset.name / "
+            "dataset.source). Standalone mode."
+        ),
+    ] = None,
+    dataset_config: Annotated[
+        str | None,
+        typer.Option(help="Dataset configuration, e.g. wikitext-2-raw-v1 (sets dataset.config_name). Standalone mode."),
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the standalone run writes prepared/, teacher/, metrics/ and {train,validation}.h5 "
+            "(unfinished batches go to <output-dir>.partial/). Default: teacher_logits. Standalone mode."
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Teacher logits kept per position (sets teacher.top_k). Standalone mode.")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Sequences per teacher forward (sets teacher.cache_batch_size). Standalone mode."),
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option(help="Use at most this many documents (sets dataset.max_samples). Standalone mode.")
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Write only shard I of N, as I/N; run every shard (anywhere), then `kdsweep cache merge`."),
+    ] = None,
 ) -> None:
     """Run the teacher over both splits and write the top-k cache.
 
@@ -102,8 +127,14 @@ def cache_generate(
     """
     from kdsweep.stages import teacher_logits as stage
 
-    options = dict(teacher_model=teacher_model, dataset=dataset, dataset_config=dataset_config, top_k=top_k,
-                   batch_size=batch_size, max_samples=max_samples)
+    options = dict(
+        teacher_model=teacher_model,
+        dataset=dataset,
+        dataset_config=dataset_config,
+        top_k=top_k,
+        batch_size=batch_size,
+        max_samples=max_samples,
+    )
     if output_dir is None and all(v is None for v in options.values()):
         stage.main(_params(params), shard=_parse_shard(shard))
         return
@@ -114,8 +145,13 @@ def cache_generate(
 # --------------------------------------------------------------------------- merge
 @cache_app.command("merge")
 def cache_merge(
-    path: Annotated[Path, typer.Argument(help="The merged file to write (e.g. data/teacher_logits/train.h5, "
-                                         "next to its shards), or a directory: merge every set of shards in it.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="The merged file to write (e.g. data/teacher_logits/train.h5, "
+            "next to its shards), or a directory: merge every set of shards in it."
+        ),
+    ],
 ) -> None:
     """Write one file that reads the shard files (`generate --shard I/N`) as one cache (HDF5 virtual datasets)."""
     from kdsweep.cache import merge_shards
@@ -154,8 +190,11 @@ def _sample_indices(n: int, count: int) -> list[int]:
 def _histogram(values: np.ndarray, bins: int = 10, width: int = 40) -> list[str]:
     counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
     top = max(int(counts.max()), 1)
-    return [f"  [{lo:.1f}, {hi:.1f}{']' if i == bins - 1 else ')'} {'#' * round(width * c / top):<{width}} "
-            f"{c / len(values):6.1%}" for i, (lo, hi, c) in enumerate(zip(edges[:-1], edges[1:], counts))]
+    return [
+        f"  [{lo:.1f}, {hi:.1f}{']' if i == bins - 1 else ')'} {'#' * round(width * c / top):<{width}} "
+        f"{c / len(values):6.1%}"
+        for i, (lo, hi, c) in enumerate(zip(edges[:-1], edges[1:], counts))
+    ]
 
 
 def _fingerprint_lines(fingerprint: dict) -> list[str]:
@@ -172,35 +211,49 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
     n, length, k = c.num_sequences, c.seq_len, c.top_k
     tokens = n * length
     size = _file_bytes(c)
-    lines = [f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete",
-             f"  {n} sequences x {length} tokens = {tokens:,} tokens; top-{k} of {c.vocab_size:,} tokens; "
-             f"{len(c.betas)} temperature grid points"]
+    lines = [
+        f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete",
+        f"  {n} sequences x {length} tokens = {tokens:,} tokens; top-{k} of {c.vocab_size:,} tokens; "
+        f"{len(c.betas)} temperature grid points",
+    ]
     if c.shards:
         lines.append(f"  merged (virtual datasets) over {len(c.shards)} shards: {', '.join(c.shards)}")
-    lines += [f"  file size {size:,} bytes: {size / tokens:.1f} bytes per token, {size / tokens / k:.3f} bytes per "
-              "stored logit (ids, values and per-token extras all counted)", "",
-              f"  {'dataset':<30}{'shape':<17}{'dtype':<9}{'chunks':<15}{'filters':<28}bytes/token"]
+    lines += [
+        f"  file size {size:,} bytes: {size / tokens:.1f} bytes per token, {size / tokens / k:.3f} bytes per "
+        "stored logit (ids, values and per-token extras all counted)",
+        "",
+        f"  {'dataset':<30}{'shape':<17}{'dtype':<9}{'chunks':<15}{'filters':<28}bytes/token",
+    ]
     shards = [h5py.File(c.path.parent / name, "r") for name in c.shards]
     for key, ds in c.datasets().items():
         # A merged file's datasets are virtual: their bytes are in the shards.
         stored = sum(sh[key].id.get_storage_size() for sh in shards) if ds.is_virtual else ds.id.get_storage_size()
         src = shards[0][key] if ds.is_virtual else ds
-        lines.append(f"  {key:<30}{str(ds.shape):<17}{ds.dtype.name:<9}{str(src.chunks):<15}{_filters(src):<28}"
-                     f"{stored / tokens:.1f}")
+        lines.append(
+            f"  {key:<30}{str(ds.shape):<17}{ds.dtype.name:<9}{str(src.chunks):<15}{_filters(src):<28}"
+            f"{stored / tokens:.1f}"
+        )
     for sh in shards:
         sh.close()
     lo, hi = c.temperature_range
     t_hist = 1.0 if lo <= 1.0 <= hi else lo
     idx = _sample_indices(n, sample)
     mass = teacher_topk_probs(c.read(idx), c.betas, t_hist)[0].sum(-1).reshape(-1).numpy()
-    lines += ["", f"  top-{k} probability mass at T={t_hist:g} ({len(idx)} sequences, {mass.size:,} positions): "
-              f"mean {mass.mean():.3f}, median {np.median(mass):.3f}, min {mass.min():.3f}", *_histogram(mass), "",
-              f"  temperature range [{lo:g}, {hi:g}] (b = 1/T on a uniform grid of {len(c.betas)} points)",
-              f"  log-normaliser interpolation error bound (measured by the writer, log space): "
-              f"{float(c.attrs['log_normalizer_max_error']):.2e}; "
-              f"quantum {float(c.attrs['log_normalizer_quantum']):.2e}",
-              f"  teacher ran in {c.attrs.get('teacher_dtype', '?')} on {c.attrs.get('device', '?')}", "",
-              "  fingerprint:", *_fingerprint_lines(c.fingerprint)]
+    lines += [
+        "",
+        f"  top-{k} probability mass at T={t_hist:g} ({len(idx)} sequences, {mass.size:,} positions): "
+        f"mean {mass.mean():.3f}, median {np.median(mass):.3f}, min {mass.min():.3f}",
+        *_histogram(mass),
+        "",
+        f"  temperature range [{lo:g}, {hi:g}] (b = 1/T on a uniform grid of {len(c.betas)} points)",
+        f"  log-normaliser interpolation error bound (measured by the writer, log space): "
+        f"{float(c.attrs['log_normalizer_max_error']):.2e}; "
+        f"quantum {float(c.attrs['log_normalizer_quantum']):.2e}",
+        f"  teacher ran in {c.attrs.get('teacher_dtype', '?')} on {c.attrs.get('device', '?')}",
+        "",
+        "  fingerprint:",
+        *_fingerprint_lines(c.fingerprint),
+    ]
     c.close()
     return "\n".join(lines)
 
@@ -216,8 +269,10 @@ def cache_inspect(
 
 # --------------------------------------------------------------------------- verify
 def _regenerate(path: Path) -> str:
-    return (f"delete {path} (and its shards) and regenerate it: `dvc repro teacher_logits`, or "
-            "`kdsweep cache generate` with the options that made it")
+    return (
+        f"delete {path} (and its shards) and regenerate it: `dvc repro teacher_logits`, or "
+        "`kdsweep cache generate` with the options that made it"
+    )
 
 
 SANITY = (
@@ -241,7 +296,8 @@ def _scan(c, report) -> list[str]:
     v, k, betas = c.vocab_size, c.top_k, c.betas
     t_checks = sorted({float(betas[0]), float(betas[-1])} | ({1.0} if betas[0] <= 1.0 <= betas[-1] else set()))
     mass_check = f"top-k probabilities sum to <= 1 + {MASS_TOLERANCE:g} at T = " + ", ".join(
-        f"{1 / b:g}" for b in reversed(t_checks))
+        f"{1 / b:g}" for b in reversed(t_checks)
+    )
     block = max(1, 8192 // c.seq_len)
     chunks = 0
     for a in range(0, c.num_sequences, block):
@@ -249,8 +305,10 @@ def _scan(c, report) -> list[str]:
         try:
             st = {key: ds[a:b] for key, ds in dsets.items()}
         except OSError as e:
-            problems.append(f"checksums: sequences {a}..{b - 1} cannot be read: a chunk fails its fletcher32 checksum "
-                            f"or decompression ({e})")
+            problems.append(
+                f"checksums: sequences {a}..{b - 1} cannot be read: a chunk fails its fletcher32 checksum "
+                f"or decompression ({e})"
+            )
             continue
         chunks += len(dsets) * (b - a)
         d = st["topk_id_deltas"].astype(np.int64)
@@ -267,14 +325,17 @@ def _scan(c, report) -> list[str]:
                 SANITY[1]: (ids[..., 0] < 0) | (ids[..., -1] >= v) | (d[..., 1:] < 1).any(-1),
                 SANITY[2]: ~np.isfinite(s).all(-1) | (s > 0).any(-1) | (s.max(-1) != 0),
                 SANITY[3]: ~np.isfinite(t).all(-1) | ~np.isfinite(slope).all(-1),
-                SANITY[4]: (live & ((t > np.log(max(v - k, 1)) + betas * s_min + slack)
-                                    | (slope > s_min + slack))).any(-1),
+                SANITY[4]: (live & ((t > np.log(max(v - k, 1)) + betas * s_min + slack) | (slope > s_min + slack))).any(
+                    -1
+                ),
             }
         values = torch.from_numpy(np.concatenate([t, np.nan_to_num(s)], -1))
         over = np.zeros(s.shape[:-1], dtype=bool)
         for beta in t_checks:
             lse = log_normalizer(values, torch.from_numpy(slope), betas, beta)
-            over |= (torch.exp(torch.logsumexp(values[..., len(betas):] * beta, -1) - lse) > 1 + MASS_TOLERANCE).numpy()
+            over |= (
+                torch.exp(torch.logsumexp(values[..., len(betas) :] * beta, -1) - lse) > 1 + MASS_TOLERANCE
+            ).numpy()
         checks[mass_check] = over
         for name, mask in checks.items():
             if mask.any():
@@ -348,21 +409,32 @@ def _top1_agreement(c, model, sample: int) -> tuple[float, float, int]:
     return float(agree.float().mean()), float((p_cache - p_fresh).abs().max()), int(agree.numel())
 
 
-def verify_cache(path: Path, *, params_path: Path | None = None, teacher: str | None = None,
-                 prepared_dir: Path | None = None, sample: int = 8, report=print) -> None:
+def verify_cache(
+    path: Path,
+    *,
+    params_path: Path | None = None,
+    teacher: str | None = None,
+    prepared_dir: Path | None = None,
+    sample: int = 8,
+    report=print,
+) -> None:
     """``kdsweep cache verify``: report each check; raise a UserError listing every failed one."""
     from kdsweep.cache import TeacherLogitCache
 
     c = TeacherLogitCache(path)  # refuses missing, truncated, incomplete, other-version files and missing shards
     report(f"{path}: {c.num_sequences} sequences x {c.seq_len} tokens, top-{c.top_k} of {c.vocab_size}")
-    report("  completeness: ok (complete, format version %d%s)" % (
-        int(c.attrs["format_version"]), f", {len(c.shards)} shards complete" if c.shards else ""))
+    report(
+        "  completeness: ok (complete, format version %d%s)"
+        % (int(c.attrs["format_version"]), f", {len(c.shards)} shards complete" if c.shards else "")
+    )
     problems = _scan(c, report)
     bound = float(c.attrs["log_normalizer_max_error"])
     if bound > MAX_INTERPOLATION_ERROR:
-        problems.append(f"interpolation: stored log-normaliser error bound {bound:.2e} exceeds "
-                        f"{MAX_INTERPOLATION_ERROR:g}; raise teacher.temperature_grid (or narrow "
-                        "teacher.temperature_range) and regenerate")
+        problems.append(
+            f"interpolation: stored log-normaliser error bound {bound:.2e} exceeds "
+            f"{MAX_INTERPOLATION_ERROR:g}; raise teacher.temperature_grid (or narrow "
+            "teacher.temperature_range) and regenerate"
+        )
     ok = bound <= MAX_INTERPOLATION_ERROR
     report(f"  interpolation error bound: {bound:.2e} (log space) " + ("ok" if ok else "FAILED"))
     report("  fingerprint:")
@@ -378,11 +450,15 @@ def verify_cache(path: Path, *, params_path: Path | None = None, teacher: str | 
     else:
         agreement, max_dp, n = _top1_agreement(c, model, sample)
         ok = agreement >= MIN_TOP1_AGREEMENT
-        report(f"  top-1 agreement with a fresh forward of {source}: {agreement:.2%} of {n:,} positions "
-               f"(max |p_cache - p_fresh| {max_dp:.1e}) " + ("ok" if ok else "FAILED"))
+        report(
+            f"  top-1 agreement with a fresh forward of {source}: {agreement:.2%} of {n:,} positions "
+            f"(max |p_cache - p_fresh| {max_dp:.1e}) " + ("ok" if ok else "FAILED")
+        )
         if not ok:
-            problems.append(f"top-1 agreement: {agreement:.2%} < {MIN_TOP1_AGREEMENT:.0%} with a fresh forward of "
-                            f"{source}; the cache was not made by this teacher (or is corrupt)")
+            problems.append(
+                f"top-1 agreement: {agreement:.2%} < {MIN_TOP1_AGREEMENT:.0%} with a fresh forward of "
+                f"{source}; the cache was not made by this teacher (or is corrupt)"
+            )
     c.close()
     if problems:
         raise UserError(f"{path}: verify failed:\n  " + "\n  ".join(problems) + f"\nfix: {_regenerate(path)}")
@@ -400,12 +476,20 @@ def _check_against_params(c, params_path: Path, teacher: str | None, prepared_di
     cands = [prepared_dir] if prepared_dir else [c.path.parent / "prepared", Path("data/prepared")]
     prep_dir = next((p for p in cands if (p / "meta.json").is_file()), None)
     if prep_dir is None:
-        report(f"  fingerprint vs {params_path}: skipped (no prepared data in {', '.join(map(str, cands))}; "
-               "pass --prepared)")
+        report(
+            f"  fingerprint vs {params_path}: skipped (no prepared data in {', '.join(map(str, cands))}; "
+            "pass --prepared)"
+        )
         return []
     prepared = load_prepared(prep_dir)
-    teacher_dir = next((p for p in ([Path(teacher)] if teacher else [c.path.parent / "teacher", Path("models/teacher")])
-                        if p.is_dir()), None)
+    teacher_dir = next(
+        (
+            p
+            for p in ([Path(teacher)] if teacher else [c.path.parent / "teacher", Path("models/teacher")])
+            if p.is_dir()
+        ),
+        None,
+    )
     if teacher_dir is None:
         report("  fingerprint: no teacher directory found; the teacher's identity is not compared")
     expected = expected_fingerprint(prepared, teacher_dir, params, split)
@@ -416,7 +500,8 @@ def _check_against_params(c, params_path: Path, teacher: str | None, prepared_di
     data = prepared.split(split)[off : off + c.num_sequences]
     same = data.shape == (c.num_sequences, c.seq_len) and all(
         np.array_equal(c.read(list(range(a, min(a + 256, c.num_sequences))))["input_ids"], data[a : a + 256])
-        for a in range(0, c.num_sequences, 256))
+        for a in range(0, c.num_sequences, 256)
+    )
     report(f"  input_ids vs {prep_dir}/{split}.npy: " + ("ok (aligned)" if same else "FAILED"))
     if not same:
         problems.append(f"alignment: stored input_ids differ from {prep_dir}/{split}.npy")
@@ -426,14 +511,25 @@ def _check_against_params(c, params_path: Path, teacher: str | None, prepared_di
 @cache_app.command("verify")
 def cache_verify(
     path: Annotated[Path, typer.Argument(help="A cache file (e.g. data/teacher_logits/train.h5), merged or not.")],
-    params: Annotated[Optional[Path], typer.Option(
-        "--params", "-p", help="Also compare the fingerprint (and stored input ids) with this params file and "
-        "its prepared data.")] = None,
-    teacher: Annotated[Optional[str], typer.Option(
-        help="Teacher directory or Hugging Face id for the top-1 check; default: the one the fingerprint names "
-        "(models/teacher or <cache dir>/teacher for the embedded teacher).")] = None,
-    prepared: Annotated[Optional[Path], typer.Option(
-        help="Prepared data directory for --params; default <cache dir>/prepared, then data/prepared.")] = None,
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            "--params",
+            "-p",
+            help="Also compare the fingerprint (and stored input ids) with this params file and its prepared data.",
+        ),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="Teacher directory or Hugging Face id for the top-1 check; default: the one the fingerprint names "
+            "(models/teacher or <cache dir>/teacher for the embedded teacher)."
+        ),
+    ] = None,
+    prepared: Annotated[
+        Path | None,
+        typer.Option(help="Prepared data directory for --params; default <cache dir>/prepared, then data/prepared."),
+    ] = None,
     sample: Annotated[int, typer.Option(help="Sequences the teacher re-runs for the top-1 agreement check.")] = 8,
 ) -> None:
     """Check a cache: completeness, every chunk's checksum, sanity of every position, fingerprint, top-1 agreement.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -60,16 +60,33 @@ def student(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command()
 def distill(
     params: ParamsOpt = Path("params.yaml"),
-    resume: Annotated[bool, typer.Option(help="Continue from checkpoints/distill/last.")] = False,
-    run_dir: Annotated[Optional[Path], typer.Option(help="TensorBoard run directory (default runs/distill).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from <checkpoint-dir>/last.")] = False,
+    run_dir: Annotated[
+        Path, typer.Option(envvar="KDSWEEP_RUN_DIR", help="TensorBoard run directory (a sweep sets one per trial).")
+    ] = Path("runs/distill"),
+    checkpoint_dir: Annotated[
+        Path,
+        typer.Option(envvar="KDSWEEP_CHECKPOINT_DIR", help="Checkpoint directory (a sweep sets one per trial)."),
+    ] = Path("checkpoints/distill"),
+    trial: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KDSWEEP_TRIAL",
+            help="The sweep trial this run belongs to (JSON, set by `kdsweep run`): each evaluation is "
+            "reported to it, and its pruner can stop the run.",
+        ),
+    ] = None,
 ) -> None:
-    """Train the student on the teacher (sections `loss`, `training`, `parameter_lr_multipliers`, `stages`)."""
+    """Train the student on the teacher (sections `loss`, `training`, `parameter_lr_multipliers`, `stages`).
+
+    `dvc exp run` cannot pass arguments to a stage, so the sweep sets the options above through
+    their environment variables; they are ordinary options everywhere else.
+    """
     from kdsweep.stages import distill as stage
-    from kdsweep.sweep.trial import eval_hook_from_env
+    from kdsweep.trial_hook import eval_hook
 
     p = _params(params)
-    # Inside a sweep trial this reports each evaluation to the Optuna trial (pruning); else None.
-    stage.main(p, resume=resume, run_dir=run_dir, eval_hook=eval_hook_from_env(p))
+    stage.main(p, resume=resume, run_dir=run_dir, checkpoint_dir=checkpoint_dir, eval_hook=eval_hook(trial, p))
 
 
 @app.command()

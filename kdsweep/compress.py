@@ -340,9 +340,7 @@ register()
 
 def _check_teacher(teacher) -> None:
     if isinstance(teacher, CompressedMoeForCausalLM):
-        raise UserError(
-            "teacher: is already a CompressedMoeForCausalLM; pass the original Qwen3-MoE teacher"
-        )
+        raise UserError("teacher: is already a CompressedMoeForCausalLM; pass the original Qwen3-MoE teacher")
     config = getattr(teacher, "config", None)
     if not isinstance(config, Qwen3MoeConfig) or not hasattr(getattr(teacher, "model", None), "layers"):
         raise UserError(
@@ -494,9 +492,7 @@ def _low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def _fit_from_teacher(
-    teacher_experts: Qwen3MoeExperts, student_experts: CompressedExperts, x: torch.Tensor
-) -> None:
+def _fit_from_teacher(teacher_experts: Qwen3MoeExperts, student_experts: CompressedExperts, x: torch.Tensor) -> None:
     """Set the core to the mean of the (pruned) teacher experts and the wrappers to their residuals."""
     gate, up, down = _teacher_expert_weights(teacher_experts)
     width = student_experts.intermediate_dim
@@ -504,10 +500,7 @@ def _fit_from_teacher(
         # Keep each expert's `width` most important neurons: mean |silu(g_i x) * u_i x| on the
         # sample inputs times the norm of the neuron's down column (its share of the output).
         importance = torch.stack(
-            [
-                _swiglu(x.double(), gate[j], up[j]).abs().mean(0) * down[j].norm(dim=0)
-                for j in range(gate.shape[0])
-            ]
+            [_swiglu(x.double(), gate[j], up[j]).abs().mean(0) * down[j].norm(dim=0) for j in range(gate.shape[0])]
         )  # (E, I)
         keep = importance.topk(width, dim=1).indices.sort(dim=1).values  # (E, C)
         gate = torch.gather(gate, 1, keep[:, :, None].expand(-1, -1, gate.shape[2]))

@@ -73,7 +73,9 @@ class DatasetConfig(_Section):
 
 class TokenizerConfig(_Section):
     vocab_size: int = Field(
-        4096, ge=300, le=65536,
+        4096,
+        ge=300,
+        le=65536,
         description="Vocabulary of the byte-level BPE trained on the corpus. "
         "Ignored when `teacher.model` names a model: its own tokenizer is used.",
     )
@@ -137,7 +139,9 @@ class TeacherConfig(_Section):
         "log-normaliser on a grid over this range. Any `loss.temperature` must lie inside it.",
     )
     temperature_grid: int = Field(
-        8, ge=2, le=64,
+        8,
+        ge=2,
+        le=64,
         description="Grid points over `temperature_range` of the stored tail log-normaliser; 8 keeps the "
         "normaliser within ~4e-4 (log space) of exact for the teachers measured (docs/cache-format.md).",
     )
@@ -181,11 +185,14 @@ class StudentConfig(_Section):
 # --------------------------------------------------------------------------- loss
 class LossConfig(_Section):
     alpha: float = Field(
-        0.5, ge=0, le=1,
+        0.5,
+        ge=0,
+        le=1,
         description="Weight of the KD term: total = (1 - alpha) * CE + alpha * T^2 * KL.",
     )
     temperature: float = Field(
-        2.0, gt=0,
+        2.0,
+        gt=0,
         description="KD temperature T: both distributions are softened as softmax(logits / T). "
         "Unrelated to any sampling temperature.",
     )
@@ -197,7 +204,8 @@ class LossConfig(_Section):
     mode: Literal["topk_tail", "topk_renorm", "dense"] = Field(
         "topk_tail",
         description="topk_tail: k + 1 buckets (top-k plus one tail bucket) on both sides, exact given the cache; "
-        "topk_renorm: teacher renormalised over its top-k (common, biased); dense: full vocabulary (live teacher only).",
+        "topk_renorm: teacher renormalised over its top-k (common, biased); "
+        "dense: full vocabulary (live teacher only).",
     )
     direction: Literal["forward", "reverse", "jsd"] = Field(
         "forward",
@@ -207,10 +215,12 @@ class LossConfig(_Section):
     )
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="Weight beta of direction jsd (0.5 = symmetric JSD).")
     scale_by_t2: bool = Field(
-        True, description="Multiply the KL term by T^2 so its gradient scale does not shrink as T grows (Hinton et al.)."
+        True,
+        description="Multiply the KL term by T^2 so its gradient scale does not shrink as T grows (Hinton et al.).",
     )
     chunk_size: int = Field(
-        256, ge=1,
+        256,
+        ge=1,
         description="Tokens per chunk of the LM head + loss; the loss holds about 4 x chunk_size x vocabulary "
         "float32 values at a time (256 x 151,936: ~0.6 GB).",
     )
@@ -228,9 +238,13 @@ class TrainingConfig(_Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine, linear).")
     weight_decay: float = Field(0.01, ge=0)
     default_lr_multiplier: float = Field(
-        1.0, ge=0, description="LR multiplier of parameters no parameter_lr_multipliers pattern matches; 0 freezes them."
+        1.0,
+        ge=0,
+        description="LR multiplier of parameters no parameter_lr_multipliers pattern matches; 0 freezes them.",
     )
-    weight_decay_on_norms_biases_embeddings: bool = Field(False, description="Apply weight decay to norms, biases and embeddings too.")
+    weight_decay_on_norms_biases_embeddings: bool = Field(
+        False, description="Apply weight decay to norms, biases and embeddings too."
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU or recent CPU).")
@@ -238,8 +252,12 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1, description="Console line and TensorBoard scalars every N steps.")
     eval_steps: int = Field(25, ge=1, description="Validation every N steps (reported to the sweep's pruner).")
-    eval_max_batches: int | None = Field(None, ge=1, description="Cap on validation batches per evaluation; null = all.")
-    save_steps: int | None = Field(None, ge=1, description="Periodic checkpoint every N steps; null = only the final one.")
+    eval_max_batches: int | None = Field(
+        None, ge=1, description="Cap on validation batches per evaluation; null = all."
+    )
+    save_steps: int | None = Field(
+        None, ge=1, description="Periodic checkpoint every N steps; null = only the final one."
+    )
     max_nonfinite_steps: int = Field(10, ge=1, description="Stop after this many non-finite losses in a row.")
     dataloader_num_workers: int = Field(0, ge=0)
     seed: int = 0
@@ -260,9 +278,10 @@ RegexPattern = Annotated[str, AfterValidator(check_regex)]
 
 
 class LRMultiplier(_Section):
-    pattern: RegexPattern = Field(description="Regular expression matched against the full parameter name (re.fullmatch).")
+    pattern: RegexPattern = Field(
+        description="Regular expression matched against the full parameter name (re.fullmatch)."
+    )
     lr_multiplier: float = Field(ge=0, description="Learning rate = base x multiplier; 0 freezes the parameter.")
-
 
 
 # The reference's "Recommended Starting Point" (compressed experts at full LR, pre-trained
@@ -283,7 +302,9 @@ class StageConfig(_Section):
         None, description="This stage's multipliers; null = the top-level list."
     )
     default_lr_multiplier: float | None = Field(
-        None, ge=0, description="Multiplier of parameters no rule matches in this stage; null = training.default_lr_multiplier."
+        None,
+        ge=0,
+        description="Multiplier of parameters no rule matches in this stage; null = training.default_lr_multiplier.",
     )
     learning_rate: float | None = Field(None, gt=0)
     alpha: float | None = Field(None, ge=0, le=1)
@@ -413,7 +434,7 @@ def _without(data: dict, locs: list[tuple]) -> dict:
     so the rest can be validated and cross-checked too."""
     data = copy.deepcopy(data)
     for loc in locs:
-        node, path = data, [p for p in loc]
+        node, path = data, list(loc)
         for i, part in enumerate(path):
             if isinstance(node, dict) and part in node:
                 if i == len(path) - 1 or isinstance(node[part], list):

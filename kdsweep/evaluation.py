@@ -12,9 +12,14 @@ from kdsweep.losses import LossSpec, TeacherFn, student_loss
 
 
 @torch.no_grad()
-def evaluate(student, batches: Iterable[dict[str, torch.Tensor]],
-             teacher_fn_for: Callable[[dict[str, torch.Tensor]], TeacherFn], spec: LossSpec,
-             progress: bool = False, total: int | None = None) -> dict[str, float]:
+def evaluate(
+    student,
+    batches: Iterable[dict[str, torch.Tensor]],
+    teacher_fn_for: Callable[[dict[str, torch.Tensor]], TeacherFn],
+    spec: LossSpec,
+    progress: bool = False,
+    total: int | None = None,
+) -> dict[str, float]:
     """Validation CE, perplexity, KL to the teacher and top-1 agreement, averaged over tokens.
 
     ``spec.temperature`` should be 1: these metrics compare the true distributions, so
@@ -32,5 +37,10 @@ def evaluate(student, batches: Iterable[dict[str, torch.Tensor]],
         tokens += out.num_tokens
     student.train(was_training)
     val_loss = ce / max(tokens, 1)
-    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "val_kl": kl / max(tokens, 1),
-            "val_top1_agreement": top1 / max(tokens, 1), "val_tokens": tokens}
+    return {
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(min(val_loss, 50)),
+        "val_kl": kl / max(tokens, 1),
+        "val_top1_agreement": top1 / max(tokens, 1),
+        "val_tokens": tokens,
+    }

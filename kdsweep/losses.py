@@ -42,7 +42,8 @@ respect to its logits is taken right there, in the forward pass (analytically fo
 states and the head weight (as Liger-Kernel's fused linear losses do). So backward needs no
 recomputation (three head matmuls, as the naive path), and peak extra memory is about four
 (chunk_size, V) float32 buffers plus one head-weight gradient, independent of batch x
-sequence (``bench/loss.py``: 6% of the naive path's at V = 151,936, chunk 256). :func:`loss_sums` is the same loss written for plain autograd (the reference).
+sequence (``bench/loss.py``: 6% of the naive path's at V = 151,936, chunk 256).
+:func:`loss_sums` is the same loss written for plain autograd (the reference).
 """
 
 from __future__ import annotations
@@ -134,8 +135,7 @@ def restrict_to_vocab(teacher: SparseTeacher, vocab_size: int) -> SparseTeacher:
     valid = teacher.ids < vocab_size
     if bool(valid.all()):
         return teacher
-    return SparseTeacher(teacher.ids.clamp(max=vocab_size - 1),
-                         teacher.log_probs.masked_fill(~valid, float("-inf")))
+    return SparseTeacher(teacher.ids.clamp(max=vocab_size - 1), teacher.log_probs.masked_fill(~valid, float("-inf")))
 
 
 def divergence(lp: torch.Tensor, lq: torch.Tensor, direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
@@ -154,8 +154,7 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, direction: str, jsd_beta: flo
         return (lq.exp() * (lq - lp)).sum(-1)
     if direction == "jsd":
         lm = torch.logaddexp(lp + math.log(jsd_beta), lq + math.log1p(-jsd_beta))
-        return (jsd_beta * (lp.exp() * (lp - lm)).sum(-1)
-                + (1 - jsd_beta) * (lq.exp() * (lq - lm)).sum(-1))
+        return jsd_beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - jsd_beta) * (lq.exp() * (lq - lm)).sum(-1)
     raise ValueError(f"unknown loss direction {direction!r}")
 
 
@@ -169,8 +168,15 @@ def _tail(lq: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
     return torch.logsumexp(lq.masked_fill(mask, _LOG_ZERO), dim=-1), mask.all(-1)
 
 
-def sparse_divergence(lp_k: torch.Tensor, lq_k: torch.Tensor, lq_tail: torch.Tensor, covered: torch.Tensor,
-                      mode: str, direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
+def sparse_divergence(
+    lp_k: torch.Tensor,
+    lq_k: torch.Tensor,
+    lq_tail: torch.Tensor,
+    covered: torch.Tensor,
+    mode: str,
+    direction: str,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
     """The top-k modes' divergence per position, from bucket log-probabilities only.
 
     Args:
@@ -195,12 +201,14 @@ def sparse_divergence(lp_k: torch.Tensor, lq_k: torch.Tensor, lq_tail: torch.Ten
     lp_k = torch.where(covered.unsqueeze(-1), lp_k - torch.logsumexp(lp_k, -1, keepdim=True), lp_k)
     p_tail = (1 - lp_k.exp().sum(-1)).clamp(min=_TINY)
     lp_tail = torch.log(p_tail).masked_fill(covered, _LOG_ZERO)
-    return divergence(torch.cat([lp_k, lp_tail.unsqueeze(-1)], -1), torch.cat([lq_k, lq_tail.unsqueeze(-1)], -1),
-                      direction, jsd_beta)
+    return divergence(
+        torch.cat([lp_k, lp_tail.unsqueeze(-1)], -1), torch.cat([lq_k, lq_tail.unsqueeze(-1)], -1), direction, jsd_beta
+    )
 
 
-def divergence_per_token(lq: torch.Tensor, teacher: TeacherChunk, temperature: float, mode: str,
-                         direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
+def divergence_per_token(
+    lq: torch.Tensor, teacher: TeacherChunk, temperature: float, mode: str, direction: str, jsd_beta: float = 0.5
+) -> torch.Tensor:
     """The KD divergence at each of C positions, given the student's log-probabilities.
 
     This is the plain autograd definition (the reference the fused path is tested against).
@@ -239,8 +247,14 @@ def _sparse_teacher(teacher: TeacherChunk, vocab_size: int):
     return teacher, valid, teacher.log_probs.float().masked_fill(~valid, _LOG_ZERO)
 
 
-def kl_per_token(student_logits: torch.Tensor, teacher: TeacherChunk, temperature: float, mode: str,
-                 direction: str, jsd_beta: float = 0.5) -> torch.Tensor:
+def kl_per_token(
+    student_logits: torch.Tensor,
+    teacher: TeacherChunk,
+    temperature: float,
+    mode: str,
+    direction: str,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
     """:func:`divergence_per_token` from the student's raw logits (C, V)."""
     lq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     return divergence_per_token(lq, teacher, temperature, mode, direction, jsd_beta)
@@ -253,8 +267,13 @@ def teacher_top1(teacher: TeacherChunk) -> torch.Tensor:
     return teacher.ids.gather(-1, teacher.log_probs.argmax(-1, keepdim=True)).squeeze(-1)
 
 
-def loss_sums(student_logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk, spec: LossSpec,
-              temperature: float | None = None) -> LossOutput:
+def loss_sums(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: TeacherChunk,
+    spec: LossSpec,
+    temperature: float | None = None,
+) -> LossOutput:
     """CE and KD-divergence *sums* over the real targets of one chunk (differentiable).
 
     Args:
@@ -284,8 +303,9 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
-def chunk_loss_and_grad(z: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk, spec: LossSpec,
-                        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def chunk_loss_and_grad(
+    z: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk, spec: LossSpec, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss sums of one chunk and their gradient with respect to its logits.
 
     The (C, V) work is done without autograd, in place where it can be, so a chunk needs
@@ -338,8 +358,7 @@ def chunk_loss_and_grad(z: torch.Tensor, targets: torch.Tensor, teacher: Teacher
             per_token = sparse_divergence(lp_k, lq_k, lq_tail, covered, spec.mode, spec.direction, spec.jsd_beta)
         kl = per_token.masked_fill(~real, 0).sum()
         grads = torch.autograd.grad(kl, leaves, allow_unused=True) if need_grad else None
-    sums = torch.stack([spec.ce_weight * ce + spec.kl_weight * kl.detach(), ce, kl.detach(), top1,
-                        real.sum()]).double()
+    sums = torch.stack([spec.ce_weight * ce + spec.kl_weight * kl.detach(), ce, kl.detach(), top1, real.sum()]).double()
     if not need_grad:
         return sums, None
 
@@ -366,8 +385,15 @@ def chunk_loss_and_grad(z: torch.Tensor, targets: torch.Tensor, teacher: Teacher
     return sums, grad
 
 
-def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher_fn: TeacherFn,
-             spec: LossSpec, grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> torch.Tensor:
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_fn: TeacherFn,
+    spec: LossSpec,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+) -> torch.Tensor:
     """Run the head + loss chunk by chunk; fill the gradient buffers that are given.
 
     Returns the sums ``[weighted, ce, kl, top1, tokens]`` (float64, detached).
@@ -427,8 +453,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                      teacher_fn: TeacherFn, spec: LossSpec) -> LossOutput:
+def distillation_loss(
+    hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, teacher_fn: TeacherFn, spec: LossSpec
+) -> LossOutput:
     """CE and KD sums for N positions, computing the LM head and the loss per chunk.
 
     Args:
@@ -459,5 +486,10 @@ def student_loss(student, input_ids: torch.Tensor, teacher_fn: TeacherFn, spec: 
     cache is built (training and evaluation see whole sequences).
     """
     hidden = student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
-    return distillation_loss(hidden.reshape(-1, hidden.shape[-1]), student.get_output_embeddings().weight,
-                             input_ids[:, 1:].reshape(-1), teacher_fn, spec)
+    return distillation_loss(
+        hidden.reshape(-1, hidden.shape[-1]),
+        student.get_output_embeddings().weight,
+        input_ids[:, 1:].reshape(-1),
+        teacher_fn,
+        spec,
+    )

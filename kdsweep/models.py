@@ -55,11 +55,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_causal_lm(path_or_id: str | Path, *, revision: str | None = None, trust_remote_code: bool = False,
-                   dtype: torch.dtype | None = None):
+def load_causal_lm(
+    path_or_id: str | Path,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+):
     """``AutoModelForCausalLM.from_pretrained`` with kdsweep's own model classes registered."""
-    import kdsweep.compress  # noqa: F401  (registers the compressed student with the Auto classes)
     from transformers import AutoModelForCausalLM
+
+    import kdsweep.compress  # noqa: F401  (registers the compressed student with the Auto classes)
 
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -84,8 +90,9 @@ def load_teacher(teacher_dir: str | Path, cfg: TeacherConfig, device: torch.devi
     """The teacher in eval mode, frozen, in ``cfg.dtype`` on ``device``."""
     src = teacher_source(teacher_dir)
     dtype = resolve_dtype(cfg.dtype, device)
-    model = load_causal_lm(src["model"], revision=src.get("revision"), trust_remote_code=cfg.trust_remote_code,
-                           dtype=dtype)
+    model = load_causal_lm(
+        src["model"], revision=src.get("revision"), trust_remote_code=cfg.trust_remote_code, dtype=dtype
+    )
     model.to(device).eval().requires_grad_(False)
     return model
 

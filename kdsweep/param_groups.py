@@ -49,15 +49,24 @@ def _literal_hint(pattern: str) -> str:
 def closest_names(pattern: str, names: list[str], n: int = 3) -> list[str]:
     """Parameter names that look closest to what a non-matching pattern meant."""
     hint = _literal_hint(pattern)
-    scored = sorted(names, key=lambda name: -max(
-        difflib.SequenceMatcher(None, hint, name[i : i + len(hint) + 2]).ratio()
-        for i in range(0, max(1, len(name) - len(hint) + 1))
-    ))
+    scored = sorted(
+        names,
+        key=lambda name: (
+            -max(
+                difflib.SequenceMatcher(None, hint, name[i : i + len(hint) + 2]).ratio()
+                for i in range(0, max(1, len(name) - len(hint) + 1))
+            )
+        ),
+    )
     return scored[:n]
 
 
-def plan_groups(named_numel: list[tuple[str, int]], rules: list[tuple[str, float]],
-                default_multiplier: float = 1.0, where: str = "parameter_lr_multipliers") -> Plan:
+def plan_groups(
+    named_numel: list[tuple[str, int]],
+    rules: list[tuple[str, float]],
+    default_multiplier: float = 1.0,
+    where: str = "parameter_lr_multipliers",
+) -> Plan:
     """Assign each parameter to the first rule whose pattern fully matches its name.
 
     Args:
@@ -97,10 +106,16 @@ def plan_groups(named_numel: list[tuple[str, int]], rules: list[tuple[str, float
     shadowed = [g.pattern for i, g in enumerate(groups) if raw_hits[i] and not g.names]
     all_groups = [g for g in groups + [default] if g.names]
     if all(g.multiplier == 0 for g in all_groups):
-        unmatched = f"; the {len(default.names)} unmatched parameters get the default {default_multiplier:g} " \
-            "(training.default_lr_multiplier)" if default.names else ""
-        raise UserError(f"{where}: every parameter has multiplier 0, so nothing would train{unmatched}; "
-                        "give some rule a multiplier > 0")
+        unmatched = (
+            f"; the {len(default.names)} unmatched parameters get the default {default_multiplier:g} "
+            "(training.default_lr_multiplier)"
+            if default.names
+            else ""
+        )
+        raise UserError(
+            f"{where}: every parameter has multiplier 0, so nothing would train{unmatched}; "
+            "give some rule a multiplier > 0"
+        )
     return Plan(all_groups, shadowed)
 
 
@@ -116,8 +131,9 @@ def no_decay_names(model: torch.nn.Module) -> set[str]:
     return out
 
 
-def build_param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float,
-                       decay_everything: bool = False) -> list[dict]:
+def build_param_groups(
+    model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float, decay_everything: bool = False
+) -> list[dict]:
     """Apply the plan to ``model`` and return optimizer parameter groups.
 
     Frozen parameters get ``requires_grad=False`` and appear in no group. Each group
@@ -135,10 +151,15 @@ def build_param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weigh
         for decay in (True, False):
             members = [params[n] for n in g.names if (n not in skip_decay) == decay]
             if members:
-                out.append({
-                    "params": members, "name": g.pattern, "lr_multiplier": g.multiplier,
-                    "lr": base_lr * g.multiplier, "weight_decay": weight_decay if decay else 0.0,
-                })
+                out.append(
+                    {
+                        "params": members,
+                        "name": g.pattern,
+                        "lr_multiplier": g.multiplier,
+                        "lr": base_lr * g.multiplier,
+                        "weight_decay": weight_decay if decay else 0.0,
+                    }
+                )
     return out
 
 

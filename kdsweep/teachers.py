@@ -37,8 +37,9 @@ def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float)
     k = batch["topk_ids"].shape[-1]
     ids = batch["topk_ids"][:, :-1].reshape(-1, k)
     s = batch["topk_logits"][:, :-1].reshape(-1, k).float() / temperature
-    lse = log_normalizer(batch["log_normalizer"][:, :-1], batch["log_normalizer_slope"][:, :-1], betas,
-                         1.0 / temperature).reshape(-1)
+    lse = log_normalizer(
+        batch["log_normalizer"][:, :-1], batch["log_normalizer_slope"][:, :-1], betas, 1.0 / temperature
+    ).reshape(-1)
     lse = torch.maximum(lse, torch.logsumexp(s, dim=-1))
     log_probs = s - lse.unsqueeze(-1)
     return lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])
@@ -61,8 +62,9 @@ def load_live_teacher(teacher_dir, cfg: TeacherConfig, device: torch.device):
 
 
 @torch.no_grad()
-def live_teacher_fn(teacher, input_ids: torch.Tensor, temperature: float, mode: str, top_k: int,
-                    vocab_size: int) -> TeacherFn:
+def live_teacher_fn(
+    teacher, input_ids: torch.Tensor, temperature: float, mode: str, top_k: int, vocab_size: int
+) -> TeacherFn:
     """Run the teacher's decoder once (eval, no_grad, its own dtype); the LM head runs per
     chunk inside ``teacher_fn`` so no (B, L, V) teacher tensor exists. The chunk's logits
     are upcast to float32 before the loss."""

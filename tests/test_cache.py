@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import chdir
 from pathlib import Path
 
 import h5py
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO, tiny_params_dict
 from typer.testing import CliRunner
 
 from kdsweep.cache import (
@@ -41,8 +43,6 @@ from kdsweep.config import TeacherConfig, validate
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.models import load_causal_lm
-
-from conftest import REPO, chdir, tiny_params_dict
 
 DEFAULT_GRID = TeacherConfig().temperature_grid
 
@@ -110,11 +110,16 @@ def test_decoding_is_bit_identical_to_what_the_writer_measured():
     logits = confident_logits(64, 512, seed=1)
     betas = temperature_grid(1.0, 4.0, 8)
     summary = summarize_logits(logits.float(), 32, betas)
-    decoded = decode_log_normalizer(summary["tail_log_normalizer_residual"].numpy(),
-                                    summary["log_normalizer_slope"].numpy(), betas)
+    decoded = decode_log_normalizer(
+        summary["tail_log_normalizer_residual"].numpy(), summary["log_normalizer_slope"].numpy(), betas
+    )
     assert decoded.tobytes() == summary["tail_log_normalizer"].numpy().tobytes()
-    torch.testing.assert_close(_decode_torch(summary["tail_log_normalizer_residual"], summary["log_normalizer_slope"],
-                                             betas).float(), summary["tail_log_normalizer"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        _decode_torch(summary["tail_log_normalizer_residual"], summary["log_normalizer_slope"], betas).float(),
+        summary["tail_log_normalizer"],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_k_equal_vocab_has_an_empty_tail_and_exact_probabilities():
@@ -153,8 +158,9 @@ def test_reader_lazy_in_memory_and_stored_arrays_agree(tiny_pipeline, tmp_path):
         lazy.read([lazy.num_sequences])
     # teacher.cache_compression: none stores the same bytes without gzip.
     model, seqs, layout = tiny_layout(tiny_pipeline)
-    plain = generate(model, seqs, tmp_path / "validation.h5", layout, batch_size=8, device=torch.device("cpu"),
-                     compression=0)
+    plain = generate(
+        model, seqs, tmp_path / "validation.h5", layout, batch_size=8, device=torch.device("cpu"), compression=0
+    )
     with h5py.File(plain) as f:
         assert f["topk_logits"].compression is None and f["topk_logits"].fletcher32
     assert_same_arrays(TeacherLogitCache(plain).read(idx), a)
@@ -168,16 +174,22 @@ def test_truncated_incomplete_and_corrupt_files_are_refused(tiny_pipeline, tmp_p
     truncated = tmp_path / "truncated.h5"
     data = src.read_bytes()
     truncated.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(UserError, match=rf"{truncated}: not a readable HDF5 file .*truncated or corrupt.*"
-                                        r"delete it and re-run `dvc repro teacher_logits`"):
+    with pytest.raises(
+        UserError,
+        match=rf"{truncated}: not a readable HDF5 file .*truncated or corrupt.*"
+        r"delete it and re-run `dvc repro teacher_logits`",
+    ):
         TeacherLogitCache(truncated)
 
     incomplete = tmp_path / "incomplete.h5"
     shutil.copy(src, incomplete)
     with h5py.File(incomplete, "r+") as f:
         del f.attrs["complete"]
-    with pytest.raises(UserError, match=rf"{incomplete}: incomplete teacher-logit cache.*re-run "
-                                        r"`dvc repro teacher_logits`.*to resume it"):
+    with pytest.raises(
+        UserError,
+        match=rf"{incomplete}: incomplete teacher-logit cache.*re-run "
+        r"`dvc repro teacher_logits`.*to resume it",
+    ):
         TeacherLogitCache(incomplete)
 
     corrupt = tmp_path / "corrupt.h5"
@@ -197,8 +209,14 @@ def test_cli_verify_exits_2_naming_the_file_and_the_fix(tiny_pipeline, tmp_path)
     bad = tmp_path / "train.h5"
     bad.write_bytes((tiny_pipeline / "data/teacher_logits/validation.h5").read_bytes()[:5000])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from kdsweep.cli import main; main()", "cache", "verify", str(bad)],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from kdsweep.cli import main; main()", "cache", "verify", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     assert str(bad) in proc.stderr and "re-run `dvc repro teacher_logits`" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -224,8 +242,9 @@ def test_generation_killed_three_times_resumes_bit_identical(tiny_pipeline, tmp_
     """SIGKILL at three random points (after some batch files exist, sometimes mid-batch),
     re-run to completion: every dataset equals an uninterrupted run's bit for bit, and verify passes."""
     model, seqs, layout = tiny_layout(tiny_pipeline)
-    reference = generate(model, seqs, tmp_path / "ref/validation.h5", layout, batch_size=2,
-                         device=torch.device("cpu"), desc="reference")
+    reference = generate(
+        model, seqs, tmp_path / "ref/validation.h5", layout, batch_size=2, device=torch.device("cpu"), desc="reference"
+    )
     path, partial = tmp_path / "run/validation.h5", tmp_path / "run.partial/validation.h5"
     path.parent.mkdir()
     n_batches = -(-len(seqs) // 2)
@@ -273,8 +292,23 @@ def test_cli_generate_killed_three_times_resumes_bit_identical(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params_dict()))
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-c", "from kdsweep.cli import main; main()", "cache", "generate", "--params", str(params),
-           "--dataset", "builtin", "--max-samples", "24", "--batch-size", "2", "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from kdsweep.cli import main; main()",
+        "cache",
+        "generate",
+        "--params",
+        str(params),
+        "--dataset",
+        "builtin",
+        "--max-samples",
+        "24",
+        "--batch-size",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     partial = tmp_path / "cache.partial/train.h5"
     rng = random.Random(7)
@@ -304,8 +338,11 @@ def test_training_refuses_a_cache_made_with_another_tokenizer(pipeline_copy):
     params = validate(tiny_params_dict(tokenizer={"vocab_size": 300}))
     with chdir(pipeline_copy):
         prepare.main(params)
-        with pytest.raises(UserError, match=r"made from different inputs:(.|\n)*tokenizer_sha256: cache has .*"
-                                            r"(.|\n)*vocab_size: cache has 320, config has 300"):
+        with pytest.raises(
+            UserError,
+            match=r"made from different inputs:(.|\n)*tokenizer_sha256: cache has .*"
+            r"(.|\n)*vocab_size: cache has 320, config has 300",
+        ):
             distill.main(params, run_dir=pipeline_copy / "runs/distill")
 
 
@@ -320,13 +357,25 @@ def _padded_teacher(tmp_path: Path, pad: int):
 
     tok = train_bpe_tokenizer(builtin_documents()[:12], TokenizerConfig(vocab_size=300), 32)
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=len(tok) + pad, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
-        num_experts_per_tok=2, tie_word_embeddings=False, eos_token_id=tok.eos_token_id))
+    model = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=len(tok) + pad,
+            hidden_size=32,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     with torch.no_grad():  # +-w: one of each pair points along (almost) every normalised hidden state
         signs = torch.tensor([1.0, -1.0]).repeat(pad // 2)[:, None]
-        model.lm_head.weight[len(tok):] = 20 * model.model.norm.weight * signs
+        model.lm_head.weight[len(tok) :] = 20 * model.model.norm.weight * signs
     model.save_pretrained(tmp_path / "teacher_model")
     tok.save_pretrained(tmp_path / "teacher_model")
     return tmp_path / "teacher_model", len(tok)
@@ -340,13 +389,35 @@ def test_standalone_generate_with_a_padded_vocabulary_teacher(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params_dict()))
     out = tmp_path / "out"
-    result = CliRunner().invoke(cache_app, [
-        "generate", "--params", str(params), "--teacher-model", str(teacher_dir), "--dataset", "builtin",
-        "--max-samples", "8", "--top-k", "8", "--batch-size", "4", "--output-dir", str(out)])
+    result = CliRunner().invoke(
+        cache_app,
+        [
+            "generate",
+            "--params",
+            str(params),
+            "--teacher-model",
+            str(teacher_dir),
+            "--dataset",
+            "builtin",
+            "--max-samples",
+            "8",
+            "--top-k",
+            "8",
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "padding rows are dropped" in result.output
-    for name in ("prepared/meta.json", "teacher/teacher.json", "train.h5", "validation.h5",
-                 "metrics/teacher_logits.json"):
+    for name in (
+        "prepared/meta.json",
+        "teacher/teacher.json",
+        "train.h5",
+        "validation.h5",
+        "metrics/teacher_logits.json",
+    ):
         assert (out / name).exists(), name
     cache = TeacherLogitCache(out / "validation.h5")
     assert cache.vocab_size == vocab and cache.top_k == 8
@@ -367,9 +438,26 @@ def test_standalone_generate_with_a_padded_vocabulary_teacher(tmp_path):
     verify_cache(out / "validation.h5", report=lines.append)
     assert any(f"top-1 agreement with a fresh forward of {teacher_dir}" in line and "100.00%" in line for line in lines)
     # Run again: prepared data and teacher are reused, the caches are up to date.
-    again = CliRunner().invoke(cache_app, [
-        "generate", "--params", str(params), "--teacher-model", str(teacher_dir), "--dataset", "builtin",
-        "--max-samples", "8", "--top-k", "8", "--batch-size", "4", "--output-dir", str(out)])
+    again = CliRunner().invoke(
+        cache_app,
+        [
+            "generate",
+            "--params",
+            str(params),
+            "--teacher-model",
+            str(teacher_dir),
+            "--dataset",
+            "builtin",
+            "--max-samples",
+            "8",
+            "--top-k",
+            "8",
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert again.exit_code == 0 and "up to date" in again.output
 
 
@@ -379,8 +467,9 @@ def test_two_shards_merged_read_back_identical_to_one_run(tiny_pipeline, tmp_pat
     whole = generate(model, seqs, tmp_path / "whole/validation.h5", layout, batch_size=4, device=torch.device("cpu"))
     shard_dir = tmp_path / "a/sharded"
     for i in (1, 0):  # separately, in any order
-        generate(model, seqs, shard_dir / "validation.h5", layout, batch_size=4, device=torch.device("cpu"),
-                 shard=(i, 2))
+        generate(
+            model, seqs, shard_dir / "validation.h5", layout, batch_size=4, device=torch.device("cpu"), shard=(i, 2)
+        )
     with pytest.raises(UserError, match="validation.h5: no shard files"):
         merge_shards(tmp_path / "whole/validation.h5")
     result = CliRunner().invoke(cache_app, ["merge", str(shard_dir)])
@@ -418,13 +507,30 @@ def test_verify_and_inspect_report_every_check(tiny_pipeline):
     with chdir(tiny_pipeline):
         verify_cache(Path("data/teacher_logits/train.h5"), params_path=Path("params.yaml"), report=lines.append)
     text = "\n".join(lines)
-    for expected in ("completeness: ok", "fletcher32 verified", "strictly ascending: ok", "tail below the top-k",
-                     "sum to <= 1 + 0.002 at T = 1, 4: ok", "interpolation error bound", "fingerprint vs params.yaml",
-                     "input_ids vs data/prepared/train.npy: ok (aligned)", "top-1 agreement", "train.h5: ok"):
+    for expected in (
+        "completeness: ok",
+        "fletcher32 verified",
+        "strictly ascending: ok",
+        "tail below the top-k",
+        "sum to <= 1 + 0.002 at T = 1, 4: ok",
+        "interpolation error bound",
+        "fingerprint vs params.yaml",
+        "input_ids vs data/prepared/train.npy: ok (aligned)",
+        "top-1 agreement",
+        "train.h5: ok",
+    ):
         assert expected in text, expected
     report = inspect_cache(path)
-    for expected in ("bytes per token", "bytes per stored logit", "topk_id_deltas", "gzip(4)+shuffle+fletcher32",
-                     "top-16 probability mass at T=1", "temperature range [1, 4]", "error bound", "tokenizer_sha256"):
+    for expected in (
+        "bytes per token",
+        "bytes per stored logit",
+        "topk_id_deltas",
+        "gzip(4)+shuffle+fletcher32",
+        "top-16 probability mass at T=1",
+        "temperature range [1, 4]",
+        "error bound",
+        "tokenizer_sha256",
+    ):
         assert expected in report, expected
     assert len(re.findall(r"^  \[0\.\d, [01]\.\d[)\]]", report, flags=re.M)) == 10  # the histogram
 
@@ -432,8 +538,14 @@ def test_verify_and_inspect_report_every_check(tiny_pipeline):
 def test_verify_against_params_names_the_differing_field(tiny_pipeline, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params_dict(teacher={"top_k": 8})))
-    with chdir(tiny_pipeline), pytest.raises(UserError, match=r"fingerprint: differs from .*top_k: cache has 16, "
-                                                               r"config has 8(.|\n)*fix: delete"):
+    with (
+        chdir(tiny_pipeline),
+        pytest.raises(
+            UserError,
+            match=r"fingerprint: differs from .*top_k: cache has 16, "
+            r"config has 8(.|\n)*fix: delete",
+        ),
+    ):
         verify_cache(Path("data/teacher_logits/validation.h5"), params_path=params, report=lambda *_: None)
 
 

@@ -25,7 +25,7 @@ from kdsweep.compress import (
 )
 from kdsweep.errors import UserError
 
-E, TOP_K, H, I, LAYERS, VOCAB = 4, 2, 32, 16, 2, 128
+E, TOP_K, H, I, LAYERS, VOCAB = 4, 2, 32, 16, 2, 128  # noqa: E741 (I: the expert width, as in the papers)
 FULL_RANK = min(I, H)
 
 

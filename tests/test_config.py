@@ -36,12 +36,16 @@ def test_misspelled_key_names_the_dotted_path_and_suggests_the_field():
 
 
 def test_several_problems_are_all_listed_with_dotted_paths():
-    msg = problems({
-        "loss": {"alpha": 1.5, "temperature": -1},
-        "parameter_lr_multipliers": [{"pattern": ".*norm.*", "lr_multiplier": 0.5},
-                                     {"pattern": "(unclosed", "lr_multiplier": -0.1}],
-        "trainig": {"learning_rate": 1e-3},
-    })
+    msg = problems(
+        {
+            "loss": {"alpha": 1.5, "temperature": -1},
+            "parameter_lr_multipliers": [
+                {"pattern": ".*norm.*", "lr_multiplier": 0.5},
+                {"pattern": "(unclosed", "lr_multiplier": -0.1},
+            ],
+            "trainig": {"learning_rate": 1e-3},
+        }
+    )
     assert "5 problems" in msg
     lines = msg.splitlines()[1:]
     for path, words in [
@@ -71,14 +75,21 @@ def test_wrong_types_are_reported_per_key():
 
 def test_missing_required_key():
     assert "parameter_lr_multipliers.0.lr_multiplier: required key is missing" in problems(
-        {"parameter_lr_multipliers": [{"pattern": ".*"}]})
+        {"parameter_lr_multipliers": [{"pattern": ".*"}]}
+    )
 
 
-@pytest.mark.parametrize("key,section", [("loss.temperature", {"loss": {"temperature": 4.5}}),
-                                         ("loss.temperature", {"loss": {"temperature": 0.5}}),
-                                         ("stages.configs.0.temperature",
-                                          {"stages": {"enabled": True, "configs": [
-                                              {"stage_name": "a", "max_steps": 5, "temperature": 8.0}]}})])
+@pytest.mark.parametrize(
+    "key,section",
+    [
+        ("loss.temperature", {"loss": {"temperature": 4.5}}),
+        ("loss.temperature", {"loss": {"temperature": 0.5}}),
+        (
+            "stages.configs.0.temperature",
+            {"stages": {"enabled": True, "configs": [{"stage_name": "a", "max_steps": 5, "temperature": 8.0}]}},
+        ),
+    ],
+)
 def test_temperature_outside_the_cached_range_is_rejected(key, section):
     msg = problems(section)
     assert f"{key}:" in msg and "teacher.temperature_range [1.0, 4.0]" in msg
@@ -96,18 +107,28 @@ def test_dense_mode_needs_a_live_teacher():
     assert validate({"loss": {"mode": "dense"}, "teacher": {"use_cached_logits": False}}).loss.mode == "dense"
 
 
-@pytest.mark.parametrize("stage", [{"stage_name": "both", "num_epochs": 1, "max_steps": 10},
-                                   {"stage_name": "neither"}])
+@pytest.mark.parametrize("stage", [{"stage_name": "both", "num_epochs": 1, "max_steps": 10}, {"stage_name": "neither"}])
 def test_stage_needs_exactly_one_of_epochs_or_steps(stage):
     msg = problems({"stages": {"enabled": True, "configs": [stage]}})
     assert "stages.configs.0:" in msg and stage["stage_name"] in msg and "exactly one of num_epochs or max_steps" in msg
 
 
 def test_valid_stages():
-    p = validate({"stages": {"enabled": True, "configs": [
-        {"stage_name": "heads", "max_steps": 5, "parameter_lr_multipliers": [{"pattern": ".*", "lr_multiplier": 1}]},
-        {"stage_name": "all", "num_epochs": 0.5, "temperature": 3.0},
-    ]}})
+    p = validate(
+        {
+            "stages": {
+                "enabled": True,
+                "configs": [
+                    {
+                        "stage_name": "heads",
+                        "max_steps": 5,
+                        "parameter_lr_multipliers": [{"pattern": ".*", "lr_multiplier": 1}],
+                    },
+                    {"stage_name": "all", "num_epochs": 0.5, "temperature": 3.0},
+                ],
+            }
+        }
+    )
     assert [s.stage_name for s in p.stages.configs] == ["heads", "all"]
 
 
@@ -156,8 +177,9 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("loss: {alpah: 0.5}\n")
     cli = Path(sys.executable).parent / "kdsweep"
-    proc = subprocess.run([str(cli), "distill", "--params", str(params)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(cli), "distill", "--params", str(params)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert "loss.alpah" in proc.stderr and "alpha" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

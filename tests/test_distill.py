@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+from contextlib import chdir
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO, TINY, deep_merge, tiny_params_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kdsweep.cache import TeacherLogitCache
@@ -25,16 +26,29 @@ from kdsweep.models import load_causal_lm
 from kdsweep.schedule import lr_factor
 from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_dtype, load_live_teacher
 
-from conftest import REPO, TINY, chdir, deep_merge, tiny_params_dict
-
 CORE = r".*shared_core.*|.*wrapper.*"
-STAGE1 = {"stage_name": "experts", "max_steps": 3, "learning_rate": 0.01, "warmup_steps": 1, "alpha": 0.9,
-          "temperature": 1.5,
-          "parameter_lr_multipliers": [{"pattern": CORE, "lr_multiplier": 1.0}, {"pattern": ".*", "lr_multiplier": 0.0}]}
-STAGE2 = {"stage_name": "full", "max_steps": 4, "learning_rate": 0.002, "warmup_steps": 2, "alpha": 0.2,
-          "temperature": 3.0, "parameter_lr_multipliers": [{"pattern": ".*", "lr_multiplier": 1.0}]}
-TWO_STAGES = {"stages": {"enabled": True, "configs": [STAGE1, STAGE2]},
-              "training": {"logging_steps": 1, "eval_steps": 1, "eval_max_batches": 1}}
+STAGE1 = {
+    "stage_name": "experts",
+    "max_steps": 3,
+    "learning_rate": 0.01,
+    "warmup_steps": 1,
+    "alpha": 0.9,
+    "temperature": 1.5,
+    "parameter_lr_multipliers": [{"pattern": CORE, "lr_multiplier": 1.0}, {"pattern": ".*", "lr_multiplier": 0.0}],
+}
+STAGE2 = {
+    "stage_name": "full",
+    "max_steps": 4,
+    "learning_rate": 0.002,
+    "warmup_steps": 2,
+    "alpha": 0.2,
+    "temperature": 3.0,
+    "parameter_lr_multipliers": [{"pattern": ".*", "lr_multiplier": 1.0}],
+}
+TWO_STAGES = {
+    "stages": {"enabled": True, "configs": [STAGE1, STAGE2]},
+    "training": {"logging_steps": 1, "eval_steps": 1, "eval_max_batches": 1},
+}
 
 
 def distill(root: Path, overrides: dict | None = None, **kwargs) -> dict:
@@ -76,6 +90,7 @@ def crash_at(step_to_crash: int):
         if step == step_to_crash:
             raise KeyboardInterrupt  # the process dies here, before any checkpoint of this step
         return False
+
     return hook
 
 
@@ -87,8 +102,12 @@ def test_stage1_freezes_bit_identically_then_stage2_trains_everything(pipeline_c
 
     # Crash right after stage 1 (3 steps) with a checkpoint at its end.
     with pytest.raises(KeyboardInterrupt):
-        distill(pipeline_copy, deep_merge(TWO_STAGES, {"training": {"save_steps": 3}}), eval_hook=crash_at(4),
-                run_dir=tmp_path / "crashed")
+        distill(
+            pipeline_copy,
+            deep_merge(TWO_STAGES, {"training": {"save_steps": 3}}),
+            eval_hook=crash_at(4),
+            run_dir=tmp_path / "crashed",
+        )
     state = json.loads((pipeline_copy / "checkpoints/distill/last/trainer_state.json").read_text())
     assert (state["global_step"], state["stage_index"], state["step_in_stage"]) == (3, 0, 3)
     after_stage1 = weights(pipeline_copy / "checkpoints/distill/last/model")
@@ -111,12 +130,12 @@ def test_each_stage_rebuilds_optimizer_schedule_alpha_and_temperature(perturbed_
     core_lr, all_lr = scalars(run, f"lr/{CORE}"), scalars(run, "lr/.*")
     assert sorted(core_lr) == [1, 2, 3] and sorted(all_lr) == [4, 5, 6, 7]  # frozen groups have no LR
     for step, lr in core_lr.items():
-        assert lr == pytest.approx(0.01 * lr_factor(step - 1, warmup_steps=1, total_steps=3, kind="cosine",
-                                                    min_ratio=0.1))
+        assert lr == pytest.approx(
+            0.01 * lr_factor(step - 1, warmup_steps=1, total_steps=3, kind="cosine", min_ratio=0.1)
+        )
     # Stage 2 warms up again from its own first step.
     assert all_lr[4] == pytest.approx(0.002 / 2) and all_lr[5] == pytest.approx(0.002)
-    assert all_lr[7] == pytest.approx(0.002 * lr_factor(3, warmup_steps=2, total_steps=4, kind="cosine",
-                                                        min_ratio=0.1))
+    assert all_lr[7] == pytest.approx(0.002 * lr_factor(3, warmup_steps=2, total_steps=4, kind="cosine", min_ratio=0.1))
     # Every logged total is (1 - alpha) * CE + alpha * T^2 * KL with that stage's alpha and T.
     for row in rows(perturbed_copy / "plots/distill/train.csv"):
         alpha, t = (0.9, 1.5) if row["step"] <= 3 else (0.2, 3.0)
@@ -162,8 +181,13 @@ def test_final_checkpoint_holds_model_optimizer_rng_state_and_config(pipeline_co
 
 def test_default_lr_multiplier_zero_freezes_unmatched_parameters(pipeline_copy):
     init = weights(pipeline_copy / "models/student_init")
-    distill(pipeline_copy, {"training": {"default_lr_multiplier": 0.0, "max_steps": 2},
-                            "parameter_lr_multipliers": [{"pattern": ".*shared_core.*", "lr_multiplier": 1.0}]})
+    distill(
+        pipeline_copy,
+        {
+            "training": {"default_lr_multiplier": 0.0, "max_steps": 2},
+            "parameter_lr_multipliers": [{"pattern": ".*shared_core.*", "lr_multiplier": 1.0}],
+        },
+    )
     final = weights(pipeline_copy / "models/student")
     for name, value in init.items():
         assert torch.equal(value, final[name]) is ("shared_core" not in name), name
@@ -182,12 +206,18 @@ def test_lr_group_table_is_printed_and_logged(pipeline_copy, capsys):
 
 
 # --------------------------------------------------------------------------- the live teacher
-@pytest.mark.parametrize("mode,direction", [("dense", "forward"), ("topk_tail", "forward"), ("dense", "jsd"),
-                                            ("topk_tail", "reverse")])
+@pytest.mark.parametrize(
+    "mode,direction", [("dense", "forward"), ("topk_tail", "forward"), ("dense", "jsd"), ("topk_tail", "reverse")]
+)
 def test_live_teacher_end_to_end(pipeline_copy, mode, direction):
-    metrics = distill(pipeline_copy, {"teacher": {"use_cached_logits": False},
-                                      "loss": {"mode": mode, "direction": direction},
-                                      "training": {"max_steps": 3, "eval_steps": 3}})
+    metrics = distill(
+        pipeline_copy,
+        {
+            "teacher": {"use_cached_logits": False},
+            "loss": {"mode": mode, "direction": direction},
+            "training": {"max_steps": 3, "eval_steps": 3},
+        },
+    )
     assert metrics["state"] == "complete" and metrics["steps"] == 3
     assert all(math.isfinite(metrics[k]) for k in ("val_loss", "val_kl", "val_top1_agreement"))
     for row in rows(pipeline_copy / "plots/distill/train.csv"):
@@ -278,8 +308,17 @@ def test_gradient_accumulation_equals_one_big_batch(pipeline_copy):
     """4 x 2 accumulated = 8 at once: same batchmean loss, same update (fp32, within rounding)."""
     distill(pipeline_copy, {"training": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1}})
     big, big_rows = weights(pipeline_copy / "models/student"), rows(pipeline_copy / "plots/distill/train.csv")
-    distill(pipeline_copy, {"training": {"max_steps": 2, "per_device_train_batch_size": 2,
-                                         "gradient_accumulation_steps": 4, "logging_steps": 1}})
+    distill(
+        pipeline_copy,
+        {
+            "training": {
+                "max_steps": 2,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 4,
+                "logging_steps": 1,
+            }
+        },
+    )
     acc_rows = rows(pipeline_copy / "plots/distill/train.csv")
     for a, b in zip(big_rows, acc_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -330,8 +369,18 @@ def test_nan_weights_stop_the_run_with_a_state_the_sweep_can_read(pipeline_copy)
 
 def test_a_learning_rate_that_blows_up_is_skipped_counted_then_stopped(pipeline_copy):
     with pytest.raises(UserError, match="stopped after 2 non-finite"):
-        distill(pipeline_copy, {"training": {"max_steps": 20, "max_nonfinite_steps": 2, "learning_rate": 1e30,
-                                             "warmup_steps": 0, "max_grad_norm": None}})
+        distill(
+            pipeline_copy,
+            {
+                "training": {
+                    "max_steps": 20,
+                    "max_nonfinite_steps": 2,
+                    "learning_rate": 1e30,
+                    "warmup_steps": 0,
+                    "max_grad_norm": None,
+                }
+            },
+        )
     metrics = json.loads((pipeline_copy / "metrics/distill.json").read_text())
     assert metrics["state"] == "stopped_nonfinite" and metrics["nonfinite_steps"] == 2
     assert metrics["steps"] > 2  # the first step was finite and taken; it blew the weights up
@@ -343,8 +392,10 @@ def test_hparams_include_the_keys_a_sweep_names(pipeline_copy, monkeypatch):
 
     from kdsweep.stages.distill import hparams_of
 
-    monkeypatch.setenv("KDSWEEP_HPARAM_KEYS", "training.warmup_steps, parameter_lr_multipliers.1.lr_multiplier,"
-                                              "stages.configs,loss.nope")
+    monkeypatch.setenv(
+        "KDSWEEP_HPARAM_KEYS",
+        "training.warmup_steps, parameter_lr_multipliers.1.lr_multiplier,stages.configs,loss.nope",
+    )
     params = validate(tiny_params_dict())
     hp = hparams_of(params)
     assert hp["training.warmup_steps"] == 1 and hp["parameter_lr_multipliers.1.lr_multiplier"] == 1.0
@@ -382,10 +433,19 @@ def test_reference_starting_point_file_has_the_reference_values():
     assert p.teacher.use_cached_logits and p.teacher.top_k == 64
     assert (p.loss.alpha, p.loss.temperature, p.loss.kl_reduction) == (0.5, 2.0, "batchmean")
     tr = p.training
-    assert (tr.num_train_epochs, tr.per_device_train_batch_size, tr.gradient_accumulation_steps,
-            tr.learning_rate, tr.warmup_steps) == (3, 2, 8, 5e-5, 100)
+    assert (
+        tr.num_train_epochs,
+        tr.per_device_train_batch_size,
+        tr.gradient_accumulation_steps,
+        tr.learning_rate,
+        tr.warmup_steps,
+    ) == (3, 2, 8, 5e-5, 100)
     assert [(r.pattern, r.lr_multiplier) for r in p.parameter_lr_multipliers] == [
-        (".*shared_core.*", 1.0), (".*wrapper.*", 1.0), (".*embed_tokens.*|.*lm_head.*", 0.1), (".*norm.*", 0.5)]
+        (".*shared_core.*", 1.0),
+        (".*wrapper.*", 1.0),
+        (".*embed_tokens.*|.*lm_head.*", 0.1),
+        (".*norm.*", 0.5),
+    ]
 
 
 def test_reference_starting_point_trains_the_compressed_student(pipeline_copy):

@@ -38,8 +38,9 @@ def teacher_for(mode: str, logits: torch.Tensor, k: int, temperature: float):
     return logits if mode == "dense" else sparse_teacher_from_logits(logits, k, temperature)
 
 
-def reference_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
-                 direction: str, beta: float = 0.5) -> torch.Tensor:
+def reference_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float, direction: str, beta: float = 0.5
+) -> torch.Tensor:
     """(C,) full-vocabulary divergence in float64, written independently of the package."""
     lp = F.log_softmax(teacher_logits.double() / temperature, dim=-1)
     lq = F.log_softmax(student_logits.double() / temperature, dim=-1)
@@ -52,8 +53,10 @@ def reference_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tem
 
 def bucket_divergence(p: torch.Tensor, q: torch.Tensor, direction: str, beta: float = 0.5) -> torch.Tensor:
     """(C,) divergence between probability rows p (teacher) and q (student), by definition."""
+
     def kl(a, b):
         return (a * (a.log() - b.log())).sum(-1)
+
     if direction == "forward":
         return kl(p, q)
     if direction == "reverse":
@@ -73,7 +76,9 @@ def test_identical_distributions_give_zero_kl(mode, k, direction, temperature):
     torch.testing.assert_close(kl, torch.zeros(6), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mode,k", [("dense", None)] + [(m, k) for m in ("topk_tail", "topk_renorm") for k in (1, 5, 16)])
+@pytest.mark.parametrize(
+    "mode,k", [("dense", None)] + [(m, k) for m in ("topk_tail", "topk_renorm") for k in (1, 5, 16)]
+)
 @pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 def test_kl_is_nonnegative_for_random_logits(mode, k, direction):
     for seed in range(3):
@@ -89,12 +94,14 @@ def test_kl_is_nonnegative_for_random_logits(mode, k, direction):
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_topk_tail_with_k_equal_vocab_equals_dense(direction, temperature):
     teacher, student = randn(24, 20, seed=1, scale=3.0), randn(24, 20, seed=2, scale=3.0)
-    sparse = kl_per_token(student, sparse_teacher_from_logits(teacher, 20, temperature), temperature,
-                          "topk_tail", direction)
+    sparse = kl_per_token(
+        student, sparse_teacher_from_logits(teacher, 20, temperature), temperature, "topk_tail", direction
+    )
     dense = kl_per_token(student, teacher, temperature, "dense", direction)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
-    torch.testing.assert_close(dense.double(), reference_kl(teacher, student, temperature, direction),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        dense.double(), reference_kl(teacher, student, temperature, direction), atol=1e-5, rtol=0
+    )
 
 
 def test_topk_tail_with_small_k_is_exact_over_k_plus_one_buckets():
@@ -155,7 +162,13 @@ def _sums(alpha, temperature, scale_by_t2=True, mode="topk_tail"):
     targets = torch.randint(0, 16, (10,), generator=torch.Generator().manual_seed(8))
     targets[[2, 7]] = IGNORE_INDEX
     spec = LossSpec(alpha=alpha, temperature=temperature, mode=mode, scale_by_t2=scale_by_t2)
-    return student, teacher, targets, spec, loss_sums(student, targets, teacher_for(mode, teacher, 5, temperature), spec)
+    return (
+        student,
+        teacher,
+        targets,
+        spec,
+        loss_sums(student, targets, teacher_for(mode, teacher, 5, temperature), spec),
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 3.5])
@@ -193,9 +206,18 @@ def _sparse_fn(teacher: SparseTeacher, offset: int = 0):
     return lambda a, b: SparseTeacher(teacher.ids[offset + a : offset + b], teacher.log_probs[offset + a : offset + b])
 
 
-@pytest.mark.parametrize("mode,direction", [("topk_tail", "forward"), ("topk_tail", "reverse"), ("topk_tail", "jsd"),
-                                            ("dense", "jsd"), ("topk_renorm", "jsd"),
-                                            ("dense", "forward"), ("topk_renorm", "forward")])
+@pytest.mark.parametrize(
+    "mode,direction",
+    [
+        ("topk_tail", "forward"),
+        ("topk_tail", "reverse"),
+        ("topk_tail", "jsd"),
+        ("dense", "jsd"),
+        ("topk_renorm", "jsd"),
+        ("dense", "forward"),
+        ("topk_renorm", "forward"),
+    ],
+)
 def test_chunked_equals_unchunked(mode, direction):
     n, h, v, temperature = 45, 12, 24, 2.0
     teacher_logits = randn(n, v, seed=9, scale=3.0)
@@ -245,8 +267,13 @@ def test_batchmean_under_gradient_accumulation_with_uneven_padding():
     hidden_acc, weight_acc = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
     accumulated, naive, tokens = 0.0, 0.0, 0
     for j in range(0, b, micro):
-        out_j = distillation_loss(hidden_acc[j : j + micro].reshape(-1, h), weight_acc,
-                                  targets[j : j + micro].reshape(-1), _sparse_fn(teacher, offset=j * steps), spec)
+        out_j = distillation_loss(
+            hidden_acc[j : j + micro].reshape(-1, h),
+            weight_acc,
+            targets[j : j + micro].reshape(-1),
+            _sparse_fn(teacher, offset=j * steps),
+            spec,
+        )
         loss_j = out_j.total(num_real)
         loss_j.backward()
         accumulated += float(loss_j.detach())
@@ -315,7 +342,9 @@ def test_topk_renorm_differs_from_topk_tail_when_k_below_vocab():
 
 
 @pytest.mark.parametrize("scale", [1.0, 40.0])
-@pytest.mark.parametrize("mode,direction", [(m, d) for m in ("topk_tail", "topk_renorm") for d in ("forward", "reverse", "jsd")])
+@pytest.mark.parametrize(
+    "mode,direction", [(m, d) for m in ("topk_tail", "topk_renorm") for d in ("forward", "reverse", "jsd")]
+)
 def test_no_nan_gradients_when_topk_covers_the_vocabulary(mode, direction, scale):
     """k = V leaves an empty tail bucket; scale 40 makes most teacher probabilities underflow to 0."""
     n, h, v = 12, 8, 16
@@ -339,22 +368,39 @@ def test_jsd_is_symmetric_at_half_and_bounded_by_log2():
     torch.testing.assert_close(ab, ba, atol=1e-6, rtol=0)
     assert ab.max() <= math.log(2) + 1e-6
     # beta weighs the teacher's side: it is not symmetric elsewhere.
-    assert (kl_per_token(b, a, temperature, "dense", "jsd", jsd_beta=0.2)
-            - kl_per_token(a, b, temperature, "dense", "jsd", jsd_beta=0.2)).abs().max() > 1e-3
-    torch.testing.assert_close(kl_per_token(b, a, 2.0, "dense", "jsd", jsd_beta=0.2).double(),
-                               reference_kl(a, b, 2.0, "jsd", beta=0.2), atol=1e-6, rtol=0)
+    assert (
+        kl_per_token(b, a, temperature, "dense", "jsd", jsd_beta=0.2)
+        - kl_per_token(a, b, temperature, "dense", "jsd", jsd_beta=0.2)
+    ).abs().max() > 1e-3
+    torch.testing.assert_close(
+        kl_per_token(b, a, 2.0, "dense", "jsd", jsd_beta=0.2).double(),
+        reference_kl(a, b, 2.0, "jsd", beta=0.2),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 # --------------------------------------------------------------------------- the fused chunked head + loss
 def _naive(hidden, weight, targets, teacher_logits, spec, k):
     """Full (N, V) logits and plain autograd: what the chunked loss must reproduce."""
     logits = hidden @ weight.t()
-    teacher = teacher_logits if spec.mode == "dense" else sparse_teacher_from_logits(teacher_logits, k, spec.temperature)
+    teacher = (
+        teacher_logits if spec.mode == "dense" else sparse_teacher_from_logits(teacher_logits, k, spec.temperature)
+    )
     return loss_sums(logits, targets, teacher, spec)
 
 
-@pytest.mark.parametrize("mode,direction", [("topk_tail", "forward"), ("topk_tail", "reverse"), ("topk_tail", "jsd"),
-                                            ("topk_renorm", "forward"), ("dense", "forward"), ("dense", "jsd")])
+@pytest.mark.parametrize(
+    "mode,direction",
+    [
+        ("topk_tail", "forward"),
+        ("topk_tail", "reverse"),
+        ("topk_tail", "jsd"),
+        ("topk_renorm", "forward"),
+        ("dense", "forward"),
+        ("dense", "jsd"),
+    ],
+)
 def test_chunked_loss_and_gradients_equal_full_logits_autograd(mode, direction):
     """fp32, within 1e-5: the gradients the chunks take in the forward pass are autograd's."""
     n, h, v, k, temperature = 50, 16, 40, 6, 2.0
@@ -362,14 +408,20 @@ def test_chunked_loss_and_gradients_equal_full_logits_autograd(mode, direction):
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(31))
     targets[[1, 2, 30]] = IGNORE_INDEX
     spec = LossSpec(alpha=0.6, temperature=temperature, mode=mode, direction=direction, chunk_size=16, jsd_beta=0.4)
-    fn = (lambda a, b: teacher_logits[a:b]) if mode == "dense" else \
-        _sparse_fn(sparse_teacher_from_logits(teacher_logits, k, temperature))
+    fn = (
+        (lambda a, b: teacher_logits[a:b])
+        if mode == "dense"
+        else _sparse_fn(sparse_teacher_from_logits(teacher_logits, k, temperature))
+    )
     results = []
     for fused in (True, False):
         hidden = randn(n, h, seed=32).requires_grad_()
         weight = randn(v, h, seed=33, scale=0.5).requires_grad_()
-        out = distillation_loss(hidden, weight, targets, fn, spec) if fused else \
-            _naive(hidden, weight, targets, teacher_logits, spec, k)
+        out = (
+            distillation_loss(hidden, weight, targets, fn, spec)
+            if fused
+            else _naive(hidden, weight, targets, teacher_logits, spec, k)
+        )
         (out.total(40) * 3.0).backward()  # an arbitrary upstream gradient scale
         results.append((out, hidden.grad, weight.grad))
     (fo, fh, fw), (no, nh, nw) = results
@@ -421,7 +473,9 @@ def test_bf16_autocast_runs_the_head_in_bf16_and_the_loss_in_fp32():
 
 
 @pytest.mark.parametrize("case", ["ids_beyond_student_vocab", "k_equals_vocab", "peaked"])
-@pytest.mark.parametrize("mode,direction", [(m, d) for m in ("topk_tail", "topk_renorm") for d in ("forward", "reverse", "jsd")])
+@pytest.mark.parametrize(
+    "mode,direction", [(m, d) for m in ("topk_tail", "topk_renorm") for d in ("forward", "reverse", "jsd")]
+)
 def test_fused_gradients_match_autograd_in_edge_cases(case, mode, direction):
     """Ids the student lacks (tail bucket), a top-k that covers the vocabulary (no tail
     bucket), and logits so peaked that probabilities underflow: finite and equal to autograd."""
@@ -433,8 +487,9 @@ def test_fused_gradients_match_autograd_in_edge_cases(case, mode, direction):
         sparse = sparse_teacher_from_logits(teacher_logits, 6, temperature)
     else:
         scale = 40.0 if case == "peaked" else 3.0
-        sparse = sparse_teacher_from_logits(randn(n, v, seed=43, scale=scale), v if case == "k_equals_vocab" else 5,
-                                            temperature)
+        sparse = sparse_teacher_from_logits(
+            randn(n, v, seed=43, scale=scale), v if case == "k_equals_vocab" else 5, temperature
+        )
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(44))
     targets[3] = IGNORE_INDEX
     spec = LossSpec(alpha=0.7, temperature=temperature, mode=mode, direction=direction, chunk_size=10)
@@ -443,10 +498,15 @@ def test_fused_gradients_match_autograd_in_edge_cases(case, mode, direction):
     for fused in (True, False):
         hidden = randn(n, h, seed=45).requires_grad_()
         weight = randn(v, h, seed=46, scale=w_scale).requires_grad_()
-        out = distillation_loss(hidden, weight, targets, _sparse_fn(sparse), spec) if fused else \
-            loss_sums(hidden @ weight.t(), targets, sparse, spec)
+        out = (
+            distillation_loss(hidden, weight, targets, _sparse_fn(sparse), spec)
+            if fused
+            else loss_sums(hidden @ weight.t(), targets, sparse, spec)
+        )
         out.total(n).backward()
-        assert torch.isfinite(out.weighted_sum) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+        assert (
+            torch.isfinite(out.weighted_sum) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+        )
         grads.append((out.weighted_sum.detach(), hidden.grad, weight.grad))
     (l1, h1, w1), (l2, h2, w2) = grads
     torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5)

@@ -14,10 +14,20 @@ NORM = r".*norm.*"
 @pytest.fixture
 def model() -> Qwen3MoeForCausalLM:
     torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
-    ))
+    return Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
 
 
 def named_numel(model) -> list[tuple[str, int]]:
@@ -88,7 +98,8 @@ def test_effective_lr_is_base_times_multiplier(model):
         assert g["lr"] == pytest.approx(BASE_LR * g["lr_multiplier"])
     opt = torch.optim.AdamW(groups, lr=123.0)
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx(
-        sorted(BASE_LR * g["lr_multiplier"] for g in groups))
+        sorted(BASE_LR * g["lr_multiplier"] for g in groups)
+    )
 
 
 def _decay_of(model, groups) -> dict[str, float]:
@@ -101,11 +112,20 @@ def test_no_weight_decay_on_norms_biases_embeddings(model):
     plan = plan_groups(named_numel(model), [(NORM, 0.5)])
     decay = _decay_of(model, build_param_groups(model, plan, BASE_LR, weight_decay=0.1))
     assert len(decay) == len(list(model.parameters()))
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
-                 "model.layers.1.self_attn.k_norm.weight", "lm_head.bias"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.self_attn.k_norm.weight",
+        "lm_head.bias",
+    ):
         assert decay[name] == 0.0, name
-    for name in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight",
-                 "model.layers.1.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight"):
+    for name in (
+        "lm_head.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.gate.weight",
+    ):
         assert decay[name] == 0.1, name
 
     everything = _decay_of(model, build_param_groups(model, plan, BASE_LR, weight_decay=0.1, decay_everything=True))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from contextlib import chdir
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from helpers import tiny_params_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kdsweep.cache import TeacherLogitCache, log_normalizer
@@ -15,8 +16,6 @@ from kdsweep.config import validate
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.models import load_causal_lm
-
-from conftest import chdir, tiny_params_dict
 
 
 def test_prepare_writes_packed_sequences_and_tokenizer(tiny_pipeline):
@@ -48,8 +47,12 @@ def test_cache_probabilities_match_a_full_teacher_forward(tiny_pipeline, tempera
     with torch.no_grad():
         full = torch.softmax(teacher(input_ids=ids).logits.float() / temperature, dim=-1)
     top_ids = torch.as_tensor(batch["topk_ids"].astype(np.int64))
-    lse = log_normalizer(torch.as_tensor(batch["log_normalizer"]), torch.as_tensor(batch["log_normalizer_slope"]),
-                         cache.betas, 1 / temperature)
+    lse = log_normalizer(
+        torch.as_tensor(batch["log_normalizer"]),
+        torch.as_tensor(batch["log_normalizer_slope"]),
+        cache.betas,
+        1 / temperature,
+    )
     p_cache = torch.exp(torch.as_tensor(batch["topk_logits"]).float() / temperature - lse[..., None])
     p_true = full.gather(-1, top_ids)
     assert (p_cache - p_true).abs().max() < 1e-3
@@ -100,8 +103,18 @@ def test_distill_writes_student_metrics_plots_and_tensorboard(pipeline_copy):
     acc = EventAccumulator(str(pipeline_copy / "runs/distill"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/ce", "train/kl", "train/grad_norm", "perf/tokens_per_s", "perf/memory_mb",
-                "eval/val_loss", "eval/val_kl", "eval/val_top1_agreement", "lr/.*shared_core.*"):
+    for tag in (
+        "train/loss",
+        "train/ce",
+        "train/kl",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/memory_mb",
+        "eval/val_loss",
+        "eval/val_kl",
+        "eval/val_top1_agreement",
+        "lr/.*shared_core.*",
+    ):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("eval/val_loss")] == [0, 3, 6]
 
@@ -134,7 +147,9 @@ def test_resume_continues_exactly(pipeline_copy, tmp_path):
     with chdir(pipeline_copy):
         with pytest.raises(KeyboardInterrupt):
             distill.main(params, run_dir=tmp_path / "tb", eval_hook=crash)
-        assert json.loads((pipeline_copy / "checkpoints/distill/last/trainer_state.json").read_text())["global_step"] == 3
+        assert (
+            json.loads((pipeline_copy / "checkpoints/distill/last/trainer_state.json").read_text())["global_step"] == 3
+        )
         resumed_metrics = distill.main(params, run_dir=tmp_path / "tb", resume=True)
     assert resumed_metrics["steps"] == 6
     resumed = load_causal_lm(pipeline_copy / "models/student").state_dict()
@@ -166,17 +181,30 @@ def test_hugging_face_dataset_tokenizer_and_model_saved_locally(tmp_path):
     datasets.Dataset.from_dict({"body": docs, "id": list(range(len(docs)))}).save_to_disk(tmp_path / "hf_dataset")
     tok = train_bpe_tokenizer(docs, TokenizerConfig(vocab_size=300), 32)
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2))
+    model = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
     model.save_pretrained(tmp_path / "hf_model")
     tok.save_pretrained(tmp_path / "hf_model")
 
-    params = validate(tiny_params_dict(
-        dataset={"source": "hf", "name": str(tmp_path / "hf_dataset"), "text_column": "body"},
-        teacher={"model": str(tmp_path / "hf_model")},
-        training={"max_steps": 2, "eval_steps": 2},
-    ))
+    params = validate(
+        tiny_params_dict(
+            dataset={"source": "hf", "name": str(tmp_path / "hf_dataset"), "text_column": "body"},
+            teacher={"model": str(tmp_path / "hf_model")},
+            training={"max_steps": 2, "eval_steps": 2},
+        )
+    )
     root = tmp_path / "run"
     root.mkdir()
     with chdir(root):

@@ -20,19 +20,29 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
-from conftest import REPO, tiny_params_dict
+from helpers import REPO, tiny_params_dict
 
 BIN = Path(sys.executable).parent
 UPSTREAM = ["prepare", "teacher", "teacher_logits", "student"]
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+ENV = {
+    **os.environ,
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
 
 SPEC = {
     "fixed": {"training.max_steps": 6, "training.eval_steps": 3, "training.logging_steps": 3, "training.threads": 1},
-    "space": {"loss.alpha": {"type": "float", "low": 0.1, "high": 0.9},
-              "loss.temperature": {"type": "float", "low": 1.0, "high": 4.0}},
+    "space": {
+        "loss.alpha": {"type": "float", "low": 0.1, "high": 0.9},
+        "loss.temperature": {"type": "float", "low": 1.0, "high": 4.0},
+    },
     "baselines": [{"loss.alpha": 0.5, "loss.temperature": 2.0}],
     "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2},
     "pruner": {"type": "none"},
@@ -66,8 +76,9 @@ def study(repo: Path, name: str) -> optuna.Study:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(
-        str(repo / "studies" / f"{name}.journal"))))
+    return optuna.load_study(
+        study_name=name, storage=JournalStorage(JournalFileBackend(str(repo / "studies" / f"{name}.journal")))
+    )
 
 
 def experiments(repo: Path) -> dict[str, dict]:
@@ -80,7 +91,8 @@ def experiments(repo: Path) -> dict[str, dict]:
             out[exp.get("name") or rev.get("name")] = {
                 "params": data["params"]["params.yaml"]["data"],
                 "metrics": data["metrics"]["metrics/distill.json"]["data"],
-                "rev": rev["rev"]}
+                "rev": rev["rev"],
+            }
     return out
 
 
@@ -175,8 +187,10 @@ def test_each_trial_writes_hparams_that_tensorboard_reads(small_study):
         for raw in content.values():
             data = plugin_data_pb2.HParamsPluginData.FromString(raw)
             if data.HasField("session_start_info"):
-                hparams = {k: v.number_value if v.HasField("number_value") else v.string_value
-                           for k, v in data.session_start_info.hparams.items()}
+                hparams = {
+                    k: v.number_value if v.HasField("number_value") else v.string_value
+                    for k, v in data.session_start_info.hparams.items()
+                }
         assert hparams["loss.alpha"] == pytest.approx(t.params["loss.alpha"], rel=1e-6)
         assert hparams["loss.temperature"] == pytest.approx(t.params["loss.temperature"], rel=1e-6)
         assert "eval/val_loss" in acc.Tags()["scalars"]
@@ -191,8 +205,11 @@ def test_retention_keeps_only_the_best_trials_outputs(small_study):
 
     def files(name):
         out = next(o for o in lock(repo, exps[name]["rev"])["distill"]["outs"] if o["path"] == "models/student")
-        entries = json.loads((cache / out["md5"][:2] / out["md5"][2:]).read_text()) \
-            if (cache / out["md5"][:2] / out["md5"][2:]).exists() else None
+        entries = (
+            json.loads((cache / out["md5"][:2] / out["md5"][2:]).read_text())
+            if (cache / out["md5"][:2] / out["md5"][2:]).exists()
+            else None
+        )
         return out["md5"], entries
 
     _, kept = files(f"small-{best.number}")
@@ -213,8 +230,12 @@ def test_status_best_and_report(small_study, tmp_path):
     report_dir = tmp_path / "report"
     kdsweep(repo, "report", "small", "--out", str(report_dir))
     text = (report_dir / "report.md").read_text()
-    for png in ("optimization_history.png", "parallel_coordinates.png", "alpha_temperature.png",
-                "param_importances.png"):
+    for png in (
+        "optimization_history.png",
+        "parallel_coordinates.png",
+        "alpha_temperature.png",
+        "param_importances.png",
+    ):
         assert f"]({png})" in text and (report_dir / png).stat().st_size > 1000, png
     assert "## `dvc exp show`" in text and "| small-0 | complete |" in text
 
@@ -240,8 +261,11 @@ def test_best_apply_restores_the_best_params_and_checkpoint(small_study, tmp_pat
 # --------------------------------------------------------------------------- slow: heavier studies
 @pytest.mark.slow
 def test_four_trials_with_two_workers(sweep_repo):
-    proc = kdsweep(sweep_repo, "run", write_spec(sweep_repo, "par", baselines=[], workers=2,
-                                                 budget={"n_trials": 4}, retention={"keep_best": None}))
+    proc = kdsweep(
+        sweep_repo,
+        "run",
+        write_spec(sweep_repo, "par", baselines=[], workers=2, budget={"n_trials": 4}, retention={"keep_best": None}),
+    )
     s = study(sweep_repo, "par")
     assert [t.number for t in s.trials] == [0, 1, 2, 3] and all(t.state == TS.COMPLETE for t in s.trials)
     names = [t.user_attrs["experiment"] for t in s.trials]
@@ -253,29 +277,44 @@ def test_four_trials_with_two_workers(sweep_repo):
 
 @pytest.mark.slow
 def test_a_harmful_learning_rate_is_pruned(sweep_repo):
-    spec = write_spec(sweep_repo, "prune",
-                      fixed={**SPEC["fixed"], "training.max_steps": 9},
-                      space={"training.learning_rate": {"type": "categorical", "choices": [0.003, 0.5]}},
-                      baselines=[{"training.learning_rate": 0.003}, {"training.learning_rate": 0.003},
-                                 {"training.learning_rate": 0.5}],
-                      pruner={"type": "median", "n_startup_trials": 2}, budget={"n_trials": 3})
+    spec = write_spec(
+        sweep_repo,
+        "prune",
+        fixed={**SPEC["fixed"], "training.max_steps": 9},
+        space={"training.learning_rate": {"type": "categorical", "choices": [0.003, 0.5]}},
+        baselines=[
+            {"training.learning_rate": 0.003},
+            {"training.learning_rate": 0.003},
+            {"training.learning_rate": 0.5},
+        ],
+        pruner={"type": "median", "n_startup_trials": 2},
+        budget={"n_trials": 3},
+    )
     kdsweep(sweep_repo, "run", spec)
     s = study(sweep_repo, "prune")
     assert [t.state for t in s.trials] == [TS.COMPLETE, TS.COMPLETE, TS.PRUNED]
     pruned = s.trials[2]
-    assert list(pruned.intermediate_values) == [3] and pruned.intermediate_values[3] > s.trials[0].intermediate_values[3]
+    assert (
+        list(pruned.intermediate_values) == [3] and pruned.intermediate_values[3] > s.trials[0].intermediate_values[3]
+    )
     m = experiments(sweep_repo)["prune-2"]["metrics"]
     assert m["state"] == "pruned" and m["steps"] == 3  # stopped early, still recorded by DVC
 
 
 @pytest.mark.slow
 def test_a_failing_trial_does_not_stop_the_study(sweep_repo):
-    spec = write_spec(sweep_repo, "fail",
-                      fixed={**SPEC["fixed"], "training.max_nonfinite_steps": 1},
-                      space={"training.learning_rate": {"type": "categorical", "choices": [0.003, 1000000.0]}},
-                      baselines=[{"training.learning_rate": 0.003}, {"training.learning_rate": 1000000.0},
-                                 {"training.learning_rate": 0.003}],
-                      budget={"n_trials": 3})
+    spec = write_spec(
+        sweep_repo,
+        "fail",
+        fixed={**SPEC["fixed"], "training.max_nonfinite_steps": 1},
+        space={"training.learning_rate": {"type": "categorical", "choices": [0.003, 1000000.0]}},
+        baselines=[
+            {"training.learning_rate": 0.003},
+            {"training.learning_rate": 1000000.0},
+            {"training.learning_rate": 0.003},
+        ],
+        budget={"n_trials": 3},
+    )
     proc = kdsweep(sweep_repo, "run", spec)
     s = study(sweep_repo, "fail")
     assert [t.state for t in s.trials] == [TS.COMPLETE, TS.FAIL, TS.COMPLETE]
@@ -290,10 +329,21 @@ def test_a_failing_trial_does_not_stop_the_study(sweep_repo):
 def test_sigkill_of_the_runner_then_resume(sweep_repo):
     import psutil
 
-    spec = write_spec(sweep_repo, "kill", baselines=[], budget={"n_trials": 3}, retention={"keep_best": None},
-                      fixed={**SPEC["fixed"], "training.max_steps": 150})
-    runner = subprocess.Popen([str(BIN / "kdsweep"), "run", spec], cwd=sweep_repo, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spec = write_spec(
+        sweep_repo,
+        "kill",
+        baselines=[],
+        budget={"n_trials": 3},
+        retention={"keep_best": None},
+        fixed={**SPEC["fixed"], "training.max_steps": 150},
+    )
+    runner = subprocess.Popen(
+        [str(BIN / "kdsweep"), "run", spec],
+        cwd=sweep_repo,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = sweep_repo / "studies" / "kill" / "logs" / "1.log"
     deadline = time.monotonic() + 300
     while not (log.exists() and "Step 3: Val Loss" in log.read_text()):  # trial 1 is training
@@ -321,8 +371,11 @@ def test_sigkill_of_the_runner_then_resume(sweep_repo):
     assert [t.number for t in interrupted] == [1] and interrupted[0].state == TS.FAIL
     retry = next(t for t in s.trials if t.user_attrs.get("retry_of") == 1)
     assert retry.params == s.trials[1].params and retry.state == TS.COMPLETE
-    finished = [t for t in s.trials if t.state in (TS.COMPLETE, TS.PRUNED)
-                or (t.state == TS.FAIL and not t.user_attrs.get("interrupted"))]
+    finished = [
+        t
+        for t in s.trials
+        if t.state in (TS.COMPLETE, TS.PRUNED) or (t.state == TS.FAIL and not t.user_attrs.get("interrupted"))
+    ]
     assert len(finished) == 3  # n_trials reached, exactly
     names = [t.user_attrs["experiment"] for t in s.trials]
     assert len(set(names)) == len(names)
@@ -335,10 +388,22 @@ def test_sigkill_of_the_runner_then_resume(sweep_repo):
 def test_ctrl_c_stops_the_running_trial_and_resume_retries_it(sweep_repo):
     import psutil
 
-    spec = write_spec(sweep_repo, "int", baselines=[], budget={"n_trials": 2}, retention={"keep_best": None},
-                      fixed={**SPEC["fixed"], "training.max_steps": 150})
-    runner = subprocess.Popen([str(BIN / "kdsweep"), "run", spec], cwd=sweep_repo, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spec = write_spec(
+        sweep_repo,
+        "int",
+        baselines=[],
+        budget={"n_trials": 2},
+        retention={"keep_best": None},
+        fixed={**SPEC["fixed"], "training.max_steps": 150},
+    )
+    runner = subprocess.Popen(
+        [str(BIN / "kdsweep"), "run", spec],
+        cwd=sweep_repo,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = sweep_repo / "studies" / "int" / "logs" / "0.log"
     deadline = time.monotonic() + 300
     while not (log.exists() and "Step 3: Val Loss" in log.read_text()):

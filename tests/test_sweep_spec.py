@@ -11,11 +11,12 @@ import math
 import random
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import chdir, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, tiny_params_dict
 
 from kdsweep.config import validate
 from kdsweep.errors import UserError
@@ -23,8 +24,6 @@ from kdsweep.sweep import dvcexp
 from kdsweep.sweep.plan import build_plan, key_problem, upstream_stages
 from kdsweep.sweep.space import LAYOUT, apply_overrides, dimensions, knob_name, lr_name, resolve, sample
 from kdsweep.sweep.spec import parse_spec
-
-from conftest import REPO, chdir, tiny_params_dict
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 SHIPPED_SPECS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -36,7 +35,11 @@ VALID = {
         "loss.alpha": {"type": "float", "low": 0.1, "high": 0.9},
         "loss.temperature": {"type": "float", "low": 1.0, "high": 4.0},
         "loss.mode": {"type": "categorical", "choices": ["topk_tail", "topk_renorm"]},
-        "loss.direction": {"type": "categorical", "choices": ["forward", "reverse"], "when": {"loss.mode": "topk_tail"}},
+        "loss.direction": {
+            "type": "categorical",
+            "choices": ["forward", "reverse"],
+            "when": {"loss.mode": "topk_tail"},
+        },
         "training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
         "training.warmup_steps": {"type": "int", "low": 0, "high": 4, "step": 2},
     },
@@ -48,15 +51,29 @@ VALID = {
     "stage_layouts": {
         "single": None,
         "two_stage": [
-            {"stage_name": "experts", "max_steps": {"type": "int", "low": 3, "high": 6, "step": 3},
-             "parameter_lr_multipliers": [
-                 {"pattern": ".*shared_core.*|.*wrapper.*", "lr_multiplier": {"type": "float", "low": 0.5, "high": 2.0}},
-                 {"pattern": ".*", "lr_multiplier": 0.0}]},
+            {
+                "stage_name": "experts",
+                "max_steps": {"type": "int", "low": 3, "high": 6, "step": 3},
+                "parameter_lr_multipliers": [
+                    {
+                        "pattern": ".*shared_core.*|.*wrapper.*",
+                        "lr_multiplier": {"type": "float", "low": 0.5, "high": 2.0},
+                    },
+                    {"pattern": ".*", "lr_multiplier": 0.0},
+                ],
+            },
             {"stage_name": "full", "max_steps": 6, "temperature": {"type": "float", "low": 1.0, "high": 3.0}},
         ],
     },
-    "baselines": [{"loss.alpha": 0.5, "loss.temperature": 2.0, "lr_multiplier[.*shared_core.*]": 1.0,
-                   "lr_multiplier[.*wrapper.*]": 1.0, "stages.layout": "single"}],
+    "baselines": [
+        {
+            "loss.alpha": 0.5,
+            "loss.temperature": 2.0,
+            "lr_multiplier[.*shared_core.*]": 1.0,
+            "lr_multiplier[.*wrapper.*]": 1.0,
+            "stages.layout": "single",
+        }
+    ],
     "budget": {"n_trials": 4},
 }
 
@@ -70,8 +87,14 @@ def names(tiny_pipeline) -> list[str]:
 
 
 def plan(spec=None, params=None, names=None, **kw):
-    return build_plan(copy.deepcopy(VALID if spec is None else spec), params or tiny_params_dict(), DVC_YAML,
-                      names, source="t.yaml", **kw)
+    return build_plan(
+        copy.deepcopy(VALID if spec is None else spec),
+        params or tiny_params_dict(),
+        DVC_YAML,
+        names,
+        source="t.yaml",
+        **kw,
+    )
 
 
 def problems(spec=None, params=None, names=None) -> list[str]:
@@ -99,7 +122,9 @@ DELETE = object()
 
 # --------------------------------------------------------------------------- valid specs
 def test_valid_spec_gives_a_plan_whose_examples_validate(names):
-    p = plan(names=names, check_encoding=lambda o, prm: dvcexp.roundtrip_problem(yaml.safe_dump(tiny_params_dict()), o, prm))
+    p = plan(
+        names=names, check_encoding=lambda o, prm: dvcexp.roundtrip_problem(yaml.safe_dump(tiny_params_dict()), o, prm)
+    )
     assert p.upstream == ["prepare", "teacher", "teacher_logits", "student"]
     assert p.run_stages == ["distill"]
     assert len(p.examples) == 1 + 3  # the baseline and three random trials
@@ -108,7 +133,8 @@ def test_valid_spec_gives_a_plan_whose_examples_validate(names):
     assert baseline["parameter_lr_multipliers"][:3] == [
         {"pattern": ".*layers\\.0\\..*", "lr_multiplier": 0.5},  # new pattern: put in front
         {"pattern": ".*shared_core.*", "lr_multiplier": 1.0},  # existing ones keep their place
-        {"pattern": ".*wrapper.*", "lr_multiplier": 1.0}]
+        {"pattern": ".*wrapper.*", "lr_multiplier": 1.0},
+    ]
     assert "loss.alpha" in p.hparam_keys and "training.max_steps" in p.hparam_keys
 
 
@@ -133,16 +159,23 @@ def test_demo_study_starts_from_the_reference_defaults():
     assert (trial0.loss.alpha, trial0.loss.temperature) == (0.5, 2.0)
     assert [(r.pattern, r.lr_multiplier) for r in trial0.parameter_lr_multipliers] == REFERENCE_MULTIPLIERS
     assert not trial0.stages.enabled
-    assert {d.name for d in p.space.dims} >= {"loss.alpha", "loss.temperature", lr_name(".*shared_core.*"),
-                                              lr_name(".*wrapper.*"), LAYOUT}
+    assert {d.name for d in p.space.dims} >= {
+        "loss.alpha",
+        "loss.temperature",
+        lr_name(".*shared_core.*"),
+        lr_name(".*wrapper.*"),
+        LAYOUT,
+    }
     assert set(spec.stage_layouts) == {"single", "freeze_then_unfreeze"}
 
 
 # --------------------------------------------------------------------------- errors that name the key
 def test_unknown_params_key_suggests_the_close_one():
     lines = problems(with_(**{"space/loss.alpah": {"type": "float", "low": 0, "high": 1}}))
-    assert any(line.strip().startswith("space.loss.alpah: unknown params.yaml key; did you mean `loss.alpha`?")
-               for line in lines), lines
+    assert any(
+        line.strip().startswith("space.loss.alpah: unknown params.yaml key; did you mean `loss.alpha`?")
+        for line in lines
+    ), lines
 
 
 def test_unknown_spec_key_suggests_the_close_one():
@@ -152,8 +185,14 @@ def test_unknown_spec_key_suggests_the_close_one():
     assert "space.loss.alpha.hihg: unknown key; did you mean `high`?" in text
 
 
-@pytest.mark.parametrize("dist", [{"type": "float", "low": 0.9, "high": 0.1}, {"type": "int", "low": 3, "high": 3},
-                                  {"type": "categorical", "choices": []}])
+@pytest.mark.parametrize(
+    "dist",
+    [
+        {"type": "float", "low": 0.9, "high": 0.1},
+        {"type": "int", "low": 3, "high": 3},
+        {"type": "categorical", "choices": []},
+    ],
+)
 def test_empty_range(dist):
     text = "\n".join(problems(with_(**{"space/loss.alpha": dist})))
     assert "space.loss.alpha" in text and ("empty range" in text or "at least 1 item" in text), text
@@ -186,15 +225,26 @@ def test_key_of_a_stage_the_trials_do_not_run():
 
 
 def test_every_problem_is_listed_at_once(names):
-    spec = with_(**{"space/loss.alpha/high": 1.5, "space/loss.temperature/high": 5.0,
-                    "space/teacher.top_k": {"type": "int", "low": 8, "high": 16},
-                    "lr_multipliers/2/pattern": "nothing_matches_this",
-                    "baselines/0/loss.alpha": 1.95, "space/loss.direction/when": {"loss.mode": "dense"}})
+    spec = with_(
+        **{
+            "space/loss.alpha/high": 1.5,
+            "space/loss.temperature/high": 5.0,
+            "space/teacher.top_k": {"type": "int", "low": 8, "high": 16},
+            "lr_multipliers/2/pattern": "nothing_matches_this",
+            "baselines/0/loss.alpha": 1.95,
+            "space/loss.direction/when": {"loss.mode": "dense"},
+        }
+    )
     lines = problems(spec, names=names)
     assert lines[0] == f"t.yaml: {len(lines) - 1} problems:"
-    for start in ("space.loss.alpha = 1.5: loss.alpha:", "space.loss.temperature = 5.0: loss.temperature:",
-                  "space.teacher.top_k: read by upstream", "lr_multipliers.2.pattern: 'nothing_matches_this'",
-                  "baselines.0.loss.alpha: 1.95 is outside", "space.loss.direction.when.loss.mode: 'dense' is never"):
+    for start in (
+        "space.loss.alpha = 1.5: loss.alpha:",
+        "space.loss.temperature = 5.0: loss.temperature:",
+        "space.teacher.top_k: read by upstream",
+        "lr_multipliers.2.pattern: 'nothing_matches_this'",
+        "baselines.0.loss.alpha: 1.95 is outside",
+        "space.loss.direction.when.loss.mode: 'dense' is never",
+    ):
         assert any(line.strip().startswith(start) for line in lines), (start, lines)
 
 
@@ -204,12 +254,17 @@ def test_conditions_must_name_a_parameter_of_the_spec():
 
 
 def test_baselines_name_parameters_and_stay_inside_the_space():
-    text = "\n".join(problems(with_(**{"baselines": [{"loss.alpah": 0.5}, {"stages.layout": "three_stage"},
-                                                     {"training.max_steps": 5}]})))
+    text = "\n".join(
+        problems(
+            with_(**{"baselines": [{"loss.alpah": 0.5}, {"stages.layout": "three_stage"}, {"training.max_steps": 5}]})
+        )
+    )
     assert "baselines.0.loss.alpah: not a parameter of this study" in text and "`loss.alpha`" in text
     assert "baselines.1.stages.layout: 'three_stage' is outside one of ['single', 'two_stage']" in text
-    assert "baselines.2.training.max_steps: not a parameter of this study (a value held in every trial goes under " \
-           "`fixed`)" in text
+    assert (
+        "baselines.2.training.max_steps: not a parameter of this study (a value held in every trial goes under "
+        "`fixed`)" in text
+    )
 
 
 def test_key_problem_walks_the_params_schema():
@@ -252,23 +307,56 @@ def test_conditional_parameters_are_sampled_only_when_their_condition_holds():
 
 def test_a_layout_becomes_the_whole_stages_list():
     spec = parse_spec(VALID)
-    values = {LAYOUT: "two_stage", knob_name("two_stage", 0, "max_steps"): 6,
-              knob_name("two_stage", 0, lr_name(".*shared_core.*|.*wrapper.*")): 1.5,
-              knob_name("two_stage", 1, "temperature"): 2.5}
+    values = {
+        LAYOUT: "two_stage",
+        knob_name("two_stage", 0, "max_steps"): 6,
+        knob_name("two_stage", 0, lr_name(".*shared_core.*|.*wrapper.*")): 1.5,
+        knob_name("two_stage", 1, "temperature"): 2.5,
+    }
     out = resolve(spec, tiny_params_dict(), values)
     assert out["stages.enabled"] is True
     assert out["stages.configs"] == [
-        {"stage_name": "experts", "max_steps": 6, "parameter_lr_multipliers": [
-            {"pattern": ".*shared_core.*|.*wrapper.*", "lr_multiplier": 1.5}, {"pattern": ".*", "lr_multiplier": 0.0}]},
-        {"stage_name": "full", "max_steps": 6, "temperature": 2.5}]
+        {
+            "stage_name": "experts",
+            "max_steps": 6,
+            "parameter_lr_multipliers": [
+                {"pattern": ".*shared_core.*|.*wrapper.*", "lr_multiplier": 1.5},
+                {"pattern": ".*", "lr_multiplier": 0.0},
+            ],
+        },
+        {"stage_name": "full", "max_steps": 6, "temperature": 2.5},
+    ]
     params = validate(apply_overrides(tiny_params_dict(), out))
     assert [s.stage_name for s in params.stages.configs] == ["experts", "full"]
 
 
 # --------------------------------------------------------------------------- `dvc exp run -S` encoding
-@pytest.mark.parametrize("value", [0.5, 1e-05, 3e-7, 2.5e10, 1e300, 0.1 + 0.2, -0.0, 7, True, None, "cosine",
-                                   ".*layers\\.0\\..*", "a'b\\c$", "x\\", "x\\'", "a${x}b", "\"q\"", "a,b]}{[ :=",
-                                   "ünï", [1, 2.5, "x"], [{"pattern": ".*", "lr_multiplier": 1e-4}]])
+@pytest.mark.parametrize(
+    "value",
+    [
+        0.5,
+        1e-05,
+        3e-7,
+        2.5e10,
+        1e300,
+        0.1 + 0.2,
+        -0.0,
+        7,
+        True,
+        None,
+        "cosine",
+        ".*layers\\.0\\..*",
+        "a'b\\c$",
+        "x\\",
+        "x\\'",
+        "a${x}b",
+        '"q"',
+        "a,b]}{[ :=",
+        "ünï",
+        [1, 2.5, "x"],
+        [{"pattern": ".*", "lr_multiplier": 1e-4}],
+    ],
+)
 def test_set_param_values_survive_dvcs_hydra_parser(tmp_path, value):
     """What `dvc exp run -S` writes into params.yaml (DVC's own code) reads back as the same value."""
     path = tmp_path / "params.yaml"
@@ -285,15 +373,42 @@ def test_set_param_values_survive_dvcs_hydra_parser(tmp_path, value):
 def test_roundtrip_check_accepts_a_resolved_trial():
     spec = parse_spec(VALID)
     base = tiny_params_dict()
-    out = resolve(spec, base, {LAYOUT: "two_stage", knob_name("two_stage", 0, "max_steps"): 3,
-                               knob_name("two_stage", 0, lr_name(".*shared_core.*|.*wrapper.*")): 1e-5,
-                               knob_name("two_stage", 1, "temperature"): 1.5, "loss.alpha": 0.25})
+    out = resolve(
+        spec,
+        base,
+        {
+            LAYOUT: "two_stage",
+            knob_name("two_stage", 0, "max_steps"): 3,
+            knob_name("two_stage", 0, lr_name(".*shared_core.*|.*wrapper.*")): 1e-5,
+            knob_name("two_stage", 1, "temperature"): 1.5,
+            "loss.alpha": 0.25,
+        },
+    )
     assert dvcexp.roundtrip_problem(yaml.safe_dump(base), out, validate(apply_overrides(base, out))) is None
 
 
 # --------------------------------------------------------------------------- fuzz
-JUNK = [None, -1, 0, 1e9, -1e-9, "abc", "", [], {}, True, 2.5, [1, 2], {"type": "float"}, {"type": "int", "low": 1},
-        "loss.alpha", float("inf"), ".*", "(unclosed", {"a": {"b": 1}}]
+JUNK = [
+    None,
+    -1,
+    0,
+    1e9,
+    -1e-9,
+    "abc",
+    "",
+    [],
+    {},
+    True,
+    2.5,
+    [1, 2],
+    {"type": "float"},
+    {"type": "int", "low": 1},
+    "loss.alpha",
+    float("inf"),
+    ".*",
+    "(unclosed",
+    {"a": {"b": 1}},
+]
 
 
 def _paths(node, prefix=()):
@@ -318,7 +433,7 @@ def _mutate(rng: random.Random, doc: dict) -> dict:
         del parent[key]
     elif op == "typo" and isinstance(key, str) and len(key) > 1:
         i = rng.randrange(len(key) - 1)
-        parent[key[:i] + key[i + 1] + key[i] + key[i + 2:]] = parent.pop(key)
+        parent[key[:i] + key[i + 1] + key[i] + key[i + 2 :]] = parent.pop(key)
     elif op == "number" and isinstance(parent[key], (int, float)) and not isinstance(parent[key], bool):
         parent[key] = rng.choice([-parent[key], parent[key] * 10, parent[key] / 10, 0, parent[key] + 0.5])
     elif op == "add" and isinstance(parent[key], dict):
@@ -348,8 +463,14 @@ def test_fuzz_200_mutations_give_a_plan_or_a_user_error(names):
     outcomes = {"plan": 0, "error": 0}
     for spec, params in _mutations(200):
         try:
-            p = build_plan(spec, params, DVC_YAML, names, samples=2,
-                           check_encoding=lambda o, prm: dvcexp.roundtrip_problem(yaml.safe_dump(params), o, prm))
+            p = build_plan(
+                spec,
+                params,
+                DVC_YAML,
+                names,
+                samples=2,
+                check_encoding=lambda o, prm, params=params: dvcexp.roundtrip_problem(yaml.safe_dump(params), o, prm),
+            )
         except UserError as e:
             assert str(e).strip(), "an error must say what is wrong"
             outcomes["error"] += 1
@@ -368,8 +489,10 @@ def spec_repo(tmp_path) -> Path:
     root.mkdir()
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
-    for cmd in (["git", "init", "-q"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
-                                         "--allow-empty", "-m", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"],
+    ):
         subprocess.run(cmd, cwd=root, check=True)
     subprocess.run(["git", "config", "user.name", "t"], cwd=root, check=True)
     subprocess.run(["git", "config", "user.email", "t@t"], cwd=root, check=True)
@@ -397,14 +520,16 @@ def test_fuzz_sample_through_the_cli_exits_0_or_2_without_traceback(spec_repo):
         assert info.value.code in (0, None, 2), err.getvalue()
         assert "Traceback" not in err.getvalue() + out.getvalue()
         if info.value.code == 2:
-            assert err.getvalue().startswith("error: s.yaml: ") or err.getvalue().startswith("error: params.yaml"), \
+            assert err.getvalue().startswith("error: s.yaml: ") or err.getvalue().startswith("error: params.yaml"), (
                 err.getvalue()
+            )
     assert 2 in codes
 
 
 def test_cli_spec_error_exits_2_without_traceback(spec_repo):
-    (spec_repo / "bad.yaml").write_text(yaml.safe_dump(with_(**{"space/loss.alpah": {"type": "float", "low": 0,
-                                                                                      "high": 1}})))
+    (spec_repo / "bad.yaml").write_text(
+        yaml.safe_dump(with_(**{"space/loss.alpah": {"type": "float", "low": 0, "high": 1}}))
+    )
     cli = Path(sys.executable).parent / "kdsweep"
     proc = subprocess.run([str(cli), "run", "bad.yaml"], cwd=spec_repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -413,24 +538,31 @@ def test_cli_spec_error_exits_2_without_traceback(spec_repo):
     assert not (spec_repo / "studies").exists()  # nothing ran
 
 
-@pytest.mark.parametrize("output,transient", [
-    ("ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
-    ("fatal: Unable to create '/r/.git/index.lock': File exists.", True),
-    ("error: cannot lock ref 'refs/exps/ab/cd/demo-3': is at 123 but expected 456", True),
-    ("error: distill: stopped after 1 non-finite losses in a row (step 1)", False),
-    ("ERROR: failed to reproduce 'distill': failed to run: kdsweep distill, exited with 2", False),
-])
+@pytest.mark.parametrize(
+    "output,transient",
+    [
+        ("ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
+        ("fatal: Unable to create '/r/.git/index.lock': File exists.", True),
+        ("error: cannot lock ref 'refs/exps/ab/cd/demo-3': is at 123 but expected 456", True),
+        ("error: distill: stopped after 1 non-finite losses in a row (step 1)", False),
+        ("ERROR: failed to reproduce 'distill': failed to run: kdsweep distill, exited with 2", False),
+    ],
+)
 def test_lock_errors_are_retried_and_trial_errors_are_not(output, transient):
     assert bool(dvcexp.TRANSIENT.search(output)) is transient
 
 
 def test_a_rebuilt_upstream_stage_is_detected_from_the_output_or_the_lock():
-    before = {"prepare": {"outs": [{"path": "data/prepared", "md5": "a.dir"}]},
-              "student": {"outs": [{"path": "models/student_init", "md5": "b.dir"}]}}
+    before = {
+        "prepare": {"outs": [{"path": "data/prepared", "md5": "a.dir"}]},
+        "student": {"outs": [{"path": "models/student_init", "md5": "b.dir"}]},
+    }
     same = {**before, "distill": {"outs": [{"path": "models/student", "md5": "c.dir"}]}}
     assert dvcexp.upstream_problems(same, before, ["prepare", "student"], "Running stage 'distill':") == []
     changed = {**same, "student": {"outs": [{"path": "models/student_init", "md5": "d.dir"}]}}
     assert dvcexp.upstream_problems(changed, before, ["prepare", "student"], "") == [
-        "student (its dvc.lock entry changed)"]
+        "student (its dvc.lock entry changed)"
+    ]
     assert dvcexp.upstream_problems(same, before, ["prepare", "student"], "Running stage 'prepare':\n") == [
-        "prepare (DVC ran it)"]
+        "prepare (DVC ran it)"
+    ]

@@ -79,17 +79,33 @@ def resolve_stages(params: Params, micro_batches_per_epoch: int) -> list[Stage]:
         return max(1, math.ceil(epochs * micro_batches_per_epoch / tr.gradient_accumulation_steps))
 
     if not params.stages.enabled:
-        return [Stage("train", steps(tr.num_train_epochs, tr.max_steps), params.parameter_lr_multipliers,
-                      tr.default_lr_multiplier, tr.learning_rate, loss.alpha, loss.temperature, tr.warmup_steps,
-                      "parameter_lr_multipliers")]
+        return [
+            Stage(
+                "train",
+                steps(tr.num_train_epochs, tr.max_steps),
+                params.parameter_lr_multipliers,
+                tr.default_lr_multiplier,
+                tr.learning_rate,
+                loss.alpha,
+                loss.temperature,
+                tr.warmup_steps,
+                "parameter_lr_multipliers",
+            )
+        ]
     return [
-        Stage(s.stage_name, steps(s.num_epochs, s.max_steps),
-              params.parameter_lr_multipliers if s.parameter_lr_multipliers is None else s.parameter_lr_multipliers,
-              tr.default_lr_multiplier if s.default_lr_multiplier is None else s.default_lr_multiplier,
-              s.learning_rate or tr.learning_rate, loss.alpha if s.alpha is None else s.alpha,
-              s.temperature or loss.temperature, tr.warmup_steps if s.warmup_steps is None else s.warmup_steps,
-              "parameter_lr_multipliers" if s.parameter_lr_multipliers is None
-              else f"stages.configs.{i}.parameter_lr_multipliers")
+        Stage(
+            s.stage_name,
+            steps(s.num_epochs, s.max_steps),
+            params.parameter_lr_multipliers if s.parameter_lr_multipliers is None else s.parameter_lr_multipliers,
+            tr.default_lr_multiplier if s.default_lr_multiplier is None else s.default_lr_multiplier,
+            s.learning_rate or tr.learning_rate,
+            loss.alpha if s.alpha is None else s.alpha,
+            s.temperature or loss.temperature,
+            tr.warmup_steps if s.warmup_steps is None else s.warmup_steps,
+            "parameter_lr_multipliers"
+            if s.parameter_lr_multipliers is None
+            else f"stages.configs.{i}.parameter_lr_multipliers",
+        )
         for i, s in enumerate(params.stages.configs)
     ]
 
@@ -97,8 +113,10 @@ def resolve_stages(params: Params, micro_batches_per_epoch: int) -> list[Stage]:
 def plan_stages(student: torch.nn.Module, stages: list[Stage]) -> list[Plan]:
     """Every stage's parameter groups, checked before anything trains (raises UserError)."""
     named = [(n, p.numel()) for n, p in student.named_parameters()]
-    return [plan_groups(named, [(r.pattern, r.lr_multiplier) for r in st.rules], st.default_multiplier, st.where)
-            for st in stages]
+    return [
+        plan_groups(named, [(r.pattern, r.lr_multiplier) for r in st.rules], st.default_multiplier, st.where)
+        for st in stages
+    ]
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -127,8 +145,13 @@ class MicroBatches(torch.utils.data.Dataset):
         return batch
 
 
-def validation_batches(sequences: np.ndarray, cache: TeacherLogitCache | None, batch_size: int,
-                       max_batches: int | None, device: torch.device):
+def validation_batches(
+    sequences: np.ndarray,
+    cache: TeacherLogitCache | None,
+    batch_size: int,
+    max_batches: int | None,
+    device: torch.device,
+):
     n = math.ceil(len(sequences) / batch_size)
     for b in range(n if max_batches is None else min(n, max_batches)):
         idx = list(range(b * batch_size, min(len(sequences), (b + 1) * batch_size)))
@@ -178,12 +201,21 @@ def memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def main(params: Params, *, prepared_dir: Path = Path("data/prepared"), teacher_dir: Path = Path("models/teacher"),
-         cache_dir: Path = Path("data/teacher_logits"), student_dir: Path = Path("models/student_init"),
-         out: Path = Path("models/student"), metrics_path: Path = Path("metrics/distill.json"),
-         plots_dir: Path = Path("plots/distill"), run_dir: Path | None = None,
-         checkpoint_dir: Path | None = None, resume: bool = False,
-         eval_hook: EvalHook | None = None) -> dict:
+def main(
+    params: Params,
+    *,
+    prepared_dir: Path = Path("data/prepared"),
+    teacher_dir: Path = Path("models/teacher"),
+    cache_dir: Path = Path("data/teacher_logits"),
+    student_dir: Path = Path("models/student_init"),
+    out: Path = Path("models/student"),
+    metrics_path: Path = Path("metrics/distill.json"),
+    plots_dir: Path = Path("plots/distill"),
+    run_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    eval_hook: EvalHook | None = None,
+) -> dict:
     """Distill the student; returns the metrics written to ``metrics_path``.
 
     ``eval_hook(step, metrics)`` runs after every evaluation; returning True stops the run
@@ -205,17 +237,39 @@ def main(params: Params, *, prepared_dir: Path = Path("data/prepared"), teacher_
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(params, prepared_dir=Path(prepared_dir), teacher_dir=Path(teacher_dir),
-                      cache_dir=Path(cache_dir), student_dir=Path(student_dir), out_dir=Path(out),
-                      metrics_path=Path(metrics_path), plots_dir=Path(plots_dir), run_dir=run_dir,
-                      checkpoint_dir=checkpoint_dir, resume=resume, eval_hook=eval_hook)
+        return _train(
+            params,
+            prepared_dir=Path(prepared_dir),
+            teacher_dir=Path(teacher_dir),
+            cache_dir=Path(cache_dir),
+            student_dir=Path(student_dir),
+            out_dir=Path(out),
+            metrics_path=Path(metrics_path),
+            plots_dir=Path(plots_dir),
+            run_dir=run_dir,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            eval_hook=eval_hook,
+        )
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: Path, student_dir: Path, out_dir: Path,
-           metrics_path: Path, plots_dir: Path, run_dir: Path | None, checkpoint_dir: Path | None, resume: bool,
-           eval_hook: EvalHook | None) -> dict:
+def _train(
+    params: Params,
+    *,
+    prepared_dir: Path,
+    teacher_dir: Path,
+    cache_dir: Path,
+    student_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+    run_dir: Path | None,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    eval_hook: EvalHook | None,
+) -> dict:
     tr, loss_cfg = params.training, params.loss
     device = default_device()
     data = load_prepared(prepared_dir)
@@ -230,20 +284,41 @@ def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: 
     train_set = MicroBatches(data.train, teacher.caches["train"], tr.per_device_train_batch_size, tr.seed)
     for i, st in enumerate(stages):
         if teacher.caches["train"] is not None:
-            teacher.caches["train"].check_temperature(st.temperature, f"stages.configs.{i}.temperature"
-                                                      if params.stages.enabled else "loss.temperature")
-    eval_spec = LossSpec(alpha=0.0, temperature=1.0, mode="dense" if teacher.model is not None else "topk_tail",
-                         chunk_size=loss_cfg.chunk_size)
+            teacher.caches["train"].check_temperature(
+                st.temperature, f"stages.configs.{i}.temperature" if params.stages.enabled else "loss.temperature"
+            )
+    eval_spec = LossSpec(
+        alpha=0.0,
+        temperature=1.0,
+        mode="dense" if teacher.model is not None else "topk_tail",
+        chunk_size=loss_cfg.chunk_size,
+    )
 
     def run_eval() -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.bf16):
-            return evaluate(student, validation_batches(data.validation, teacher.caches["validation"],
-                                                        params.evaluate.batch_size, tr.eval_max_batches, device),
-                            lambda b: teacher.fn(b, 1.0, eval_spec.mode), eval_spec)
+            return evaluate(
+                student,
+                validation_batches(
+                    data.validation,
+                    teacher.caches["validation"],
+                    params.evaluate.batch_size,
+                    tr.eval_max_batches,
+                    device,
+                ),
+                lambda b: teacher.fn(b, 1.0, eval_spec.mode),
+                eval_spec,
+            )
 
     # Where we are: fresh, or restored from the last checkpoint.
-    state = {"global_step": 0, "stage_index": 0, "step_in_stage": 0, "micro_batch": 0, "nonfinite_total": 0,
-             "nonfinite_run": 0, "best_val_loss": None}
+    state = {
+        "global_step": 0,
+        "stage_index": 0,
+        "step_in_stage": 0,
+        "micro_batch": 0,
+        "nonfinite_total": 0,
+        "nonfinite_run": 0,
+        "best_val_loss": None,
+    }
     # A sweep points these at per-trial directories outside its temporary workspaces.
     checkpoint_dir = Path(checkpoint_dir or os.environ.get("KDSWEEP_CHECKPOINT_DIR") or "checkpoints/distill")
     last_ckpt = checkpoint_dir / "last"
@@ -252,18 +327,24 @@ def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: 
             raise UserError(f"--resume: no checkpoint at {last_ckpt}; run without --resume to start fresh")
         state = {**state, **checkpoint.load_state(last_ckpt)}
         changed = checkpoint.changed_params(last_ckpt, params.model_dump(mode="json"))
-        print(f"distill: resuming from {last_ckpt} at step {state['global_step']}"
-              + (f"; warning: params changed since the checkpoint: {', '.join(changed)}" if changed else ""))
+        print(
+            f"distill: resuming from {last_ckpt} at step {state['global_step']}"
+            + (f"; warning: params changed since the checkpoint: {', '.join(changed)}" if changed else "")
+        )
     resumed_from = state["global_step"]
 
     run_dir = Path(run_dir or os.environ.get("KDSWEEP_RUN_DIR") or "runs/distill")
     # On resume, events a crashed run wrote after the checkpoint are dropped (purge_step).
     writer = SummaryWriter(str(run_dir), purge_step=resumed_from + 1 if resume else None)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    train_csv = _csv(plots_dir / "train.csv", ["step", "loss", "ce", "kl", "grad_norm", "tokens_per_s"],
-                     resumed_from if resume else None)
-    eval_csv = _csv(plots_dir / "eval.csv", ["step", "val_loss", "val_kl", "val_top1_agreement"],
-                    resumed_from if resume else None)
+    train_csv = _csv(
+        plots_dir / "train.csv",
+        ["step", "loss", "ce", "kl", "grad_norm", "tokens_per_s"],
+        resumed_from if resume else None,
+    )
+    eval_csv = _csv(
+        plots_dir / "eval.csv", ["step", "val_loss", "val_kl", "val_top1_agreement"], resumed_from if resume else None
+    )
     total_steps = sum(s.steps for s in stages)
     status, last_eval, start_time = "complete", {}, time.perf_counter()
     if resumed_from == 0:
@@ -277,28 +358,47 @@ def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: 
 
     for stage_index in range(state["stage_index"], len(stages)):
         st, plan = stages[stage_index], plans[stage_index]
-        spec = LossSpec(st.alpha, st.temperature, loss_cfg.mode, loss_cfg.direction, loss_cfg.scale_by_t2,
-                        loss_cfg.chunk_size, loss_cfg.jsd_beta)
+        spec = LossSpec(
+            st.alpha,
+            st.temperature,
+            loss_cfg.mode,
+            loss_cfg.direction,
+            loss_cfg.scale_by_t2,
+            loss_cfg.chunk_size,
+            loss_cfg.jsd_beta,
+        )
         table = format_plan(plan, st.learning_rate)
-        tqdm.write(f"stage {stage_index + 1}/{len(stages)} '{st.name}': {st.steps} steps, alpha {st.alpha}, "
-                   f"T {st.temperature}, lr {st.learning_rate:g}, warmup {st.warmup_steps}\n{table}")
+        tqdm.write(
+            f"stage {stage_index + 1}/{len(stages)} '{st.name}': {st.steps} steps, alpha {st.alpha}, "
+            f"T {st.temperature}, lr {st.learning_rate:g}, warmup {st.warmup_steps}\n{table}"
+        )
         writer.add_text(f"param_groups/{st.name}", "    " + table.replace("\n", "\n    "), state["global_step"])
-        groups = build_param_groups(student, plan, st.learning_rate, tr.weight_decay,
-                                    tr.weight_decay_on_norms_biases_embeddings)
+        groups = build_param_groups(
+            student, plan, st.learning_rate, tr.weight_decay, tr.weight_decay_on_norms_biases_embeddings
+        )
         optimizer = torch.optim.AdamW(groups, lr=st.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2))
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         first = state["step_in_stage"]  # 0 unless resuming inside this stage
         if stage_index == restore_at:
             checkpoint.restore(last_ckpt, student, optimizer)
         loader = torch.utils.data.DataLoader(
-            train_set, sampler=range(state["micro_batch"], state["micro_batch"] + (st.steps - first)
-                                     * tr.gradient_accumulation_steps),
-            batch_size=None, num_workers=tr.dataloader_num_workers)
+            train_set,
+            sampler=range(
+                state["micro_batch"], state["micro_batch"] + (st.steps - first) * tr.gradient_accumulation_steps
+            ),
+            batch_size=None,
+            num_workers=tr.dataloader_num_workers,
+        )
         batches = iter(loader)
 
         for step_in_stage in range(first, st.steps):
-            factor = lr_factor(step_in_stage, warmup_steps=st.warmup_steps, total_steps=st.steps,
-                               kind=tr.lr_scheduler, min_ratio=tr.min_lr_ratio)
+            factor = lr_factor(
+                step_in_stage,
+                warmup_steps=st.warmup_steps,
+                total_steps=st.steps,
+                kind=tr.lr_scheduler,
+                min_ratio=tr.min_lr_ratio,
+            )
             for g in optimizer.param_groups:
                 g["lr"] = st.learning_rate * g["lr_multiplier"] * factor
             t0 = time.perf_counter()
@@ -321,8 +421,10 @@ def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: 
             else:  # skipped: no update, Adam's moments untouched
                 state["nonfinite_run"] += 1
                 state["nonfinite_total"] += 1
-                tqdm.write(f"Step {state['global_step'] + 1}: non-finite loss ({total}) or gradient norm "
-                           f"({grad_norm}); step skipped ({state['nonfinite_run']} in a row)")
+                tqdm.write(
+                    f"Step {state['global_step'] + 1}: non-finite loss ({total}) or gradient norm "
+                    f"({grad_norm}); step skipped ({state['nonfinite_run']} in a row)"
+                )
             optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
             state["step_in_stage"] = step_in_stage + 1
@@ -348,8 +450,9 @@ def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: 
                     status = "pruned"
                     break
             if tr.save_steps and step % tr.save_steps == 0:
-                checkpoint.save(last_ckpt, student, optimizer, {**state, "stage_name": st.name},
-                                params.model_dump(mode="json"))
+                checkpoint.save(
+                    last_ckpt, student, optimizer, {**state, "stage_name": st.name}, params.model_dump(mode="json")
+                )
         if status != "complete":
             break
         state["step_in_stage"] = 0
@@ -360,13 +463,19 @@ def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: 
         last_eval = run_eval()
     _save_pretrained_atomically(student, out_dir)
     checkpoint.save(last_ckpt, student, optimizer, {**state, "status": status}, params.model_dump(mode="json"))
-    metrics = _finite_or_none({
-        "state": status, **{k: v for k, v in last_eval.items() if k != "val_tokens"},
-        "best_val_loss": min((v for v in (state["best_val_loss"], last_eval["val_loss"])
-                              if v is not None and math.isfinite(v)), default=None),
-        "steps": state["global_step"], "nonfinite_steps": state["nonfinite_total"],
-        "train_seconds": round(time.perf_counter() - start_time, 1),
-    })
+    metrics = _finite_or_none(
+        {
+            "state": status,
+            **{k: v for k, v in last_eval.items() if k != "val_tokens"},
+            "best_val_loss": min(
+                (v for v in (state["best_val_loss"], last_eval["val_loss"]) if v is not None and math.isfinite(v)),
+                default=None,
+            ),
+            "steps": state["global_step"],
+            "nonfinite_steps": state["nonfinite_total"],
+            "train_seconds": round(time.perf_counter() - start_time, 1),
+        }
+    )
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.with_name(metrics_path.name + ".tmp").write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(metrics_path.with_name(metrics_path.name + ".tmp"), metrics_path)
@@ -374,9 +483,11 @@ def _train(params: Params, *, prepared_dir: Path, teacher_dir: Path, cache_dir: 
     writer.close()
     teacher.close()
     if status == "stopped_nonfinite":
-        raise UserError(f"distill: stopped after {tr.max_nonfinite_steps} non-finite losses in a row "
-                        f"(step {state['global_step']}, state 'stopped_nonfinite' in {metrics_path}); "
-                        "lower training.learning_rate or loss.temperature, keep training.max_grad_norm")
+        raise UserError(
+            f"distill: stopped after {tr.max_nonfinite_steps} non-finite losses in a row "
+            f"(step {state['global_step']}, state 'stopped_nonfinite' in {metrics_path}); "
+            "lower training.learning_rate or loss.temperature, keep training.max_grad_norm"
+        )
     return metrics
 
 
@@ -417,19 +528,30 @@ class _Window:
     seconds: float = 0.0  # in training steps (data, forward, backward, update), not evaluation
 
     def add(self, loss: float, ce: float, kl: float) -> None:
-        self.loss, self.ce, self.kl, self.finite_steps = self.loss + loss, self.ce + ce, self.kl + kl, self.finite_steps + 1
+        self.loss, self.ce, self.kl, self.finite_steps = (
+            self.loss + loss,
+            self.ce + ce,
+            self.kl + kl,
+            self.finite_steps + 1,
+        )
 
 
-def _log_train(writer: SummaryWriter, csv, step: int, window: _Window, grad_norm: float, optimizer, device,
-               nonfinite_total: int) -> None:
+def _log_train(
+    writer: SummaryWriter, csv, step: int, window: _Window, grad_norm: float, optimizer, device, nonfinite_total: int
+) -> None:
     """Console line, TensorBoard scalars and a CSV row: losses averaged over the finite steps
     since the last log; the LR of each group named by its pattern."""
     n = max(window.finite_steps, 1)
     total, ce, kl = window.loss / n, window.ce / n, window.kl / n
     tps = window.tokens / max(window.seconds, 1e-9)
     tqdm.write(f"Step {step}: Total Loss: {total:.4f}, CE Loss: {ce:.4f}, KL Loss: {kl:.4f}")
-    for name, value in {"loss": total, "ce": ce, "kl": kl, "grad_norm": grad_norm,
-                        "nonfinite_steps": nonfinite_total}.items():
+    for name, value in {
+        "loss": total,
+        "ce": ce,
+        "kl": kl,
+        "grad_norm": grad_norm,
+        "nonfinite_steps": nonfinite_total,
+    }.items():
         writer.add_scalar(f"train/{name}", value, step)
     for g in optimizer.param_groups:  # decay / no-decay halves of a pattern share its LR
         writer.add_scalar(f"lr/{g['name']}", g["lr"], step)
@@ -440,8 +562,10 @@ def _log_train(writer: SummaryWriter, csv, step: int, window: _Window, grad_norm
 
 
 def _log_eval(writer: SummaryWriter, csv, step: int, metrics: dict) -> None:
-    tqdm.write(f"Step {step}: Val Loss: {metrics['val_loss']:.4f}, Val KL: {metrics['val_kl']:.4f}, "
-               f"Top-1 Agreement: {metrics['val_top1_agreement']:.3f}")
+    tqdm.write(
+        f"Step {step}: Val Loss: {metrics['val_loss']:.4f}, Val KL: {metrics['val_kl']:.4f}, "
+        f"Top-1 Agreement: {metrics['val_top1_agreement']:.3f}"
+    )
     for name in ("val_loss", "val_kl", "val_top1_agreement", "val_perplexity"):
         writer.add_scalar(f"eval/{name}", metrics[name], step)
     csv.write(f"{step},{metrics['val_loss']:.6f},{metrics['val_kl']:.6f},{metrics['val_top1_agreement']:.6f}\n")
@@ -473,10 +597,15 @@ def hparams_of(params: Params) -> dict:
     every dotted key listed in ``KDSWEEP_HPARAM_KEYS`` (set by the sweep runner to the keys
     it samples); values that are not numbers, strings or booleans are written as JSON.
     """
-    hp = {"loss.alpha": params.loss.alpha, "loss.temperature": params.loss.temperature,
-          "loss.mode": params.loss.mode, "loss.direction": params.loss.direction,
-          "training.learning_rate": params.training.learning_rate, "stages.enabled": params.stages.enabled,
-          "stages.layout": "+".join(s.stage_name for s in params.stages.configs) if params.stages.enabled else "single"}
+    hp = {
+        "loss.alpha": params.loss.alpha,
+        "loss.temperature": params.loss.temperature,
+        "loss.mode": params.loss.mode,
+        "loss.direction": params.loss.direction,
+        "training.learning_rate": params.training.learning_rate,
+        "stages.enabled": params.stages.enabled,
+        "stages.layout": "+".join(s.stage_name for s in params.stages.configs) if params.stages.enabled else "single",
+    }
     for rule in params.parameter_lr_multipliers:
         hp[f"lr_multiplier[{rule.pattern}]"] = rule.lr_multiplier
     dumped = params.model_dump(mode="json")
@@ -494,8 +623,11 @@ def _log_hparams(writer: SummaryWriter, params: Params, metrics: dict) -> None:
     """HParams summaries written into this run's own directory: one row per run in TensorBoard."""
     from torch.utils.tensorboard.summary import hparams
 
-    final = {f"hparam/{k}": float(metrics[k]) for k in ("val_loss", "best_val_loss", "val_kl", "val_top1_agreement")
-             if metrics.get(k) is not None}
+    final = {
+        f"hparam/{k}": float(metrics[k])
+        for k in ("val_loss", "best_val_loss", "val_kl", "val_top1_agreement")
+        if metrics.get(k) is not None
+    }
     exp, ssi, sei = hparams(hparams_of(params), final)
     for summary in (exp, ssi, sei):
         writer.file_writer.add_summary(summary)

@@ -20,9 +20,15 @@ from kdsweep.stages.distill import validation_batches
 from kdsweep.teachers import cached_teacher_fn, live_teacher_fn
 
 
-def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir: Path = Path("models/teacher"),
-         cache_dir: Path = Path("data/teacher_logits"), init_dir: Path = Path("models/student_init"),
-         student_dir: Path = Path("models/student"), metrics_path: Path = Path("metrics/evaluate.json")) -> dict:
+def main(
+    params: Params,
+    prepared_dir: Path = Path("data/prepared"),
+    teacher_dir: Path = Path("models/teacher"),
+    cache_dir: Path = Path("data/teacher_logits"),
+    init_dir: Path = Path("models/student_init"),
+    student_dir: Path = Path("models/student"),
+    metrics_path: Path = Path("metrics/evaluate.json"),
+) -> dict:
     device = default_device()
     data = load_prepared(prepared_dir)
     cfg = params.evaluate
@@ -41,13 +47,23 @@ def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir
     results = {}
     for name, path in (("initial", init_dir), ("distilled", student_dir)):
         model = load_causal_lm(path).to(device)
-        results[name] = evaluate(model, validation_batches(data.validation, cache, cfg.batch_size, cfg.max_batches,
-                                                           device), teacher_fn_for, spec, progress=True, total=total)
-    metrics = {**{k: v for k, v in results["distilled"].items()},
-               "initial": {k: v for k, v in results["initial"].items() if k != "val_tokens"}}
+        results[name] = evaluate(
+            model,
+            validation_batches(data.validation, cache, cfg.batch_size, cfg.max_batches, device),
+            teacher_fn_for,
+            spec,
+            progress=True,
+            total=total,
+        )
+    metrics = {
+        **dict(results["distilled"].items()),
+        "initial": {k: v for k, v in results["initial"].items() if k != "val_tokens"},
+    }
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2))
     d, i = results["distilled"], results["initial"]
-    print(f"evaluate: val_loss {i['val_loss']:.4f} -> {d['val_loss']:.4f}, val_kl {i['val_kl']:.4f} -> "
-          f"{d['val_kl']:.4f}, top-1 agreement {i['val_top1_agreement']:.3f} -> {d['val_top1_agreement']:.3f}")
+    print(
+        f"evaluate: val_loss {i['val_loss']:.4f} -> {d['val_loss']:.4f}, val_kl {i['val_kl']:.4f} -> "
+        f"{d['val_kl']:.4f}, top-1 agreement {i['val_top1_agreement']:.3f} -> {d['val_top1_agreement']:.3f}"
+    )
     return metrics

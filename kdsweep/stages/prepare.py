@@ -43,13 +43,18 @@ def main(params: Params, out: Path = Path("data/prepared")) -> dict:
         "eos_token_id": tokenizer.eos_token_id,
         "splits": {
             "train": {"documents": len(corpus.train), "sequences": int(len(train)), "tokens": int(train.size)},
-            "validation": {"documents": len(corpus.validation), "sequences": int(len(validation)),
-                           "tokens": int(validation.size)},
+            "validation": {
+                "documents": len(corpus.validation),
+                "sequences": int(len(validation)),
+                "tokens": int(validation.size),
+            },
         },
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    print(f"prepare: {len(tokenizer)}-token vocabulary; train {train.shape[0]} x {ds.max_length} tokens, "
-          f"validation {validation.shape[0]} x {ds.max_length}")
+    print(
+        f"prepare: {len(tokenizer)}-token vocabulary; train {train.shape[0]} x {ds.max_length} tokens, "
+        f"validation {validation.shape[0]} x {ds.max_length}"
+    )
     return meta

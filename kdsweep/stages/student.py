@@ -22,8 +22,13 @@ from kdsweep.models import load_teacher
 from kdsweep.stages.teacher import evaluate_ce
 
 
-def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir: Path = Path("models/teacher"),
-         out: Path = Path("models/student_init"), metrics_path: Path = Path("metrics/student.json")) -> dict:
+def main(
+    params: Params,
+    prepared_dir: Path = Path("data/prepared"),
+    teacher_dir: Path = Path("models/teacher"),
+    out: Path = Path("models/student_init"),
+    metrics_path: Path = Path("metrics/student.json"),
+) -> dict:
     """Build the student, save it with ``save_pretrained`` and report its size."""
     cfg = params.student
     data = load_prepared(prepared_dir)
@@ -41,28 +46,47 @@ def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir
         if cfg.calibration_sequences:
             calib = torch.as_tensor(data.train[: cfg.calibration_sequences], dtype=torch.long)
         if not hasattr(teacher.model.layers[0].mlp, "experts"):
-            raise UserError("student.kind: 'compressed' needs a mixture-of-experts teacher (Qwen3-MoE style); "
-                            "use student.kind: copy for a dense teacher")
+            raise UserError(
+                "student.kind: 'compressed' needs a mixture-of-experts teacher (Qwen3-MoE style); "
+                "use student.kind: copy for a dense teacher"
+            )
         student, report = compress_from_teacher(
-            teacher, wrapper_rank=cfg.wrapper_rank, core_intermediate_size=cfg.core_intermediate_size,
-            layers=cfg.layers, copy_attention=cfg.copy_attention, copy_embeddings=cfg.copy_embeddings,
-            init=cfg.init, calibration_input_ids=calib, seed=cfg.seed)
+            teacher,
+            wrapper_rank=cfg.wrapper_rank,
+            core_intermediate_size=cfg.core_intermediate_size,
+            layers=cfg.layers,
+            copy_attention=cfg.copy_attention,
+            copy_embeddings=cfg.copy_embeddings,
+            init=cfg.init,
+            calibration_input_ids=calib,
+            seed=cfg.seed,
+        )
     for row in report:
-        print(f"student: layer {row['layer']}: expert reconstruction error {row['relative_error']:.4f} "
-              f"(max {row['max_relative_error']:.4f}) on {row['num_samples']} {row['inputs']} inputs")
+        print(
+            f"student: layer {row['layer']}: expert reconstruction error {row['relative_error']:.4f} "
+            f"(max {row['max_relative_error']:.4f}) on {row['num_samples']} {row['inputs']} inputs"
+        )
     t_count, s_count = count_parameters(teacher), count_parameters(student)
     val = data.validation[: cfg.eval_sequences]
     val_loss = {"teacher": evaluate_ce(teacher, val, 16, device), "student": evaluate_ce(student, val, 16, device)}
     if cfg.kind == "compressed" and cfg.init == "teacher":
         # The same shape, freshly initialised: how much the fit to the teacher is worth.
         baseline, _ = compress_from_teacher(
-            teacher, wrapper_rank=cfg.wrapper_rank, core_intermediate_size=cfg.core_intermediate_size,
-            layers=cfg.layers, copy_attention=cfg.copy_attention, copy_embeddings=cfg.copy_embeddings,
-            init="random", seed=cfg.seed)
+            teacher,
+            wrapper_rank=cfg.wrapper_rank,
+            core_intermediate_size=cfg.core_intermediate_size,
+            layers=cfg.layers,
+            copy_attention=cfg.copy_attention,
+            copy_embeddings=cfg.copy_embeddings,
+            init="random",
+            seed=cfg.seed,
+        )
         val_loss["random_init_student"] = evaluate_ce(baseline, val, 16, device)
     print("student: validation CE " + ", ".join(f"{k} {v:.4f}" for k, v in val_loss.items()))
     metrics = {
-        "teacher": t_count, "student": s_count, "val_loss": val_loss,
+        "teacher": t_count,
+        "student": s_count,
+        "val_loss": val_loss,
         "compression_ratio": round(t_count["total"] / s_count["total"], 3),
         "expert_parameter_ratio": round(s_count["expert"] / max(t_count["expert"], 1), 4),
         "reconstruction": report,
@@ -74,6 +98,8 @@ def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir
     tmp.rename(out)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2))
-    print(f"student: {s_count['total']:,} parameters ({s_count['active_per_token']:,} active per token), "
-          f"teacher {t_count['total']:,}; expert parameters {metrics['expert_parameter_ratio']:.1%} of the teacher's")
+    print(
+        f"student: {s_count['total']:,} parameters ({s_count['active_per_token']:,} active per token), "
+        f"teacher {t_count['total']:,}; expert parameters {metrics['expert_parameter_ratio']:.1%} of the teacher's"
+    )
     return metrics

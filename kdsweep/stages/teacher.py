@@ -25,8 +25,12 @@ from kdsweep.models import POINTER, default_device, embedded_teacher_config
 from kdsweep.schedule import lr_factor
 
 
-def main(params: Params, prepared_dir: Path = Path("data/prepared"), out: Path = Path("models/teacher"),
-         metrics_path: Path = Path("metrics/teacher.json")) -> dict:
+def main(
+    params: Params,
+    prepared_dir: Path = Path("data/prepared"),
+    out: Path = Path("models/teacher"),
+    metrics_path: Path = Path("metrics/teacher.json"),
+) -> dict:
     """Write the teacher (or a pointer to it) to ``out`` and its training metrics."""
     cfg = params.teacher
     tmp = out.with_name(out.name + ".tmp")
@@ -52,21 +56,24 @@ def train_embedded(params: Params, prepared_dir: Path, out: Path) -> dict:
     data = load_prepared(prepared_dir)
     torch.manual_seed(tr.seed)
     device = default_device()
-    config = embedded_teacher_config(cfg.arch, data.meta["tokenizer"]["vocab_size"], data.train.shape[1],
-                                     data.meta["eos_token_id"])
+    config = embedded_teacher_config(
+        cfg.arch, data.meta["tokenizer"]["vocab_size"], data.train.shape[1], data.meta["eos_token_id"]
+    )
     model = Qwen3MoeForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tr.learning_rate, betas=(0.9, 0.95), weight_decay=tr.weight_decay)
     rng = np.random.default_rng(tr.seed)
-    order = np.concatenate([rng.permutation(len(data.train)) for _ in range(
-        math.ceil(tr.max_steps * tr.batch_size / len(data.train)) + 1)])
+    order = np.concatenate(
+        [rng.permutation(len(data.train)) for _ in range(math.ceil(tr.max_steps * tr.batch_size / len(data.train)) + 1)]
+    )
     n_params = sum(p.numel() for p in model.parameters())
     print(f"teacher: training a {n_params / 1e6:.1f}M-parameter Qwen3-MoE for {tr.max_steps} steps on {device}")
     start, losses = time.perf_counter(), []
     bar = tqdm(range(tr.max_steps), desc="teacher", unit="step", dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = tr.learning_rate * lr_factor(step, warmup_steps=tr.warmup_steps,
-                                                       total_steps=tr.max_steps, kind="cosine", min_ratio=0.1)
+            group["lr"] = tr.learning_rate * lr_factor(
+                step, warmup_steps=tr.warmup_steps, total_steps=tr.max_steps, kind="cosine", min_ratio=0.1
+            )
         idx = np.sort(order[step * tr.batch_size : (step + 1) * tr.batch_size])
         ids = torch.as_tensor(data.train[idx], dtype=torch.long, device=device)
         loss = model(input_ids=ids, labels=ids).loss
@@ -78,8 +85,13 @@ def train_embedded(params: Params, prepared_dir: Path, out: Path) -> dict:
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     val_loss = evaluate_ce(model, data.validation, tr.batch_size, device)
     model.save_pretrained(out)
-    return {"parameters": n_params, "train_loss_final": float(np.mean(losses[-10:])), "val_loss": val_loss,
-            "steps": tr.max_steps, "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "parameters": n_params,
+        "train_loss_final": float(np.mean(losses[-10:])),
+        "val_loss": val_loss,
+        "steps": tr.max_steps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 @torch.no_grad()
@@ -90,7 +102,8 @@ def evaluate_ce(model, sequences: np.ndarray, batch_size: int, device: torch.dev
     for i in range(0, len(sequences), batch_size):
         ids = torch.as_tensor(sequences[i : i + batch_size], dtype=torch.long, device=device)
         logits = model(input_ids=ids).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        ).item()
         count += ids[:, 1:].numel()
     return total / count

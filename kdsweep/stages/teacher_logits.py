@@ -52,8 +52,13 @@ def expected_fingerprint(prepared: Prepared, teacher_dir: Path | None, params: P
         "top_k": cfg.top_k,
         "temperature_range": [lo, hi],
         "temperature_grid": cfg.temperature_grid,
-        "dtypes": {"input_ids": "int32", "topk_id_deltas": ids_dtype(vocab).name, "topk_logits": "float16",
-                   "tail_log_normalizer_residual": "int32", "tail_log_normalizer_slope": "float16"},
+        "dtypes": {
+            "input_ids": "int32",
+            "topk_id_deltas": ids_dtype(vocab).name,
+            "topk_logits": "float16",
+            "tail_log_normalizer_residual": "int32",
+            "tail_log_normalizer_slope": "float16",
+        },
     }
     if teacher_dir is None:
         del fingerprint["teacher"]
@@ -66,13 +71,23 @@ def layout_for(prepared: Prepared, teacher_dir: Path, params: Params, split: str
     vocab = prepared.meta["tokenizer"]["vocab_size"]
     if cfg.top_k > vocab:
         raise UserError(f"teacher.top_k: {cfg.top_k} exceeds the vocabulary size {vocab}")
-    return CacheLayout(cfg.top_k, temperature_grid(lo, hi, cfg.temperature_grid), vocab,
-                       prepared.split(split).shape[1], expected_fingerprint(prepared, teacher_dir, params, split))
+    return CacheLayout(
+        cfg.top_k,
+        temperature_grid(lo, hi, cfg.temperature_grid),
+        vocab,
+        prepared.split(split).shape[1],
+        expected_fingerprint(prepared, teacher_dir, params, split),
+    )
 
 
-def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir: Path = Path("models/teacher"),
-         out: Path = Path("data/teacher_logits"), metrics_path: Path = Path("metrics/teacher_logits.json"),
-         shard: tuple[int, int] | None = None) -> dict:
+def main(
+    params: Params,
+    prepared_dir: Path = Path("data/prepared"),
+    teacher_dir: Path = Path("models/teacher"),
+    out: Path = Path("data/teacher_logits"),
+    metrics_path: Path = Path("metrics/teacher_logits.json"),
+    shard: tuple[int, int] | None = None,
+) -> dict:
     """Generate (or resume) the cache for both splits; return the metrics written to ``metrics_path``."""
     cfg = params.teacher
     prepared = load_prepared(prepared_dir)
@@ -81,11 +96,15 @@ def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir
     vocab = prepared.meta["tokenizer"]["vocab_size"]
     rows = output_vocab_size(teacher)
     if rows < vocab:
-        raise UserError(f"teacher: its LM head has {rows} rows but the tokenizer has {vocab} tokens; "
-                        "use the teacher's own tokenizer")
+        raise UserError(
+            f"teacher: its LM head has {rows} rows but the tokenizer has {vocab} tokens; "
+            "use the teacher's own tokenizer"
+        )
     if rows > vocab:
-        print(f"teacher_logits: LM head has {rows} rows for {vocab} tokens (padded vocabulary); "
-              f"the {rows - vocab} padding rows are dropped")
+        print(
+            f"teacher_logits: LM head has {rows} rows for {vocab} tokens (padded vocabulary); "
+            f"the {rows - vocab} padding rows are dropped"
+        )
     out.mkdir(parents=True, exist_ok=True)
     work = out.absolute()
     partial_root = work.parent / f"{work.name}.partial"
@@ -94,15 +113,27 @@ def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir
         layout = layout_for(prepared, teacher_dir, params, split)
         target = out / f"{split}.h5"
         name = shard_path(target, shard).name if shard else target.name
-        path = generate(teacher, prepared.split(split), target, layout, batch_size=cfg.cache_batch_size,
-                        device=device, shard=shard, desc=f"teacher logits ({split})", partial_dir=partial_root / name,
-                        compression=GZIP_LEVEL if cfg.cache_compression == "gzip" else 0)
+        path = generate(
+            teacher,
+            prepared.split(split),
+            target,
+            layout,
+            batch_size=cfg.cache_batch_size,
+            device=device,
+            shard=shard,
+            desc=f"teacher logits ({split})",
+            partial_dir=partial_root / name,
+            compression=GZIP_LEVEL if cfg.cache_compression == "gzip" else 0,
+        )
         c = TeacherLogitCache(path)
         tokens = c.num_sequences * c.seq_len
         size = path.stat().st_size
-        metrics[split] = {"sequences": c.num_sequences, "bytes_per_token": round(size / tokens, 1),
-                          "bytes_per_logit": round(size / tokens / c.top_k, 3),
-                          "log_normalizer_max_error": float(c.attrs["log_normalizer_max_error"])}
+        metrics[split] = {
+            "sequences": c.num_sequences,
+            "bytes_per_token": round(size / tokens, 1),
+            "bytes_per_logit": round(size / tokens / c.top_k, 3),
+            "log_normalizer_max_error": float(c.attrs["log_normalizer_max_error"]),
+        }
         c.close()
     if partial_root.is_dir() and not any(partial_root.iterdir()):
         partial_root.rmdir()
@@ -115,9 +146,17 @@ def main(params: Params, prepared_dir: Path = Path("data/prepared"), teacher_dir
 def _inputs(params: Params) -> dict:
     """The settings that decide the prepared data and the teacher (see :func:`standalone`)."""
     t = params.teacher
-    return {"dataset": params.dataset.model_dump(mode="json"), "tokenizer": params.tokenizer.model_dump(mode="json"),
-            "teacher": {"model": t.model, "revision": t.revision, "trust_remote_code": t.trust_remote_code,
-                        "arch": t.arch.model_dump(mode="json"), "train": t.train.model_dump(mode="json")}}
+    return {
+        "dataset": params.dataset.model_dump(mode="json"),
+        "tokenizer": params.tokenizer.model_dump(mode="json"),
+        "teacher": {
+            "model": t.model,
+            "revision": t.revision,
+            "trust_remote_code": t.trust_remote_code,
+            "arch": t.arch.model_dump(mode="json"),
+            "train": t.train.model_dump(mode="json"),
+        },
+    }
 
 
 def standalone(params: Params, output_dir: Path, shard: tuple[int, int] | None = None) -> dict:
@@ -133,15 +172,26 @@ def standalone(params: Params, output_dir: Path, shard: tuple[int, int] | None =
     output_dir.mkdir(parents=True, exist_ok=True)
     prepared_dir, teacher_dir, record = output_dir / "prepared", output_dir / "teacher", output_dir / "inputs.json"
     inputs = _inputs(params)
-    fresh = (record.is_file() and json.loads(record.read_text()) == inputs and (prepared_dir / "meta.json").is_file()
-             and teacher_dir.is_dir())
+    fresh = (
+        record.is_file()
+        and json.loads(record.read_text()) == inputs
+        and (prepared_dir / "meta.json").is_file()
+        and teacher_dir.is_dir()
+    )
     if fresh:
         print(f"{output_dir}: prepared data and teacher are up to date; reusing them")
     else:
         record.unlink(missing_ok=True)
         prepare.main(params, out=prepared_dir)
-        teacher.main(params, prepared_dir=prepared_dir, out=teacher_dir,
-                     metrics_path=output_dir / "metrics/teacher.json")
+        teacher.main(
+            params, prepared_dir=prepared_dir, out=teacher_dir, metrics_path=output_dir / "metrics/teacher.json"
+        )
         record.write_text(json.dumps(inputs, indent=2))
-    return main(params, prepared_dir=prepared_dir, teacher_dir=teacher_dir, out=output_dir,
-                metrics_path=output_dir / "metrics/teacher_logits.json", shard=shard)
+    return main(
+        params,
+        prepared_dir=prepared_dir,
+        teacher_dir=teacher_dir,
+        out=output_dir,
+        metrics_path=output_dir / "metrics/teacher_logits.json",
+        shard=shard,
+    )

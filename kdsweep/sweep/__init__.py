@@ -11,11 +11,12 @@ The pieces, in the order a sweep uses them:
 ``dvcexp.py``       I/O with DVC and git: ``dvc exp run`` arguments, experiment refs,
                     upstream checks, cache objects of dropped trials
 ``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
-``trial.py``        inside a trial's ``kdsweep distill``: reports validation loss to
-                    the Optuna trial and asks whether to prune
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``
 ``cli.py``          the typer commands
 ==================  ==============================================================
+
+Inside each trial, ``kdsweep distill`` reports to the study through :mod:`kdsweep.trial_hook`
+(outside this package, so the distill stage does not depend on the sweep's code).
 
 The spec format is documented in ``docs/study-spec.md``.
 """

@@ -6,21 +6,26 @@ Each imports its module inside the command, so ``kdsweep --help`` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 StudyArg = Annotated[str, typer.Argument(help="A study name (storage studies/<name>.journal) or its spec file.")]
-StorageOpt = Annotated[Optional[str], typer.Option(
-    "--storage",
-    help="Optuna storage: a .journal path or an RDB URL (default: the spec's, or studies/<name>.journal).")]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Optuna storage: a .journal path or an RDB URL (default: the spec's, or studies/<name>.journal).",
+    ),
+]
 
 
 def run(
     spec: Annotated[Path, typer.Argument(help="The study spec, e.g. experiments/demo.yaml (see docs/study-spec.md).")],
-    workers: Annotated[Optional[int], typer.Option(
-        help="Trials run in parallel (overrides the spec's `workers`).")] = None,
-    n_trials: Annotated[Optional[int], typer.Option(help="Overrides the spec's budget.n_trials.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Trials run in parallel (overrides the spec's `workers`).")
+    ] = None,
+    n_trials: Annotated[int | None, typer.Option(help="Overrides the spec's budget.n_trials.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the spec and print the plan; run nothing.")] = False,
 ) -> None:
     """Run an Optuna study: every trial is a DVC experiment <study>-<number>; re-run to resume."""
@@ -33,10 +38,10 @@ def best(
     study: StudyArg,
     storage: StorageOpt = None,
     top: Annotated[int, typer.Option(help="Rows to show.")] = 20,
-    apply: Annotated[bool, typer.Option(
-        "--apply", help="`dvc exp apply` the best complete trial to the workspace.")] = False,
-    branch: Annotated[Optional[str], typer.Option(
-        help="Make a git branch of the best trial (`dvc exp branch`).")] = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="`dvc exp apply` the best complete trial to the workspace.")
+    ] = False,
+    branch: Annotated[str | None, typer.Option(help="Make a git branch of the best trial (`dvc exp branch`).")] = None,
 ) -> None:
     """Trials ranked by the objective (complete ones first, then pruned ones by their last value)."""
     from kdsweep.sweep.results import best as show_best
@@ -47,7 +52,7 @@ def best(
 def report(
     study: StudyArg,
     storage: StorageOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Directory of the report (default reports/<study>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Directory of the report (default reports/<study>).")] = None,
 ) -> None:
     """Markdown report with PNG plots (history, importances, parallel coordinates, alpha x T) and dvc exp show."""
     from kdsweep.sweep.results import report as write_report

@@ -136,14 +136,17 @@ def repo_root(start: Path) -> Path:
         raise UserError(f"{root}: the repository has no commit yet; DVC experiments need one (git add -A; git commit)")
     ident = subprocess.run(["git", "var", "GIT_COMMITTER_IDENT"], cwd=root, capture_output=True, text=True)
     if ident.returncode != 0:
-        raise UserError("git has no identity, and every trial is a commit: set git config user.name and "
-                        "user.email (or GIT_COMMITTER_NAME / GIT_COMMITTER_EMAIL)")
+        raise UserError(
+            "git has no identity, and every trial is a commit: set git config user.name and "
+            "user.email (or GIT_COMMITTER_NAME / GIT_COMMITTER_EMAIL)"
+        )
     return root
 
 
 def is_untracked(root: Path, path: str) -> bool:
     return (root / path).exists() and subprocess.run(
-        ["git", "ls-files", "--error-unmatch", path], cwd=root, capture_output=True).returncode != 0
+        ["git", "ls-files", "--error-unmatch", path], cwd=root, capture_output=True
+    ).returncode != 0
 
 
 def exp_refs(root: Path) -> dict[str, tuple[str, str]]:
@@ -234,8 +237,15 @@ def dir_size(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- failed trials
-def record_failed(root: Path, name: str, baseline: str, params_text: str, overrides: dict[str, Any],
-                  metrics: dict, extra_files: dict[str, str]) -> str:
+def record_failed(
+    root: Path,
+    name: str,
+    baseline: str,
+    params_text: str,
+    overrides: dict[str, Any],
+    metrics: dict,
+    extra_files: dict[str, str],
+) -> str:
     """Make a failed trial an experiment too, so ``dvc exp show`` lists it with its params and state.
 
     DVC keeps no commit for a run that failed, so this writes one the way DVC would have: the
@@ -247,8 +257,11 @@ def record_failed(root: Path, name: str, baseline: str, params_text: str, overri
         params_path = Path(tmp) / "params.yaml"
         params_path.write_text(params_text)
         apply_set_params(params_path, overrides)
-        files = {"params.yaml": params_path.read_text(), "metrics/distill.json": json.dumps(metrics, indent=2) + "\n",
-                 **extra_files}
+        files = {
+            "params.yaml": params_path.read_text(),
+            "metrics/distill.json": json.dumps(metrics, indent=2) + "\n",
+            **extra_files,
+        }
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
         git(root, "read-tree", baseline, env=env)
         for path, text in files.items():

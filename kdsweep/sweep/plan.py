@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from kdsweep.config import Params, validate
 from kdsweep.errors import UserError
-from kdsweep.sweep.space import (LAYOUT, Dim, Space, apply_overrides, dimensions, lr_name, resolve, sample)
+from kdsweep.sweep.space import LAYOUT, Dim, Space, apply_overrides, dimensions, lr_name, resolve, sample
 from kdsweep.sweep.spec import CategoricalDist, IntDist, StudySpec, parse_spec
 
 
@@ -57,12 +57,14 @@ class Plan:
 
     def summary(self) -> str:
         s = self.spec
-        lines = [f"study {self.name}: {s.objective.direction} {s.objective.metric}; "
-                 f"sampler {s.sampler.type}, pruner {s.pruner.type}; "
-                 f"{s.budget.n_trials or 'unlimited'} trials"
-                 + (f", timeout {s.budget.timeout:.0f} s" if s.budget.timeout else "")
-                 + f"; {s.workers} worker{'s' * (s.workers > 1)}",
-                 f"  trials run {' -> '.join(self.run_stages)} and reuse {', '.join(self.upstream) or 'nothing'}"]
+        lines = [
+            f"study {self.name}: {s.objective.direction} {s.objective.metric}; "
+            f"sampler {s.sampler.type}, pruner {s.pruner.type}; "
+            f"{s.budget.n_trials or 'unlimited'} trials"
+            + (f", timeout {s.budget.timeout:.0f} s" if s.budget.timeout else "")
+            + f"; {s.workers} worker{'s' * (s.workers > 1)}",
+            f"  trials run {' -> '.join(self.run_stages)} and reuse {', '.join(self.upstream) or 'nothing'}",
+        ]
         for d in self.space.dims:
             cond = " when " + ", ".join(f"{p} in {list(v)}" for p, v in d.when) if d.when else ""
             lines.append(f"  {d.name}: {_describe(d)}{cond}")
@@ -112,8 +114,9 @@ def upstream_stages(dvc_yaml: dict, targets: list[str]) -> list[str]:
     producer = {out: name for name, st in stages.items() for out in _outs(st or {})}
 
     def producers(dep: str) -> list[str]:
-        return [n for out, n in producer.items()
-                if dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")]
+        return [
+            n for out, n in producer.items() if dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
+        ]
 
     found: set[str] = set()
     todo = list(targets)
@@ -161,8 +164,9 @@ def key_problem(key: str, *, scalar: bool) -> str | None:
         if part not in fields:
             close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.6)
             where = ".".join(parts[:i]) or "params.yaml"
-            hint = (f"did you mean `{'.'.join(parts[:i] + [close[0]])}`?" if close
-                    else f"{where} has: {', '.join(fields)}")
+            hint = (
+                f"did you mean `{'.'.join(parts[:i] + [close[0]])}`?" if close else f"{where} has: {', '.join(fields)}"
+            )
             return f"unknown params.yaml key; {hint}"
         model, is_seq = _field_model(fields[part].annotation)
         i += 1
@@ -172,8 +176,11 @@ def key_problem(key: str, *, scalar: bool) -> str | None:
             i += 1
             is_seq = False
     if scalar and (model is not None or is_seq):
-        hint = " (sweep its multipliers with `lr_multipliers`)" if key == "parameter_lr_multipliers" else (
-            " (sweep stage layouts with `stage_layouts`)" if key.startswith("stages") else "")
+        hint = (
+            " (sweep its multipliers with `lr_multipliers`)"
+            if key == "parameter_lr_multipliers"
+            else (" (sweep stage layouts with `stage_layouts`)" if key.startswith("stages") else "")
+        )
         return f"`{key}` is a section or list, not a value a distribution can take; name a key inside it{hint}"
     return None
 
@@ -191,6 +198,7 @@ def random_suggest(rng: random.Random) -> Callable[[Dim], Any]:
         if x.step:
             return x.low + rng.randrange(int((x.high - x.low) / x.step + 1e-9) + 1) * x.step
         return rng.uniform(x.low, x.high)
+
     return suggest
 
 
@@ -207,7 +215,7 @@ def _probe(space: Space, name: str, value: Any) -> dict[str, Any] | None:
     todo = [name]
     while todo:
         d = space.get(todo.pop())
-        for parent, allowed in (d.when if d else ()):
+        for parent, allowed in d.when if d else ():
             if parent not in out:
                 pd = space.get(parent)
                 ok = [v for v in allowed if pd is not None and pd.contains(v)]
@@ -232,9 +240,17 @@ def _in_layout(line: str, layout: str | None) -> str:
 EncodingCheck = Callable[[dict[str, Any], Params], "str | None"]
 
 
-def build_plan(spec_data: Any, params_data: Any, dvc_yaml: dict, student_names: list[str] | None = None, *,
-               source: str = "study spec", samples: int = 3, seed: int = 0,
-               check_encoding: EncodingCheck | None = None) -> Plan:
+def build_plan(
+    spec_data: Any,
+    params_data: Any,
+    dvc_yaml: dict,
+    student_names: list[str] | None = None,
+    *,
+    source: str = "study spec",
+    samples: int = 3,
+    seed: int = 0,
+    check_encoding: EncodingCheck | None = None,
+) -> Plan:
     """Validate a spec and params.yaml together; raise one :class:`UserError` listing every problem.
 
     Args:
@@ -267,18 +283,23 @@ def build_plan(spec_data: Any, params_data: Any, dvc_yaml: dict, student_names: 
                 by = [s for s, declared in readers.items() if any(_overlaps(key, d) for d in declared)]
                 if any(s in upstream for s in by):
                     stage = next(s for s in by if s in upstream)
-                    why = (f"read by upstream stage '{stage}': every trial would rebuild it. Set it in params.yaml "
-                           f"and run `dvc repro` before the study")
+                    why = (
+                        f"read by upstream stage '{stage}': every trial would rebuild it. Set it in params.yaml "
+                        f"and run `dvc repro` before the study"
+                    )
                 elif not any(s in run_stages for s in by):
-                    why = (f"no stage a trial runs ({', '.join(run_stages)}) reads it"
-                           + (f"; '{by[0]}' does (add it to execution.stages)" if by else ""))
+                    why = f"no stage a trial runs ({', '.join(run_stages)}) reads it" + (
+                        f"; '{by[0]}' does (add it to execution.stages)" if by else ""
+                    )
             if why:
                 problems.append(f"  {where}.{key}: {why}")
                 bad_keys.add((where, key))
     for key in spec.space:
         if key in spec.fixed or any(_overlaps(key, f) for f in spec.fixed):
-            problems.append(f"  space.{key}: also set by fixed.{next(f for f in spec.fixed if _overlaps(key, f))}; "
-                            f"a key is either fixed or searched")
+            problems.append(
+                f"  space.{key}: also set by fixed.{next(f for f in spec.fixed if _overlaps(key, f))}; "
+                f"a key is either fixed or searched"
+            )
     if spec.stage_layouts:
         for key in list(spec.fixed) + list(spec.space):
             if _overlaps(key, "stages"):
@@ -291,10 +312,12 @@ def build_plan(spec_data: Any, params_data: Any, dvc_yaml: dict, student_names: 
         problems.append("  sampler.type: gp needs scipy (pip install scipy)")
 
     # Keep checking the rest with the bad keys left out, so one run reports everything.
-    good = spec.model_copy(update={
-        "fixed": {k: v for k, v in spec.fixed.items() if ("fixed", k) not in bad_keys},
-        "space": {k: v for k, v in spec.space.items() if ("space", k) not in bad_keys},
-    })
+    good = spec.model_copy(
+        update={
+            "fixed": {k: v for k, v in spec.fixed.items() if ("fixed", k) not in bad_keys},
+            "space": {k: v for k, v in spec.space.items() if ("space", k) not in bad_keys},
+        }
+    )
     space_ok = dimensions(good) if len(good.space) != len(spec.space) else space
     base = params_data if isinstance(params_data, dict) else {}
 
@@ -339,10 +362,18 @@ def build_plan(spec_data: Any, params_data: Any, dvc_yaml: dict, student_names: 
             d = space.get(name)
             if d is None:
                 close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
-                hint = (f"did you mean `{close[0]}`?" if close else
-                        f"the parameters are: {', '.join(names)}" if names else "the space is empty")
-                extra = " (a value held in every trial goes under `fixed`)" if name in spec.fixed or \
-                    key_problem(str(name), scalar=False) is None else ""
+                hint = (
+                    f"did you mean `{close[0]}`?"
+                    if close
+                    else f"the parameters are: {', '.join(names)}"
+                    if names
+                    else "the space is empty"
+                )
+                extra = (
+                    " (a value held in every trial goes under `fixed`)"
+                    if name in spec.fixed or key_problem(str(name), scalar=False) is None
+                    else ""
+                )
                 problems.append(f"  baselines.{k}.{name}: not a parameter of this study{extra}; {hint}")
                 ok = False
             elif not d.contains(value):
@@ -351,8 +382,10 @@ def build_plan(spec_data: Any, params_data: Any, dvc_yaml: dict, student_names: 
             else:
                 for parent, allowed in d.when:
                     if parent in b and b[parent] not in allowed:
-                        problems.append(f"  baselines.{k}.{name}: never used: {parent} is {b[parent]!r}, "
-                                        f"and {name} is sampled only when {parent} is one of {list(allowed)}")
+                        problems.append(
+                            f"  baselines.{k}.{name}: never used: {parent} is {b[parent]!r}, "
+                            f"and {name} is sampled only when {parent} is one of {list(allowed)}"
+                        )
                         ok = False
         if ok:
             overrides, params, lines = trial_params(sample(_with(space_ok, b), space_ok.dims))
@@ -388,15 +421,21 @@ def build_plan(spec_data: Any, params_data: Any, dvc_yaml: dict, student_names: 
 def _pattern_problems(spec: StudySpec, base_params: Params, names: list[str]) -> list[str]:
     from kdsweep.param_groups import closest_names
 
-    patterns: list[tuple[str, str]] = [(f"lr_multipliers.{i}.pattern", r.pattern) for i, r in
-                                       enumerate(spec.lr_multipliers)]
+    patterns: list[tuple[str, str]] = [
+        (f"lr_multipliers.{i}.pattern", r.pattern) for i, r in enumerate(spec.lr_multipliers)
+    ]
     fixed_rules = spec.fixed.get("parameter_lr_multipliers")
     if isinstance(fixed_rules, list):
-        patterns += [(f"fixed.parameter_lr_multipliers.{i}.pattern", r.get("pattern")) for i, r in
-                     enumerate(fixed_rules) if isinstance(r, dict)]
+        patterns += [
+            (f"fixed.parameter_lr_multipliers.{i}.pattern", r.get("pattern"))
+            for i, r in enumerate(fixed_rules)
+            if isinstance(r, dict)
+        ]
     else:
-        patterns += [(f"params.yaml parameter_lr_multipliers.{i}.pattern", r.pattern) for i, r in
-                     enumerate(base_params.parameter_lr_multipliers)]
+        patterns += [
+            (f"params.yaml parameter_lr_multipliers.{i}.pattern", r.pattern)
+            for i, r in enumerate(base_params.parameter_lr_multipliers)
+        ]
     for layout, stages in (spec.stage_layouts or {}).items():
         for i, stage in enumerate(stages or []):
             rules = stage.get("parameter_lr_multipliers") if isinstance(stage, dict) else None
@@ -414,8 +453,10 @@ def _pattern_problems(spec: StudySpec, base_params: Params, names: list[str]) ->
             continue  # reported as an invalid regular expression already
         if not any(rx.fullmatch(n) for n in names):
             extra = " (Hugging Face names layers `model.layers.N.`)" if "layer\\." in pattern else ""
-            out.append(f"  {where}: {pattern!r} matches no parameter of the student{extra}; closest names: "
-                       f"{', '.join(closest_names(pattern, names))}")
+            out.append(
+                f"  {where}: {pattern!r} matches no parameter of the student{extra}; closest names: "
+                f"{', '.join(closest_names(pattern, names))}"
+            )
     return out
 
 

@@ -14,10 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from kdsweep.errors import UserError
+from kdsweep.optuna_io import display, open_storage
 from kdsweep.sweep import dvcexp
 from kdsweep.sweep.spec import load_spec
-from kdsweep.sweep.study import (EXPERIMENT, FAIL_REASON, INTERRUPTED, OUTPUTS, REMOVED, display, headline,
-                                 last_value, open_storage, ranked, storage_url)
+from kdsweep.sweep.study import (
+    EXPERIMENT,
+    FAIL_REASON,
+    INTERRUPTED,
+    OUTPUTS,
+    REMOVED,
+    headline,
+    last_value,
+    ranked,
+    storage_url,
+)
 
 
 class StudyHandle:
@@ -42,16 +52,19 @@ class StudyHandle:
             spec = spec.model_copy(update={"storage": storage})
         self.name = spec.study
         self.url = storage_url(spec, self.root)
-        if self.url.startswith("journal:") and not Path(self.url[len("journal:"):]).is_file():
-            raise UserError(f"no study {self.name!r}: {display(self.url, self.root)} does not exist "
-                            f"(run `kdsweep run experiments/{self.name}.yaml` first, or pass --storage)")
+        if self.url.startswith("journal:") and not Path(self.url[len("journal:") :]).is_file():
+            raise UserError(
+                f"no study {self.name!r}: {display(self.url, self.root)} does not exist "
+                f"(run `kdsweep run experiments/{self.name}.yaml` first, or pass --storage)"
+            )
         self.storage = open_storage(self.url)
         try:
             self.study = optuna.load_study(study_name=self.name, storage=self.storage)
         except KeyError:
             names = optuna.get_all_study_names(self.storage)
-            raise UserError(f"no study {self.name!r} in {display(self.url, self.root)}; it has: "
-                            f"{', '.join(names) or 'none'}") from None
+            raise UserError(
+                f"no study {self.name!r} in {display(self.url, self.root)}; it has: {', '.join(names) or 'none'}"
+            ) from None
         self.spec = self.study.user_attrs.get("spec") or json.loads(spec.model_dump_json(warnings=False))
         self.metric = self.spec["objective"]["metric"]
         self.direction = self.spec["objective"]["direction"]
@@ -83,8 +96,7 @@ def table(header: list[str], rows: list[list[Any]], markdown: bool = False) -> s
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells])
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells])
 
 
@@ -97,9 +109,20 @@ def ranked_rows(h: StudyHandle, top: int | None = None) -> tuple[list[str], list
     header = ["rank", "trial", "experiment", "state", h.metric, "best_val_loss", "steps", "outputs"]
     header += [_short(p) for p in params]
     order = ranked(h.trials, h.direction)[:top]
-    rows = [[i + 1, t.number, t.user_attrs.get(EXPERIMENT), t.state.name.lower(), last_value(t),
-             t.user_attrs.get("best_val_loss"), t.user_attrs.get("steps"), h.outputs(t)]
-            + [t.params.get(p) for p in params] for i, t in enumerate(order)]
+    rows = [
+        [
+            i + 1,
+            t.number,
+            t.user_attrs.get(EXPERIMENT),
+            t.state.name.lower(),
+            last_value(t),
+            t.user_attrs.get("best_val_loss"),
+            t.user_attrs.get("steps"),
+            h.outputs(t),
+        ]
+        + [t.params.get(p) for p in params]
+        for i, t in enumerate(order)
+    ]
     return header, rows, order
 
 
@@ -128,8 +151,10 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
         print(f"warning: trial {winner.number}'s outputs were removed by retention; `dvc repro` rebuilds them")
     if apply:
         _dvc(h.root, "exp", "apply", name)
-        print(f"applied {name} (trial {winner.number}, {h.metric} {winner.value:.4f}): params.yaml, dvc.lock, "
-              f"metrics and models/student now hold it; `git diff params.yaml` shows the change")
+        print(
+            f"applied {name} (trial {winner.number}, {h.metric} {winner.value:.4f}): params.yaml, dvc.lock, "
+            f"metrics and models/student now hold it; `git diff params.yaml` shows the change"
+        )
     if branch:
         _dvc(h.root, "exp", "branch", name, branch)
         print(f"branch {branch} holds {name}")
@@ -154,10 +179,12 @@ def status(study: str, storage: str | None = None) -> int:
     interrupted = [t for t in by[TS.FAIL] if t.user_attrs.get(INTERRUPTED)]
     failed = len(by[TS.FAIL]) - len(interrupted)
     finished = len(by[TS.COMPLETE]) + len(by[TS.PRUNED]) + failed
-    print(f"study {h.name} ({display(h.url, h.root)}): {finished}" + (f" of {n}" if n else "") + " finished: "
-          f"{len(by[TS.COMPLETE])} complete, {len(by[TS.PRUNED])} pruned, {failed} failed; "
-          f"{len(by[TS.RUNNING])} running, {len(by[TS.WAITING])} waiting"
-          + (f"; {len(interrupted)} interrupted and retried" if interrupted else ""))
+    print(
+        f"study {h.name} ({display(h.url, h.root)}): {finished}" + (f" of {n}" if n else "") + " finished: "
+        f"{len(by[TS.COMPLETE])} complete, {len(by[TS.PRUNED])} pruned, {failed} failed; "
+        f"{len(by[TS.RUNNING])} running, {len(by[TS.WAITING])} waiting"
+        + (f"; {len(interrupted)} interrupted and retried" if interrupted else "")
+    )
     try:
         b = h.study.best_trial
         print(f"best: trial {b.number} ({b.user_attrs.get(EXPERIMENT)}) {h.metric} {b.value:.4f}")
@@ -167,16 +194,24 @@ def status(study: str, storage: str | None = None) -> int:
     for t in by[TS.RUNNING]:
         step = max(t.intermediate_values) if t.intermediate_values else None
         since = (now - t.datetime_start.timestamp()) if t.datetime_start else 0
-        at = f"step {step}, {h.spec['objective'].get('report') or 'val_loss'} {t.intermediate_values[step]:.4f}" \
-            if step is not None else "starting"
+        at = (
+            f"step {step}, {h.spec['objective'].get('report') or 'val_loss'} {t.intermediate_values[step]:.4f}"
+            if step is not None
+            else "starting"
+        )
         print(f"running: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {at}, {since:.0f} s")
-    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in h.trials
-                 if t.datetime_complete and t.datetime_start and t.state in (TS.COMPLETE, TS.PRUNED, TS.FAIL)]
+    durations = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in h.trials
+        if t.datetime_complete and t.datetime_start and t.state in (TS.COMPLETE, TS.PRUNED, TS.FAIL)
+    ]
     if n and durations and finished < n:
         workers = h.spec.get("workers") or 1
         left = (n - finished) * (sum(durations) / len(durations)) / workers
-        print(f"about {left / 60:.1f} min left ({n - finished} trials of ~{sum(durations) / len(durations):.0f} s, "
-              f"{workers} worker(s))")
+        print(
+            f"about {left / 60:.1f} min left ({n - finished} trials of ~{sum(durations) / len(durations):.0f} s, "
+            f"{workers} worker(s))"
+        )
     return 0
 
 
@@ -190,20 +225,22 @@ def _exp_show_rows(h: StudyHandle) -> tuple[list[str], list[list[Any]]]:
         for exp in baseline.get("experiments") or []:
             rev = (exp.get("revs") or [{}])[0]
             name = exp.get("name") or rev.get("name") or ""
-            if not (name.startswith(prefix) and name[len(prefix):].isdigit()):
+            if not (name.startswith(prefix) and name[len(prefix) :].isdigit()):
                 continue
             d = rev.get("data") or {}
             params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
             metrics = ((d.get("metrics") or {}).get("metrics/distill.json") or {}).get("data") or {}
-            rows.append((int(name[len(prefix):]), name, params, metrics))
+            rows.append((int(name[len(prefix) :]), name, params, metrics))
     rows.sort()
     keys: list[str] = []
     for t in h.trials:
         keys += [k for k in (t.user_attrs.get("overrides") or {}) if k not in keys]
     scalar = [k for k in keys if all(not isinstance(_get(p, k), (dict, list)) for _, _, p, _ in rows)]
     header = ["Experiment", "state", "val_loss", "best_val_loss", "steps"] + scalar
-    return header, [[name, m.get("state"), m.get("val_loss"), m.get("best_val_loss"), m.get("steps")]
-                    + [_get(p, k) for k in scalar] for _, name, p, m in rows]
+    return header, [
+        [name, m.get("state"), m.get("val_loss"), m.get("best_val_loss"), m.get("steps")] + [_get(p, k) for k in scalar]
+        for _, name, p, m in rows
+    ]
 
 
 def _get(d: dict, key: str) -> Any:
@@ -240,8 +277,11 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = draw()
-            fig = result.figure if hasattr(result, "figure") else (
-                result.flat[0].figure if hasattr(result, "flat") else plt.gcf())
+            fig = (
+                result.figure
+                if hasattr(result, "figure")
+                else (result.flat[0].figure if hasattr(result, "flat") else plt.gcf())
+            )
             fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
             fig.tight_layout()
             fig.savefig(out / file, dpi=100)
@@ -263,16 +303,23 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
     header, rows, _ = ranked_rows(h)
     exp_header, exp_rows = _exp_show_rows(h)
     failed = [t for t in h.trials if t.state == TS.FAIL]
-    lines = [f"# Study `{h.name}`", "",
-             f"{h.direction.capitalize()} `{h.metric}` over {len(h.trials)} trials "
-             f"({len(complete)} complete, {sum(t.state == TS.PRUNED for t in h.trials)} pruned, {len(failed)} failed); "
-             f"storage `{display(h.url, h.root)}`.", ""]
+    lines = [
+        f"# Study `{h.name}`",
+        "",
+        f"{h.direction.capitalize()} `{h.metric}` over {len(h.trials)} trials "
+        f"({len(complete)} complete, {sum(t.state == TS.PRUNED for t in h.trials)} pruned, {len(failed)} failed); "
+        f"storage `{display(h.url, h.root)}`.",
+        "",
+    ]
     try:
         b = h.study.best_trial
-        lines += [f"**Best**: trial {b.number} (`{b.user_attrs.get(EXPERIMENT)}`), {h.metric} = {b.value:.4f}: "
-                  + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in b.params.items()), "",
-                  f"Reproduce it: `kdsweep best {h.name} --apply` "
-                  f"(runs `dvc exp apply {b.user_attrs.get(EXPERIMENT)}`).", ""]
+        lines += [
+            f"**Best**: trial {b.number} (`{b.user_attrs.get(EXPERIMENT)}`), {h.metric} = {b.value:.4f}: "
+            + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in b.params.items()),
+            "",
+            f"Reproduce it: `kdsweep best {h.name} --apply` (runs `dvc exp apply {b.user_attrs.get(EXPERIMENT)}`).",
+            "",
+        ]
     except ValueError:
         pass
     for title, file, note in plots:
@@ -284,12 +331,20 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
             why = headline(t.user_attrs.get(FAIL_REASON) or "")
             lines.append(f"- trial {t.number} (`{t.user_attrs.get(EXPERIMENT)}`): {why}")
         lines.append("")
-    lines += ["## `dvc exp show`", "", "This study's experiments as DVC records them (metrics/distill.json and the "
-              "params each trial set):", "", table(exp_header, exp_rows, markdown=True), ""]
+    lines += [
+        "## `dvc exp show`",
+        "",
+        "This study's experiments as DVC records them (metrics/distill.json and the params each trial set):",
+        "",
+        table(exp_header, exp_rows, markdown=True),
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
-    print(f"wrote {path.relative_to(h.root) if h.root in path.parents else path} "
-          f"({sum(bool(f) for _, f, _ in plots)} plots)")
+    print(
+        f"wrote {path.relative_to(h.root) if h.root in path.parents else path} "
+        f"({sum(bool(f) for _, f, _ in plots)} plots)"
+    )
     return path
 
 
@@ -303,8 +358,13 @@ def _alpha_temperature(h: StudyHandle, plt):
         o = t.user_attrs.get("overrides") or {}
         a, temp = o.get("loss.alpha"), o.get("loss.temperature")
         v = last_value(t)
-        if isinstance(a, (int, float)) and isinstance(temp, (int, float)) and v is not None and math.isfinite(v) \
-                and t.state in (TS.COMPLETE, TS.PRUNED):
+        if (
+            isinstance(a, (int, float))
+            and isinstance(temp, (int, float))
+            and v is not None
+            and math.isfinite(v)
+            and t.state in (TS.COMPLETE, TS.PRUNED)
+        ):
             pts.append((a, temp, v, t.state == TS.PRUNED, t.number))
     if not pts:
         raise ValueError("no trial sets both loss.alpha and loss.temperature")
@@ -312,13 +372,28 @@ def _alpha_temperature(h: StudyHandle, plt):
     done = [p for p in pts if not p[3]]
     vmin, vmax = min(p[2] for p in pts), max(p[2] for p in pts)
     if done:
-        sc = ax.scatter([p[0] for p in done], [p[1] for p in done], c=[p[2] for p in done], cmap="viridis_r",
-                        vmin=vmin, vmax=vmax, s=80, edgecolors="k", label="complete")
+        sc = ax.scatter(
+            [p[0] for p in done],
+            [p[1] for p in done],
+            c=[p[2] for p in done],
+            cmap="viridis_r",
+            vmin=vmin,
+            vmax=vmax,
+            s=80,
+            edgecolors="k",
+            label="complete",
+        )
         fig.colorbar(sc, ax=ax, label=h.metric)
     pruned = [p for p in pts if p[3]]
     if pruned:
-        ax.scatter([p[0] for p in pruned], [p[1] for p in pruned], facecolors="none", edgecolors="tab:red", s=80,
-                   label="pruned (last value)")
+        ax.scatter(
+            [p[0] for p in pruned],
+            [p[1] for p in pruned],
+            facecolors="none",
+            edgecolors="tab:red",
+            s=80,
+            label="pruned (last value)",
+        )
     for a, temp, _, _, n in pts:
         ax.annotate(str(n), (a, temp), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("loss.alpha")

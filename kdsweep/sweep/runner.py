@@ -9,14 +9,13 @@
     after each trial: upstream untouched? (else stop loudly); keep the best N trials' outputs
 
 How a trial runs is in :mod:`kdsweep.sweep.dvcexp`, how it reports to the pruner in
-:mod:`kdsweep.sweep.trial`. Each trial's console output goes to
+:mod:`kdsweep.trial_hook`. Each trial's console output goes to
 ``studies/<study>/logs/<number>.log``; its TensorBoard run directory is ``runs/<study>/<number>``.
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import os
@@ -35,18 +34,30 @@ import yaml
 from tqdm import tqdm
 
 from kdsweep.config import Params, validate
+from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
+from kdsweep.optuna_io import display, make_pruner, open_storage
 from kdsweep.sweep import dvcexp
 from kdsweep.sweep.plan import Plan, build_plan
 from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
 from kdsweep.sweep.spec import StudySpec, load_spec
-from kdsweep.sweep.study import (EXPERIMENT, FAIL_REASON, INTERRUPTED, OUTPUTS, OVERRIDES, REMOVED, RETRY_OF,
-                                 counts_toward_budget, display, headline, make_pruner, make_sampler, open_storage,
-                                 ranked, storage_url)
-from kdsweep.sweep.trial import ENV as TRIAL_ENV
-from kdsweep.sweep.trial import dotted_get
+from kdsweep.sweep.study import (
+    EXPERIMENT,
+    FAIL_REASON,
+    INTERRUPTED,
+    OUTPUTS,
+    OVERRIDES,
+    REMOVED,
+    RETRY_OF,
+    counts_toward_budget,
+    headline,
+    make_sampler,
+    ranked,
+    storage_url,
+)
+from kdsweep.trial_hook import ENV as TRIAL_ENV
 
-HEARTBEAT_S = 30.0     # a RUNNING trial's owner refreshes its heartbeat this often
+HEARTBEAT_S = 30.0  # a RUNNING trial's owner refreshes its heartbeat this often
 STALE_AFTER_S = 300.0  # a trial owned by another machine is stale after this long without one
 
 
@@ -136,8 +147,9 @@ class TrialRun:
 class Runner:
     """One ``kdsweep run``: the study, its workers and the trials they run."""
 
-    def __init__(self, spec_path: Path, *, workers: int | None = None, n_trials: int | None = None,
-                 check_only: bool = False):
+    def __init__(
+        self, spec_path: Path, *, workers: int | None = None, n_trials: int | None = None, check_only: bool = False
+    ):
         import optuna
 
         self.optuna = optuna
@@ -176,15 +188,28 @@ class Runner:
         student = self.root / "models" / "student_init"
         names = None
         if student.exists():
-            key = next((o.get("md5", "").replace(".dir", "") for st in lock.values() for o in st.get("outs") or []
-                        if o.get("path") == "models/student_init"), "unknown")
+            key = next(
+                (
+                    o.get("md5", "").replace(".dir", "")
+                    for st in lock.values()
+                    for o in st.get("outs") or []
+                    if o.get("path") == "models/student_init"
+                ),
+                "unknown",
+            )
             names = student_parameter_names(self.root, student, key)
         elif not self.check_only:
             raise UserError(f"{student}: missing after `dvc repro`; the sweep needs the student's parameter names")
         else:
             print("note: models/student_init does not exist yet, so patterns were not checked against the student")
-        self.plan = build_plan(self.spec, self.params_data, self.dvc_yaml, names, source=str(self.spec_path),
-                               check_encoding=lambda o, p: dvcexp.roundtrip_problem(self.params_text, o, p))
+        self.plan = build_plan(
+            self.spec,
+            self.params_data,
+            self.dvc_yaml,
+            names,
+            source=str(self.spec_path),
+            check_encoding=lambda o, p: dvcexp.roundtrip_problem(self.params_text, o, p),
+        )
         stale = [s for s in self.plan.upstream if s not in lock]
         if stale and not self.check_only:
             raise UserError(f"dvc.lock has no entry for upstream stage(s) {', '.join(stale)}: run `dvc repro` first")
@@ -211,13 +236,20 @@ class Runner:
         self.storage = open_storage(self.url)
         direction = self.spec.objective.direction
         try:
-            study = optuna.create_study(study_name=self.name, storage=self.storage, direction=direction,
-                                        pruner=make_pruner(self.spec.pruner.model_dump()), load_if_exists=True)
+            study = optuna.create_study(
+                study_name=self.name,
+                storage=self.storage,
+                direction=direction,
+                pruner=make_pruner(self.spec.pruner.model_dump()),
+                load_if_exists=True,
+            )
         except ValueError as e:
             raise UserError(f"study {self.name!r} in {display(self.url, self.root)}: {e}") from None
         if study.direction.name.lower() != direction:
-            raise UserError(f"study {self.name!r} already exists in {display(self.url, self.root)} and "
-                            f"{study.direction.name.lower()}s; the spec says {direction}. Use another study name.")
+            raise UserError(
+                f"study {self.name!r} already exists in {display(self.url, self.root)} and "
+                f"{study.direction.name.lower()}s; the spec says {direction}. Use another study name."
+            )
         study.sampler = make_sampler(self.spec.sampler.model_dump(), offset=len(study.trials))
         study.set_user_attr("spec", json.loads(self.spec.model_dump_json(warnings=False)))
         study.set_user_attr("root", str(self.root))
@@ -243,12 +275,17 @@ class Runner:
                 continue
             freed = dvcexp.clean_tempdirs(self.root, name)
             self.storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
-            self.storage.set_trial_user_attr(t._trial_id, FAIL_REASON, "interrupted: the runner stopped during this "
-                                             "trial (Ctrl-C or killed); it is retried as a new trial")
+            self.storage.set_trial_user_attr(
+                t._trial_id,
+                FAIL_REASON,
+                "interrupted: the runner stopped during this trial (Ctrl-C or killed); it is retried as a new trial",
+            )
             self.study.tell(t.number, state=TS.FAIL)
             self.study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
-            tqdm.write(f"resume: trial {t.number} ({name}) was interrupted; marked failed and re-enqueued"
-                       + (f" (removed its temporary copy, {freed / 2**20:.1f} MB)" if freed else ""))
+            tqdm.write(
+                f"resume: trial {t.number} ({name}) was interrupted; marked failed and re-enqueued"
+                + (f" (removed its temporary copy, {freed / 2**20:.1f} MB)" if freed else "")
+            )
 
     def _adopt(self, t, name: str) -> bool:
         """A killed runner's trial whose experiment DVC did record: keep its result."""
@@ -288,13 +325,23 @@ class Runner:
         self.done = sum(counts_toward_budget(t) for t in trials)
         n = self.spec.budget.n_trials
         self.deadline = time.monotonic() + self.spec.budget.timeout if self.spec.budget.timeout else None
-        print(f"study {self.name} ({display(self.url, self.root)}): {self.done} finished"
-              + (f", {max(0, n - self.done)} to run" if n else "") + f", {self.spec.workers} worker(s)")
-        self.bar = tqdm(total=n, initial=min(self.done, n or self.done), desc=self.name, unit="trial",
-                        dynamic_ncols=True, file=sys.stderr)
+        print(
+            f"study {self.name} ({display(self.url, self.root)}): {self.done} finished"
+            + (f", {max(0, n - self.done)} to run" if n else "")
+            + f", {self.spec.workers} worker(s)"
+        )
+        self.bar = tqdm(
+            total=n,
+            initial=min(self.done, n or self.done),
+            desc=self.name,
+            unit="trial",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-        workers = [threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True)
-                   for i in range(self.spec.workers)]
+        workers = [
+            threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True) for i in range(self.spec.workers)
+        ]
         self.active = len(workers)
         try:
             for w in workers:
@@ -361,8 +408,9 @@ class Runner:
 
         refs = dvcexp.exp_refs(self.root)
         if name in refs:
-            tqdm.write(f"trial {trial.number}: experiment {name} exists from an earlier study of this name; "
-                       f"replacing it")
+            tqdm.write(
+                f"trial {trial.number}: experiment {name} exists from an earlier study of this name; replacing it"
+            )
             dvcexp.remove_experiment(self.root, name)
         cmd = dvcexp.exp_run_command(name, overrides, self.plan.run_stages, self.copy_paths)
         env = self._trial_env(trial, expected)
@@ -380,8 +428,9 @@ class Runner:
             time.sleep(1.0 + attempt * 2.0)
         refs = dvcexp.exp_refs(self.root)
         if name not in refs:
-            return self._fail(trial, _tail(run.output) or f"dvc exp run exited {run.rc}", overrides=overrides,
-                              wall=run.wall)
+            return self._fail(
+                trial, _tail(run.output) or f"dvc exp run exited {run.rc}", overrides=overrides, wall=run.wall
+            )
         sha = refs[name][1]
         lock = self._exp_lock(sha)
         rebuilt = dvcexp.upstream_problems(lock, self.before, self.plan.upstream, run.output)
@@ -397,13 +446,24 @@ class Runner:
 
     def _trial_env(self, trial, expected: dict) -> dict[str, str]:
         n = trial.number
-        ctx = {"storage": self.url, "study": self.name, "trial_id": trial._trial_id, "number": n,
-               "pruner": self.spec.pruner.model_dump(), "metric": self.spec.objective.report_metric,
-               "runner_pid": self.me["pid"], "runner_started": self.me["started"], "expected": expected}
-        env = {**os.environ, TRIAL_ENV: json.dumps(ctx),
-               "KDSWEEP_RUN_DIR": str(self.root / "runs" / self.name / str(n)),
-               "KDSWEEP_CHECKPOINT_DIR": str(self.root / "checkpoints" / self.name / str(n)),
-               "KDSWEEP_HPARAM_KEYS": ",".join(self.plan.hparam_keys)}
+        ctx = {
+            "storage": self.url,
+            "study": self.name,
+            "trial_id": trial._trial_id,
+            "number": n,
+            "pruner": self.spec.pruner.model_dump(),
+            "metric": self.spec.objective.report_metric,
+            "runner_pid": self.me["pid"],
+            "runner_started": self.me["started"],
+            "expected": expected,
+        }
+        env = {
+            **os.environ,
+            TRIAL_ENV: json.dumps(ctx),
+            "KDSWEEP_RUN_DIR": str(self.root / "runs" / self.name / str(n)),
+            "KDSWEEP_CHECKPOINT_DIR": str(self.root / "checkpoints" / self.name / str(n)),
+            "KDSWEEP_HPARAM_KEYS": ",".join(self.plan.hparam_keys),
+        }
         if self.spec.execution.threads_per_trial:
             env["OMP_NUM_THREADS"] = str(self.spec.execution.threads_per_trial)
         return env
@@ -414,8 +474,16 @@ class Runner:
         log = (self.logs / f"{trial.number}.log").open("a")
         log.write(f"# attempt {attempt + 1}: {' '.join(cmd)}\n")
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=self.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         import psutil
 
         try:
@@ -433,9 +501,12 @@ class Runner:
                 now = time.monotonic() - t0
                 chunks.append(line)
                 log.write(f"{now:8.2f} {line}")
-                for key, text in (("distill_start", "Running stage 'distill'"),
-                                  ("reporter", "reports " + self.spec.objective.report_metric + " at every"),
-                                  ("first_eval", "Step 0: Val Loss"), ("done", "Ran experiment")):
+                for key, text in (
+                    ("distill_start", "Running stage 'distill'"),
+                    ("reporter", "reports " + self.spec.objective.report_metric + " at every"),
+                    ("first_eval", "Step 0: Val Loss"),
+                    ("done", "Ran experiment"),
+                ):
                     if text in line and key not in marks:
                         marks[key] = now
 
@@ -460,8 +531,11 @@ class Runner:
     def _timings(self, trial, run: TrialRun, metrics: dict) -> None:
         """Where a trial's time went; ``overhead`` is everything but distill's training loop."""
         train = float(metrics.get("train_seconds") or 0.0)
-        attrs = {"wall_seconds": round(run.wall, 2), "train_seconds": train,
-                 "overhead_seconds": round(run.wall - train, 2)}
+        attrs = {
+            "wall_seconds": round(run.wall, 2),
+            "train_seconds": train,
+            "overhead_seconds": round(run.wall - train, 2),
+        }
         m = run.marks
         if "distill_start" in m:
             attrs["dvc_setup_seconds"] = round(m["distill_start"], 2)  # DVC: temporary copy, checkout
@@ -485,12 +559,14 @@ class Runner:
         elif state == "pruned":
             self.study.tell(number, state=TS.PRUNED)
         else:
-            store.set_trial_user_attr(trial_id, FAIL_REASON, f"distill ended in state {state!r} "
-                                      f"({self.spec.objective.metric} = {value!r})")
+            store.set_trial_user_attr(
+                trial_id, FAIL_REASON, f"distill ended in state {state!r} ({self.spec.objective.metric} = {value!r})"
+            )
             self.study.tell(number, state=TS.FAIL)
 
-    def _fail(self, trial, reason: str, *, overrides: dict | None = None, wall: float | None = None,
-              record: bool = True) -> None:
+    def _fail(
+        self, trial, reason: str, *, overrides: dict | None = None, wall: float | None = None, record: bool = True
+    ) -> None:
         """Mark a trial failed with its reason; record it as a DVC experiment so exp show lists it."""
         TS = self.optuna.trial.TrialState
         self.storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason[-2000:])
@@ -501,8 +577,15 @@ class Runner:
             name = f"{self.name}-{trial.number}"
             try:
                 extra = {"dvc.lock": (self.root / "dvc.lock").read_text()} if self.copy_paths else {}
-                dvcexp.record_failed(self.root, name, self.baseline_rev, self.params_text, overrides,
-                                     {"state": "failed", "reason": headline(reason)[:300]}, extra)
+                dvcexp.record_failed(
+                    self.root,
+                    name,
+                    self.baseline_rev,
+                    self.params_text,
+                    overrides,
+                    {"state": "failed", "reason": headline(reason)[:300]},
+                    extra,
+                )
             except Exception as e:  # recording is a convenience; the study has the reason either way
                 tqdm.write(f"trial {trial.number}: could not record the failed experiment: {e}")
         with contextlib.suppress(RuntimeError, ValueError):  # the trial may already be finished
@@ -525,12 +608,17 @@ class Runner:
         t = self.storage.get_trial(trial._trial_id)
         number = t.number
         if not failed:
-            v = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
-                                                     if t.intermediate_values else float("nan"))
-            tqdm.write(f"trial {number} ({t.user_attrs.get(EXPERIMENT)}): {t.user_attrs.get('state')} "
-                       f"{self.spec.objective.metric} {v:.4f} after {t.user_attrs.get('steps')} steps; "
-                       f"{t.user_attrs.get('wall_seconds', 0):.1f} s "
-                       f"(training {t.user_attrs.get('train_seconds', 0):.1f} s)")
+            v = (
+                t.value
+                if t.value is not None
+                else (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else float("nan"))
+            )
+            tqdm.write(
+                f"trial {number} ({t.user_attrs.get(EXPERIMENT)}): {t.user_attrs.get('state')} "
+                f"{self.spec.objective.metric} {v:.4f} after {t.user_attrs.get('steps')} steps; "
+                f"{t.user_attrs.get('wall_seconds', 0):.1f} s "
+                f"(training {t.user_attrs.get('train_seconds', 0):.1f} s)"
+            )
         self.bar.update(1)
         try:
             best = self.study.best_trial
@@ -565,8 +653,10 @@ class Runner:
             refs = dvcexp.exp_refs(self.root)
             dropped_names = {t.user_attrs.get(EXPERIMENT) for t in drop}
             protected = []
-            for text in ((self.root / "dvc.lock").read_text() if (self.root / "dvc.lock").exists() else None,
-                         dvcexp.show(self.root, "HEAD", "dvc.lock")):
+            for text in (
+                (self.root / "dvc.lock").read_text() if (self.root / "dvc.lock").exists() else None,
+                dvcexp.show(self.root, "HEAD", "dvc.lock"),
+            ):
                 lock = dvcexp.lock_stages(text)
                 protected += dvcexp.cached_outs(lock, list(lock))
             for name, (_ref, sha) in refs.items():
@@ -578,8 +668,9 @@ class Runner:
                 name = t.user_attrs.get(EXPERIMENT)
                 if name in refs:
                     hashes += dvcexp.cached_outs(self._exp_lock(refs[name][1]), self.plan.run_stages)
-            freed = dvcexp.delete_objects(self.cache, dvcexp.objects(self.cache, hashes)
-                                          - dvcexp.objects(self.cache, protected))
+            freed = dvcexp.delete_objects(
+                self.cache, dvcexp.objects(self.cache, hashes) - dvcexp.objects(self.cache, protected)
+            )
             for t in drop:
                 ckpt = self.root / "checkpoints" / self.name / str(t.number)
                 freed += dvcexp.dir_size(ckpt)
@@ -587,8 +678,10 @@ class Runner:
             self.study.set_user_attr(REMOVED, sorted(removed | {t.number for t in drop}))
             self.freed += freed
             kept = ", ".join(str(t.number) for t in trials[:keep])
-            tqdm.write(f"retention: keeping the outputs of the best {keep} (trials {kept}); removed trials "
-                       f"{', '.join(str(t.number) for t in drop)}: freed {freed / 2**20:.1f} MB")
+            tqdm.write(
+                f"retention: keeping the outputs of the best {keep} (trials {kept}); removed trials "
+                f"{', '.join(str(t.number) for t in drop)}: freed {freed / 2**20:.1f} MB"
+            )
 
     # ----------------------------------------------------------------- the end
     def summarise(self) -> int:
@@ -596,16 +689,20 @@ class Runner:
         trials = self.study.get_trials(deepcopy=False)
         by = {s: sum(t.state == s for t in trials) for s in (TS.COMPLETE, TS.PRUNED, TS.FAIL)}
         interrupted = sum(bool(t.user_attrs.get(INTERRUPTED)) for t in trials)
-        print(f"study {self.name}: {by[TS.COMPLETE]} complete, {by[TS.PRUNED]} pruned, "
-              f"{by[TS.FAIL] - interrupted} failed"
-              + (f", {interrupted} interrupted and retried" if interrupted else "")
-              + f"; {self.finished_here} run now; upstream recomputations: {self.recomputed}; "
-              f"retention freed {self.freed / 2**20:.1f} MB")
+        print(
+            f"study {self.name}: {by[TS.COMPLETE]} complete, {by[TS.PRUNED]} pruned, "
+            f"{by[TS.FAIL] - interrupted} failed"
+            + (f", {interrupted} interrupted and retried" if interrupted else "")
+            + f"; {self.finished_here} run now; upstream recomputations: {self.recomputed}; "
+            f"retention freed {self.freed / 2**20:.1f} MB"
+        )
         try:
             best = self.study.best_trial
-            print(f"best: trial {best.number} ({best.user_attrs.get(EXPERIMENT)}) "
-                  f"{self.spec.objective.metric} {best.value:.4f}; `kdsweep best {self.name}` ranks them, "
-                  f"`dvc exp show` lists them")
+            print(
+                f"best: trial {best.number} ({best.user_attrs.get(EXPERIMENT)}) "
+                f"{self.spec.objective.metric} {best.value:.4f}; `kdsweep best {self.name}` ranks them, "
+                f"`dvc exp show` lists them"
+            )
         except ValueError:
             print("no complete trial yet")
         if self.stop and self.stop != "interrupt":

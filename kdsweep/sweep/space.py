@@ -56,8 +56,10 @@ class Dim:
         d = self.dist
         if isinstance(d, CategoricalDist):
             return any(type(value) is type(c) and value == c for c in d.choices) or (
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-                and any(isinstance(c, (int, float)) and not isinstance(c, bool) and value == c for c in d.choices))
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and any(isinstance(c, (int, float)) and not isinstance(c, bool) and value == c for c in d.choices)
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if isinstance(d, IntDist) and value != int(value):
@@ -101,14 +103,22 @@ def _layout_dims(spec: StudySpec, problems: list[str]) -> list[Dim]:
             if not isinstance(stage, dict):
                 problems.append(f"  {where}: a stage is a mapping (stage_name, max_steps, ...), got {stage!r}")
                 continue
-            knobs = [(key, value, f"{where}.{key}", knob_name(layout, i, key)) for key, value in stage.items()
-                     if isinstance(value, dict)]
+            knobs = [
+                (key, value, f"{where}.{key}", knob_name(layout, i, key))
+                for key, value in stage.items()
+                if isinstance(value, dict)
+            ]
             rules = stage.get("parameter_lr_multipliers")
             for j, rule in enumerate(rules if isinstance(rules, list) else []):
                 if isinstance(rule, dict) and isinstance(rule.get("lr_multiplier"), dict):
-                    knobs.append(("lr_multiplier", rule["lr_multiplier"],
-                                  f"{where}.parameter_lr_multipliers.{j}.lr_multiplier",
-                                  knob_name(layout, i, lr_name(str(rule.get("pattern"))))))
+                    knobs.append(
+                        (
+                            "lr_multiplier",
+                            rule["lr_multiplier"],
+                            f"{where}.parameter_lr_multipliers.{j}.lr_multiplier",
+                            knob_name(layout, i, lr_name(str(rule.get("pattern")))),
+                        )
+                    )
             for _key, value, path, name in knobs:
                 try:
                     dist = _DIST.validate_python(value)
@@ -116,8 +126,10 @@ def _layout_dims(spec: StudySpec, problems: list[str]) -> list[Dim]:
                     problems += spec_problems(err, prefix=path)
                     continue
                 if dist.when:
-                    problems.append(f"  {path}.when: knobs inside a layout are sampled whenever the layout is; "
-                                    f"`when` is not supported here")
+                    problems.append(
+                        f"  {path}.when: knobs inside a layout are sampled whenever the layout is; "
+                        f"`when` is not supported here"
+                    )
                 dims.append(Dim(name, dist, cond, path))
     return dims
 
@@ -146,8 +158,10 @@ def dimensions(spec: StudySpec) -> Space:
             else:
                 never = [v for v in allowed if not by_name[parent].contains(v)]
                 if never:
-                    problems.append(f"  {d.path}.when.{parent}: {never[0]!r} is never sampled for `{parent}` "
-                                    f"({_describe(by_name[parent].dist)}), so `{d.name}` would never be sampled")
+                    problems.append(
+                        f"  {d.path}.when.{parent}: {never[0]!r} is never sampled for `{parent}` "
+                        f"({_describe(by_name[parent].dist)}), so `{d.name}` would never be sampled"
+                    )
     ordered, done = [], set()
     pending = list(dims)
     while pending:
@@ -174,6 +188,7 @@ Suggest = Callable[[Dim], Any]
 
 def optuna_suggest(trial) -> Suggest:
     """``suggest`` backed by an Optuna trial (enqueued values come back as they were fixed)."""
+
     def suggest(d: Dim) -> Any:
         x = d.dist
         if isinstance(x, FloatDist):
@@ -181,6 +196,7 @@ def optuna_suggest(trial) -> Suggest:
         if isinstance(x, IntDist):
             return trial.suggest_int(d.name, x.low, x.high, log=x.log, step=x.step)
         return trial.suggest_categorical(d.name, x.choices)
+
     return suggest
 
 
@@ -238,7 +254,8 @@ def _resolve_stage(layout: str, i: int, stage: Any, values: dict[str, Any]) -> A
     if isinstance(rules, list):
         out["parameter_lr_multipliers"] = [
             {**r, "lr_multiplier": values.get(knob_name(layout, i, lr_name(str(r.get("pattern")))), r["lr_multiplier"])}
-            if isinstance(r, dict) and isinstance(r.get("lr_multiplier"), dict) else r
+            if isinstance(r, dict) and isinstance(r.get("lr_multiplier"), dict)
+            else r
             for r in rules
         ]
     return out

@@ -18,7 +18,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
@@ -50,8 +50,9 @@ class _Conditional(_Strict):
         for key, allowed in (v or {}).items():
             values = allowed if isinstance(allowed, list) else [allowed]
             if not values or not all(_is_scalar(x) for x in values):
-                raise ValueError(f"`when.{key}` must be a value or a non-empty list of values (numbers, strings, "
-                                 f"booleans, null)")
+                raise ValueError(
+                    f"`when.{key}` must be a value or a non-empty list of values (numbers, strings, booleans, null)"
+                )
         return v
 
 
@@ -69,8 +70,10 @@ class FloatDist(_Conditional):
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise ValueError(f"low and high must be finite numbers, got low={self.low}, high={self.high}")
         if not self.low < self.high:
-            raise ValueError(f"empty range: low must be < high, got low={self.low}, high={self.high} "
-                             f"(for a single value use `fixed`)")
+            raise ValueError(
+                f"empty range: low must be < high, got low={self.low}, high={self.high} "
+                f"(for a single value use `fixed`)"
+            )
         if self.log and self.low <= 0:
             raise ValueError(f"log: true needs low > 0, got low={self.low}")
         if self.log and self.step is not None:
@@ -92,8 +95,10 @@ class IntDist(_Conditional):
     @model_validator(mode="after")
     def _range(self) -> IntDist:
         if not self.low < self.high:
-            raise ValueError(f"empty range: low must be < high, got low={self.low}, high={self.high} "
-                             f"(for a single value use `fixed`)")
+            raise ValueError(
+                f"empty range: low must be < high, got low={self.low}, high={self.high} "
+                f"(for a single value use `fixed`)"
+            )
         if self.log and self.low <= 0:
             raise ValueError(f"log: true needs low >= 1, got low={self.low}")
         if self.log and self.step != 1:
@@ -114,14 +119,16 @@ class CategoricalDist(_Conditional):
     def _choices(cls, v: list[Any]) -> list[Any]:
         bad = [x for x in v if not _is_scalar(x)]
         if bad:
-            raise ValueError(f"choices must be numbers, strings, booleans or null, got {bad[0]!r}; "
-                             f"for list-valued keys use `lr_multipliers` or `stage_layouts`")
+            raise ValueError(
+                f"choices must be numbers, strings, booleans or null, got {bad[0]!r}; "
+                f"for list-valued keys use `lr_multipliers` or `stage_layouts`"
+            )
         if len({(type(x), x) for x in v}) != len(v):
             raise ValueError(f"choices must be distinct, got {v}")
         return v
 
 
-Dist = Annotated[Union[FloatDist, IntDist, CategoricalDist], Field(discriminator="type")]
+Dist = Annotated[FloatDist | IntDist | CategoricalDist, Field(discriminator="type")]
 
 
 def _value_or_dist(v: Any) -> str:
@@ -129,9 +136,7 @@ def _value_or_dist(v: Any) -> str:
 
 
 # A number held fixed, or a distribution to sample it from.
-NumberOrDist = Annotated[
-    Union[Annotated[float, Tag("value")], Annotated[Dist, Tag("dist")]], Discriminator(_value_or_dist)
-]
+NumberOrDist = Annotated[Annotated[float, Tag("value")] | Annotated[Dist, Tag("dist")], Discriminator(_value_or_dist)]
 
 
 class LRMultiplierKnob(_Conditional):
@@ -139,7 +144,6 @@ class LRMultiplierKnob(_Conditional):
 
     pattern: RegexPattern = Field(description="The rule's regex (re.fullmatch on parameter names).")
     lr_multiplier: NumberOrDist = Field(description="A number, or a float/categorical distribution.")
-
 
     @model_validator(mode="after")
     def _nonnegative(self) -> LRMultiplierKnob:
@@ -213,11 +217,12 @@ def _default_type(default: str):
         if isinstance(v, dict) and "type" not in v:
             return {"type": default, **v}
         return v
+
     return fill
 
 
 SamplerSpec = Annotated[
-    Union[TPESamplerSpec, RandomSamplerSpec, GPSamplerSpec, CmaEsSamplerSpec], Field(discriminator="type")
+    TPESamplerSpec | RandomSamplerSpec | GPSamplerSpec | CmaEsSamplerSpec, Field(discriminator="type")
 ]
 
 
@@ -247,7 +252,7 @@ class NoPrunerSpec(_Strict):
 
 
 PrunerSpec = Annotated[
-    Union[MedianPrunerSpec, SuccessiveHalvingPrunerSpec, HyperbandPrunerSpec, NoPrunerSpec],
+    MedianPrunerSpec | SuccessiveHalvingPrunerSpec | HyperbandPrunerSpec | NoPrunerSpec,
     Field(discriminator="type"),
 ]
 
@@ -296,7 +301,8 @@ class Execution(_Strict):
         description="dvc.yaml stages each trial runs (upstream stages are reused, never run by a trial).",
     )
     retries: int = Field(
-        3, ge=0, description="Retries of a trial's `dvc exp run` after a transient git/DVC lock error.")
+        3, ge=0, description="Retries of a trial's `dvc exp run` after a transient git/DVC lock error."
+    )
     threads_per_trial: int | None = Field(
         None, ge=1, description="OMP_NUM_THREADS of each trial's process; null = inherit the environment."
     )
@@ -313,7 +319,8 @@ class StudySpec(_Strict):
     """The whole of ``experiments/<study>.yaml``."""
 
     study: str | None = Field(
-        None, description="Study name; experiments are <study>-<trial number>. Default: the file's stem.")
+        None, description="Study name; experiments are <study>-<trial number>. Default: the file's stem."
+    )
     description: str | None = None
     objective: Objective = Field(default_factory=Objective)
     fixed: dict[str, Any] = Field(default_factory=dict, description="Dotted params.yaml keys set in every trial.")
@@ -373,18 +380,29 @@ class StudySpec(_Strict):
             return v
         scheme = v.split("://", 1)[0] if "://" in v else ""
         if scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-            raise ValueError(f"{v!r}: a journal file path ending .journal, or an RDB URL "
-                             f"(sqlite:///..., postgresql://..., mysql://...)")
+            raise ValueError(
+                f"{v!r}: a journal file path ending .journal, or an RDB URL "
+                f"(sqlite:///..., postgresql://..., mysql://...)"
+            )
         return v
 
 
 # --------------------------------------------------------------------------- errors
 # Pydantic puts the tag of a discriminated union into the error location; users never wrote it.
 _TAG_MODELS: dict[str, type[BaseModel] | None] = {
-    "float": FloatDist, "int": IntDist, "categorical": CategoricalDist, "dist": None, "value": None,
-    "tpe": TPESamplerSpec, "random": RandomSamplerSpec, "gp": GPSamplerSpec, "cmaes": CmaEsSamplerSpec,
-    "median": MedianPrunerSpec, "successive_halving": SuccessiveHalvingPrunerSpec,
-    "hyperband": HyperbandPrunerSpec, "none": NoPrunerSpec,
+    "float": FloatDist,
+    "int": IntDist,
+    "categorical": CategoricalDist,
+    "dist": None,
+    "value": None,
+    "tpe": TPESamplerSpec,
+    "random": RandomSamplerSpec,
+    "gp": GPSamplerSpec,
+    "cmaes": CmaEsSamplerSpec,
+    "median": MedianPrunerSpec,
+    "successive_halving": SuccessiveHalvingPrunerSpec,
+    "hyperband": HyperbandPrunerSpec,
+    "none": NoPrunerSpec,
 }
 
 

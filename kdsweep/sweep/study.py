@@ -9,7 +9,6 @@ machines. Relative paths are made absolute against the repository root.
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,13 @@ from typing import Any
 from kdsweep.sweep.spec import StudySpec
 
 # Optuna's trial attributes the sweep writes (user_attrs), by name.
-EXPERIMENT = "experiment"      # the DVC experiment's name, <study>-<number>
-OVERRIDES = "overrides"        # the dotted params.yaml keys the trial set
-FAIL_REASON = "fail_reason"    # why a trial failed (the tail of its error output)
-INTERRUPTED = "interrupted"    # the runner stopped during the trial; it was retried
-RETRY_OF = "retry_of"          # the trial number this one retries
-OUTPUTS = "outputs"            # "kept": the trial's experiment holds outputs in the DVC cache
-REMOVED = "outputs_removed"    # study attribute: trial numbers whose outputs retention removed
+EXPERIMENT = "experiment"  # the DVC experiment's name, <study>-<number>
+OVERRIDES = "overrides"  # the dotted params.yaml keys the trial set
+FAIL_REASON = "fail_reason"  # why a trial failed (the tail of its error output)
+INTERRUPTED = "interrupted"  # the runner stopped during the trial; it was retried
+RETRY_OF = "retry_of"  # the trial number this one retries
+OUTPUTS = "outputs"  # "kept": the trial's experiment holds outputs in the DVC cache
+REMOVED = "outputs_removed"  # study attribute: trial numbers whose outputs retention removed
 
 
 def storage_url(spec: StudySpec, root: Path) -> str:
@@ -33,29 +32,8 @@ def storage_url(spec: StudySpec, root: Path) -> str:
         path = Path(s)
         return f"journal:{path if path.is_absolute() else (root / path)}"
     if s.startswith("sqlite:///") and not s.startswith("sqlite:////"):
-        return "sqlite:///" + str(root / s[len("sqlite:///"):])
+        return "sqlite:///" + str(root / s[len("sqlite:///") :])
     return s
-
-
-def open_storage(url: str):
-    """An Optuna storage object for a storage string."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    optuna.logging.set_verbosity(logging.WARNING)
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    return optuna.storages.RDBStorage(url)
-
-
-def display(url: str, root: Path) -> str:
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-        return str(path.relative_to(root)) if root in path.parents else str(path)
-    return url.split("@")[-1] if "@" in url else url  # no password in the console
 
 
 def make_sampler(spec: dict[str, Any], offset: int = 0):
@@ -65,34 +43,21 @@ def make_sampler(spec: dict[str, Any], offset: int = 0):
     kind = spec["type"]
     seed = None if spec.get("seed") is None else spec["seed"] + offset
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec["n_startup_trials"],
-                                          multivariate=spec["multivariate"], constant_liar=spec["constant_liar"])
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=spec["n_startup_trials"],
+            multivariate=spec["multivariate"],
+            constant_liar=spec["constant_liar"],
+        )
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec["n_startup_trials"])
     if kind == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=spec["n_startup_trials"],
-                                            warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=spec["n_startup_trials"], warn_independent_sampling=False
+        )
     raise ValueError(f"unknown sampler {kind!r}")
-
-
-def make_pruner(spec: dict[str, Any]):
-    """The pruner. Its resource is the optimizer step at which distill evaluated."""
-    import optuna
-
-    kind = spec["type"]
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec["n_startup_trials"],
-                                           n_warmup_steps=spec["n_warmup_steps"], interval_steps=spec["interval_steps"])
-    if kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec["min_resource"],
-                                                      reduction_factor=spec["reduction_factor"],
-                                                      min_early_stopping_rate=spec["min_early_stopping_rate"])
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=spec["min_resource"], max_resource=spec["max_resource"],
-                                              reduction_factor=spec["reduction_factor"])
-    return optuna.pruners.NopPruner()
 
 
 def counts_toward_budget(trial) -> bool:
@@ -102,7 +67,8 @@ def counts_toward_budget(trial) -> bool:
 
     s = trial.state
     return s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or (
-        s == optuna.trial.TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED))
+        s == optuna.trial.TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
+    )
 
 
 def last_value(trial) -> float | None:

@@ -2,7 +2,7 @@
 
 The runner starts a trial's ``dvc exp run`` with ``KDSWEEP_TRIAL`` set (JSON: storage, study,
 trial id and number, pruner, metric, the runner's pid, the params it sampled). ``kdsweep
-distill`` passes :func:`eval_hook_from_env` to the training loop; after every evaluation
+distill`` passes :func:`eval_hook` (from its ``--trial`` option) to the training loop; after every evaluation
 (every ``training.eval_steps``) the hook does::
 
     trial.report(metrics[metric], step)     # step = optimizer step: the pruner's resource
@@ -19,32 +19,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 
+from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
 
 ENV = "KDSWEEP_TRIAL"
 
 
-def eval_hook_from_env(params=None) -> Callable[[int, dict], bool] | None:
+def eval_hook(context: str | None, params=None) -> Callable[[int, dict], bool] | None:
     """The eval hook of the sweep trial this process belongs to, or None outside a sweep.
 
     Args:
+        context: the trial context as JSON (``kdsweep distill --trial``, which the runner sets
+            through ``$KDSWEEP_TRIAL``), or None.
         params: the validated params the stage runs with; checked against what the sweep sampled.
     """
-    raw = os.environ.get(ENV)
-    if not raw:
+    if not context:
         return None
-    return TrialReporter(json.loads(raw), params)
-
-
-def dotted_get(data: dict, key: str):
-    node = data
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
+    return TrialReporter(json.loads(context), params)
 
 
 def _same(a, b) -> bool:
@@ -71,7 +65,7 @@ class TrialReporter:
     def __init__(self, ctx: dict, params=None):
         import optuna
 
-        from kdsweep.sweep.study import make_pruner, open_storage
+        from kdsweep.optuna_io import make_pruner, open_storage
 
         self.ctx = ctx
         self.number, self.metric = ctx["number"], ctx["metric"]
@@ -81,23 +75,31 @@ class TrialReporter:
         self._check_running(storage)
         if params is not None and ctx.get("expected"):
             dumped = params.model_dump(mode="json")
-            wrong = [f"{k}: sampled {v!r}, params.yaml has {dotted_get(dumped, k)!r}"
-                     for k, v in ctx["expected"].items() if not _same(v, dotted_get(dumped, k))]
+            wrong = [
+                f"{k}: sampled {v!r}, params.yaml has {dotted_get(dumped, k)!r}"
+                for k, v in ctx["expected"].items()
+                if not _same(v, dotted_get(dumped, k))
+            ]
             if wrong:
-                raise UserError(f"trial {self.number}: params.yaml differs from what the sweep sampled:\n  "
-                                + "\n  ".join(wrong))
+                raise UserError(
+                    f"trial {self.number}: params.yaml differs from what the sweep sampled:\n  " + "\n  ".join(wrong)
+                )
         self._storage = storage
         self.total_steps = planned_steps(params) if params is not None else None
-        print(f"kdsweep: trial {self.number} of study {ctx['study']!r} reports {self.metric} at every evaluation",
-              flush=True)
+        print(
+            f"kdsweep: trial {self.number} of study {ctx['study']!r} reports {self.metric} at every evaluation",
+            flush=True,
+        )
 
     def _check_running(self, storage) -> None:
         import optuna
 
         state = storage.get_trial(self.ctx["trial_id"]).state
         if state != optuna.trial.TrialState.RUNNING:
-            raise UserError(f"trial {self.number} is {state.name} in study {self.ctx['study']!r}, not running: "
-                            f"the sweep runner restarted and retries it under a new number; this run stops")
+            raise UserError(
+                f"trial {self.number} is {state.name} in study {self.ctx['study']!r}, not running: "
+                f"the sweep runner restarted and retries it under a new number; this run stops"
+            )
 
     def _check_runner(self) -> None:
         import psutil
@@ -110,8 +112,10 @@ class TrialReporter:
         except psutil.Error:
             alive = False
         if not alive:
-            raise UserError(f"the sweep runner (pid {pid}) is gone; trial {self.number} stops "
-                            f"(re-run `kdsweep run` to resume the study)")
+            raise UserError(
+                f"the sweep runner (pid {pid}) is gone; trial {self.number} stops "
+                f"(re-run `kdsweep run` to resume the study)"
+            )
 
     def __call__(self, step: int, metrics: dict) -> bool:
         self._check_runner()
@@ -126,7 +130,10 @@ class TrialReporter:
         if self.total_steps is not None and step >= self.total_steps:
             return False  # the run is over anyway: it completes with this value
         if self.trial.should_prune():
-            print(f"kdsweep: the pruner stops trial {self.number} at step {step} ({self.metric} {value:.4f})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"kdsweep: the pruner stops trial {self.number} at step {step} ({self.metric} {value:.4f})",
+                file=sys.stderr,
+                flush=True,
+            )
             return True
         return False

@@ -1,0 +1,53 @@
+"""Shared test data and helpers: the tiny config every pipeline test runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "dataset": {"max_samples": 24, "max_length": 32},
+    "tokenizer": {"vocab_size": 320},
+    "teacher": {
+        "arch": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+        },
+        "train": {"max_steps": 8, "batch_size": 8, "learning_rate": 0.01, "warmup_steps": 2},
+        "top_k": 16,
+        "cache_batch_size": 8,
+        "temperature_grid": 6,
+    },
+    "student": {"wrapper_rank": 2, "core_intermediate_size": None, "calibration_sequences": 8, "eval_sequences": 8},
+    "training": {
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 2,
+        "eval_steps": 3,
+        "learning_rate": 0.003,
+        "warmup_steps": 1,
+    },
+    "evaluate": {"batch_size": 8},
+}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_params_dict(**overrides) -> dict:
+    """The shipped params.yaml with the TINY overrides (and any others) applied."""
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    return deep_merge(deep_merge(shipped, TINY), overrides)
