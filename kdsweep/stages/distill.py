@@ -347,8 +347,12 @@ def _train(
     )
     total_steps = sum(s.steps for s in stages)
     status, last_eval, start_time = "complete", {}, time.perf_counter()
+    started_at = psutil.Process().create_time()  # this process's start (imports and loading precede the loop)
+    startup_seconds = time.time() - started_at
+    initial_val_loss = None
     if resumed_from == 0:
         last_eval = run_eval()
+        initial_val_loss = last_eval["val_loss"]
         _log_eval(writer, eval_csv, 0, last_eval)
     bar = tqdm(total=total_steps, initial=resumed_from, desc="distill", unit="step", dynamic_ncols=True)
     window, optimizer = _Window(), None
@@ -461,8 +465,15 @@ def _train(
 
     if not last_eval or status == "stopped_nonfinite":
         last_eval = run_eval()
+    train_seconds, save_start = time.perf_counter() - start_time, time.perf_counter()
     _save_pretrained_atomically(student, out_dir)
     checkpoint.save(last_ckpt, student, optimizer, {**state, "status": status}, params.model_dump(mode="json"))
+    # Where the process's time went, for the sweep runner (which reads this file, not the console).
+    seconds = {
+        "startup": round(startup_seconds, 2),
+        "train": round(train_seconds, 2),
+        "save": round(time.perf_counter() - save_start, 2),
+    }
     metrics = _finite_or_none(
         {
             "state": status,
@@ -473,7 +484,10 @@ def _train(
             ),
             "steps": state["global_step"],
             "nonfinite_steps": state["nonfinite_total"],
-            "train_seconds": round(time.perf_counter() - start_time, 1),
+            "train_seconds": round(train_seconds, 1),
+            "initial_val_loss": initial_val_loss,
+            "started_at": round(started_at, 3),
+            "seconds": seconds,
         }
     )
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
