@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from kdsweep.cache import TeacherLogitCache
+from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import Params
 from kdsweep.data import load_prepared
 from kdsweep.evaluation import evaluate
