@@ -98,7 +98,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 def _register_groups() -> None:
-    from kdsweep.cache_cli import cache_app
+    from kdsweep.cache.cli import cache_app
 
     app.add_typer(cache_app, name="cache")
 

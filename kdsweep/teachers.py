@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdsweep.cache import log_normalizer
+from kdsweep.cache.format import log_normalizer
 from kdsweep.config import TeacherConfig
 from kdsweep.losses import SparseTeacher, TeacherFn, sparse_teacher_from_logits
 from kdsweep.models import load_teacher

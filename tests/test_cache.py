@@ -1,4 +1,4 @@
-"""The teacher-logit cache (kdsweep.cache, kdsweep.cache_cli): precision, coding, resume after
+"""The teacher-logit cache (the kdsweep.cache package and `kdsweep cache`): precision, coding, resume after
 SIGKILL, refusal of bad files, fingerprints, padded vocabularies, shards, the CLI and the
 documented plain-h5py reader. Real HDF5 files, the tiny pipeline's real teacher."""
 
@@ -24,21 +24,21 @@ import yaml
 from helpers import REPO, tiny_params_dict
 from typer.testing import CliRunner
 
-from kdsweep.cache import (
+from kdsweep.cache.cli import cache_app
+from kdsweep.cache.format import (
     STORED,
     CacheLayout,
-    TeacherLogitCache,
     _decode_torch,
     decode_log_normalizer,
-    generate,
     log_normalizer,
-    merge_shards,
     reconstruct_full,
     summarize_logits,
     teacher_topk_probs,
     temperature_grid,
 )
-from kdsweep.cache_cli import cache_app, inspect_cache, verify_cache
+from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.cache.verify import inspect_cache, verify_cache
+from kdsweep.cache.writer import generate, merge_shards
 from kdsweep.config import TeacherConfig, validate
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
@@ -68,6 +68,28 @@ def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         assert a[key].tobytes() == b[key].tobytes(), f"{key} differs"
+
+
+def damage_chunk(path: Path, key: str, sequence: int) -> None:
+    """Flip a byte in the middle of one sequence's chunk of ``key`` (one chunk per sequence)."""
+    with h5py.File(path, "r") as f:
+        info = f[key].id.get_chunk_info(sequence)
+    raw = bytearray(path.read_bytes())
+    raw[info.byte_offset + info.size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def kdsweep_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """The real console entry point (``kdsweep.cli.main``, which turns a UserError into exit 2) in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", "from kdsweep.cli import main; main()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def tiny_layout(root: Path, split: str = "validation", **teacher) -> tuple[object, np.ndarray, CacheLayout]:
@@ -194,11 +216,7 @@ def test_truncated_incomplete_and_corrupt_files_are_refused(tiny_pipeline, tmp_p
 
     corrupt = tmp_path / "corrupt.h5"
     shutil.copy(src, corrupt)
-    with h5py.File(corrupt, "r") as f:
-        offset, size = f["topk_logits"].id.get_chunk_info(3).byte_offset, f["topk_logits"].id.get_chunk_info(3).size
-    raw = bytearray(corrupt.read_bytes())
-    raw[offset + size // 2] ^= 0xFF
-    corrupt.write_bytes(bytes(raw))
+    damage_chunk(corrupt, "topk_logits", 3)
     with pytest.raises(UserError, match=rf"{corrupt}: cannot read sequences .*fletcher32.*kdsweep cache verify"):
         TeacherLogitCache(corrupt).read([3])
     with pytest.raises(UserError, match=r"verify failed:\n  checksums: sequences .* cannot be read.*\nfix: delete"):
@@ -208,24 +226,97 @@ def test_truncated_incomplete_and_corrupt_files_are_refused(tiny_pipeline, tmp_p
 def test_cli_verify_exits_2_naming_the_file_and_the_fix(tiny_pipeline, tmp_path):
     bad = tmp_path / "train.h5"
     bad.write_bytes((tiny_pipeline / "data/teacher_logits/validation.h5").read_bytes()[:5000])
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", "from kdsweep.cli import main; main()", "cache", "verify", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = kdsweep_cli("cache", "verify", bad, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert str(bad) in proc.stderr and "re-run `dvc repro teacher_logits`" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def drop_dataset(path: Path) -> None:
+    with h5py.File(path, "r+") as f:
+        del f["topk_logits"]
+
+
+def flip_byte_1247(path: Path) -> None:
+    """In the tiny pipeline's validation cache, byte 1247 is in the root group's symbol table:
+    the name offset of a link, which then points outside the group's name heap."""
+    raw = bytearray(path.read_bytes())
+    raw[1247] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [drop_dataset, flip_byte_1247])
+def test_cli_verify_exits_2_on_a_missing_dataset_or_damaged_metadata(tiny_pipeline, tmp_path, damage):
+    bad = tmp_path / "validation.h5"
+    shutil.copy(tiny_pipeline / "data/teacher_logits/validation.h5", bad)
+    damage(bad)
+    proc = kdsweep_cli("cache", "verify", bad, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    message = proc.stderr.strip()
+    assert message.startswith(f"error: {bad}: ") and "topk_logits" in message and len(message.splitlines()) == 1
+    assert "delete it and re-run `dvc repro teacher_logits`" in message
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda f: f.attrs.__delitem__("top_k"), "attribute top_k"),
+        (lambda f: f.attrs.__setitem__("fingerprint", "{not json"), "attribute fingerprint"),
+        (lambda f: f.attrs.__setitem__("betas", "1.0"), "attribute betas"),
+    ],
+)
+def test_damaged_attributes_are_refused_naming_the_file_and_the_fix(tiny_pipeline, tmp_path, damage, named):
+    bad = tmp_path / "validation.h5"
+    shutil.copy(tiny_pipeline / "data/teacher_logits/validation.h5", bad)
+    with h5py.File(bad, "r+") as f:
+        damage(f)
+    with pytest.raises(UserError, match=rf"^{bad}: .*{named}.*delete it and re-run `dvc repro teacher_logits`"):
+        inspect_cache(bad)
+
+
+def test_verify_gives_the_fix_instead_of_running_verify_again(tiny_pipeline, tmp_path):
+    """A file verify cannot open, and a bad chunk in a sequence the top-1 check re-runs."""
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes((tiny_pipeline / "data/teacher_logits/validation.h5").read_bytes()[:5000])
+    with pytest.raises(UserError, match=r"delete it and re-run `dvc repro teacher_logits`") as refused:
+        verify_cache(truncated, report=lambda *_: None)
+    assert "kdsweep cache verify" not in str(refused.value)
+    corrupt = tmp_path / "corrupt.h5"
+    shutil.copy(tiny_pipeline / "data/teacher_logits/validation.h5", corrupt)
+    damage_chunk(corrupt, "topk_logits", 0)  # the top-1 sample always includes sequence 0
+    lines = []
+    with pytest.raises(UserError, match=r"verify failed:\n  checksums: .*\nfix: delete") as failed:
+        verify_cache(corrupt, teacher=str(tiny_pipeline / "models/teacher"), report=lines.append)
+    assert "kdsweep cache verify" not in str(failed.value)
+    assert any("top-1 agreement" in line and "ok" in line for line in lines)
+
+
+def test_one_bad_chunk_is_reported_by_its_sequence(tiny_pipeline, tmp_path):
+    corrupt = tmp_path / "validation.h5"
+    shutil.copy(tiny_pipeline / "data/teacher_logits/validation.h5", corrupt)
+    damage_chunk(corrupt, "tail_log_normalizer_residual", 11)
+    lines = []
+    with pytest.raises(UserError) as failed:
+        verify_cache(corrupt, report=lines.append)
+    problems = str(failed.value).splitlines()[1:-1]
+    assert problems == [
+        "  checksums: sequences that cannot be read, a chunk failing its fletcher32 checksum or decompression: "
+        "11 (tail_log_normalizer_residual)"
+    ]
+    assert any("sanity: top-k ids < vocab_size and strictly ascending: ok" in line for line in lines)
+    with pytest.raises(
+        UserError,
+        match=r"cannot read sequences \[10, 11, 12\]: the tail_log_normalizer_residual "
+        r"chunk of sequence 11 fails its fletcher32 checksum",
+    ):
+        TeacherLogitCache(corrupt).read([10, 11, 12])
+
+
 # --------------------------------------------------------------------------- resume after SIGKILL
 def _generation_job(model, seqs, path, layout, partial_dir, delay):
     """Runs in a forked child: the real writer, each batch slowed down so the parent can kill it mid-run."""
-    import kdsweep.cache as cache
+    import kdsweep.cache.writer as cache
 
     torch.set_num_threads(1)
     summary = cache.teacher_batch_summary

@@ -18,7 +18,7 @@ import yaml
 from helpers import REPO, TINY, deep_merge, tiny_params_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kdsweep.cache import TeacherLogitCache
+from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import validate
 from kdsweep.errors import UserError
 from kdsweep.losses import LossSpec, student_loss

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdsweep.cache import summarize_logits, temperature_grid
+from kdsweep.cache.format import summarize_logits, temperature_grid
 from kdsweep.losses import (
     IGNORE_INDEX,
     LossSpec,

@@ -11,7 +11,8 @@ import torch
 from helpers import tiny_params_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kdsweep.cache import TeacherLogitCache, log_normalizer
+from kdsweep.cache.format import log_normalizer
+from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import validate
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError

@@ -37,7 +37,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from kdsweep import checkpoint
-from kdsweep.cache import TeacherLogitCache
+from kdsweep.cache.fingerprint import expected_fingerprint
+from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import LRMultiplier, Params
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
@@ -46,7 +47,6 @@ from kdsweep.losses import LossSpec, student_loss
 from kdsweep.models import default_device, load_causal_lm
 from kdsweep.param_groups import Plan, build_param_groups, format_plan, plan_groups
 from kdsweep.schedule import lr_factor
-from kdsweep.stages.teacher_logits import expected_fingerprint
 from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn, load_live_teacher
 
 # Called after every evaluation with (global step, metrics); returning True stops the run

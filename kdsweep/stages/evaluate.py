@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kdsweep.cache import TeacherLogitCache
+from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import Params
 from kdsweep.data import Prepared, load_prepared
 from kdsweep.evaluation import evaluate

@@ -14,58 +14,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdsweep.cache import (
-    FORMAT_VERSION,
-    GZIP_LEVEL,
-    CacheLayout,
-    TeacherLogitCache,
-    generate,
-    ids_dtype,
-    shard_path,
-    temperature_grid,
-)
-from kdsweep.config import Params
+from kdsweep.cache.fingerprint import expected_fingerprint
+from kdsweep.cache.format import GZIP_LEVEL, CacheLayout, temperature_grid
+from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.cache.writer import generate, shard_path
+from kdsweep.config import Params, read_yaml, validate
 from kdsweep.data import SPLITS, Prepared, load_prepared
 from kdsweep.errors import UserError
-from kdsweep.models import default_device, load_teacher, output_vocab_size, teacher_identity
-
-
-def expected_fingerprint(prepared: Prepared, teacher_dir: Path | None, params: Params, split: str) -> dict:
-    """What a cache for this data, teacher and config must have been made from.
-
-    Fields come from the config where it decides them (max_length, top_k, temperatures),
-    so a cache, or prepared data, that is out of date with ``params.yaml`` is refused.
-    ``teacher_dir=None`` leaves the teacher out (it is then not compared).
-    """
-    cfg = params.teacher
-    lo, hi = cfg.temperature_range
-    vocab = prepared.meta["tokenizer"]["vocab_size"]
-    fingerprint = {
-        "format_version": FORMAT_VERSION,
-        "split": split,
-        "dataset": prepared.meta["dataset"],
-        "max_length": params.dataset.max_length,
-        "packing": prepared.meta["packing"],
-        "tokenizer_sha256": prepared.meta["tokenizer"]["sha256"],
-        "vocab_size": vocab,
-        "teacher": teacher_identity(teacher_dir) if teacher_dir is not None else None,
-        "top_k": cfg.top_k,
-        "temperature_range": [lo, hi],
-        "temperature_grid": cfg.temperature_grid,
-        "dtypes": {
-            "input_ids": "int32",
-            "topk_id_deltas": ids_dtype(vocab).name,
-            "topk_logits": "float16",
-            "tail_log_normalizer_residual": "int32",
-            "tail_log_normalizer_slope": "float16",
-        },
-    }
-    if teacher_dir is None:
-        del fingerprint["teacher"]
-    return fingerprint
+from kdsweep.fsio import write_json
+from kdsweep.models import default_device, load_teacher, output_vocab_size
 
 
 def layout_for(prepared: Prepared, teacher_dir: Path, params: Params, split: str) -> CacheLayout:
+    """What the cache of ``split`` holds: top-k, temperature grid, vocabulary, sequence length, fingerprint."""
     cfg = params.teacher
     lo, hi = cfg.temperature_range
     vocab = prepared.meta["tokenizer"]["vocab_size"]
@@ -137,8 +98,7 @@ def main(
         c.close()
     if partial_root.is_dir() and not any(partial_root.iterdir()):
         partial_root.rmdir()
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    write_json(metrics_path, metrics)
     print("teacher_logits:", json.dumps(metrics))
     return metrics
 
@@ -186,7 +146,7 @@ def standalone(params: Params, output_dir: Path, shard: tuple[int, int] | None =
         teacher.main(
             params, prepared_dir=prepared_dir, out=teacher_dir, metrics_path=output_dir / "metrics/teacher.json"
         )
-        record.write_text(json.dumps(inputs, indent=2))
+        write_json(record, inputs)
     return main(
         params,
         prepared_dir=prepared_dir,
@@ -195,3 +155,34 @@ def standalone(params: Params, output_dir: Path, shard: tuple[int, int] | None =
         metrics_path=output_dir / "metrics/teacher_logits.json",
         shard=shard,
     )
+
+
+def standalone_params(
+    params_path: Path,
+    *,
+    teacher_model: str | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    top_k: int | None = None,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+) -> Params:
+    """params.yaml (when present) with the reference script's options on top, validated (for :func:`standalone`)."""
+    data = (read_yaml(params_path) if params_path.is_file() else None) or {}
+    teacher, ds = data.setdefault("teacher", {}), data.setdefault("dataset", {})
+    if teacher_model is not None:
+        teacher["model"] = teacher_model
+    if dataset is not None:
+        if dataset == "builtin":
+            ds["source"] = "builtin"
+        else:
+            ds.update(source="hf", name=dataset)
+    if dataset_config is not None:
+        ds["config_name"] = dataset_config
+    if top_k is not None:
+        teacher["top_k"] = top_k
+    if batch_size is not None:
+        teacher["cache_batch_size"] = batch_size
+    if max_samples is not None:
+        ds["max_samples"] = max_samples
+    return validate(data, source=f"{params_path} with the command-line options")

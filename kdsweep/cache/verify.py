@@ -1,0 +1,444 @@
+"""Checking and describing cache files (``kdsweep cache verify`` and ``kdsweep cache inspect``).
+
+    verify_cache(path):
+        open it (the reader refuses a missing, truncated, incomplete or damaged file)
+        read every chunk (HDF5 checks each chunk's fletcher32 on read); name each sequence that fails
+        check every readable position: ids in range and ascending, logits finite and <= 0 with max 0,
+            tail finite and below the top-k, top-k mass <= 1 at T = 1 and the range ends
+        the stored interpolation error bound <= MAX_INTERPOLATION_ERROR
+        with --params: the fingerprint and the stored input ids against the config and prepared data
+        with the teacher at hand: top-1 agreement with a fresh forward on a sample of sequences
+        report every check; raise one UserError listing every failed one and the fix
+    inspect_cache(path): shapes, filters, sizes, top-k mass histogram, error bound, fingerprint
+
+Both read any cache file, merged or not, and need no params.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+import numpy as np
+import torch
+
+from kdsweep.cache.fingerprint import diff_fingerprints, expected_fingerprint
+from kdsweep.cache.format import TAIL_FLOOR, decode_log_normalizer, log_normalizer, teacher_topk_probs
+from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.config import load_params
+from kdsweep.data import load_prepared
+from kdsweep.errors import UserError
+from kdsweep.models import POINTER, default_device, load_causal_lm, resolve_dtype, teacher_identity, teacher_source
+
+TOP1_TIE = 0.05  # logits this close to the max count as a tie for the top-1 agreement check
+MIN_TOP1_AGREEMENT = 0.99
+MASS_TOLERANCE = 2e-3  # top-k mass may exceed 1 by this much (float16 logits, interpolation)
+MAX_INTERPOLATION_ERROR = 1e-3  # the stated bound; a cache above it needs a finer temperature grid
+LISTED_SEQUENCES = 20  # unreadable sequences named one by one; the rest are counted
+
+Report = Callable[[str], object]
+
+SANITY = (
+    "input_ids in [0, vocab_size)",
+    "top-k ids < vocab_size and strictly ascending",
+    "top-k logits finite and <= 0, the largest exactly 0 (logits minus the max)",
+    "tail log-normaliser and slopes finite",
+    "tail below the top-k (t(b) <= log(V - k) + b * min top-k logit; t' <= min top-k logit)",
+)
+
+
+class Scan(NamedTuple):
+    """What reading every chunk found: failed checks, and the sequences that cannot be read."""
+
+    problems: list[str]
+    unreadable: dict[int, list[str]]  # sequence -> the datasets whose chunk fails
+
+
+class Candidate(NamedTuple):
+    """Where the teacher might be loaded from, and whether its identity must match the fingerprint first."""
+
+    source: str
+    check_identity: bool
+
+
+class Agreement(NamedTuple):
+    """The top-1 check: fraction of positions whose stored top-1 is the fresh forward's (ties within
+    TOP1_TIE count), the largest |p_cache - p_fresh| over the top-k, and the positions checked."""
+
+    fraction: float
+    max_dp: float
+    positions: int
+
+
+# --------------------------------------------------------------------------- shared
+def _readable(n: int, unreadable: dict | None = None) -> list[int]:
+    return [i for i in range(n) if not unreadable or i not in unreadable]
+
+
+def _sample_indices(n: int, count: int, unreadable: dict | None = None) -> list[int]:
+    """About ``count`` sequences spread evenly over the readable ones, the first and last included."""
+    readable = _readable(n, unreadable)
+    picks = np.linspace(0, len(readable) - 1, min(len(readable), count)).round().astype(int)
+    return sorted({readable[p] for p in picks.tolist()})
+
+
+def _fingerprint_lines(fingerprint: dict) -> list[str]:
+    return [f"    {key}: {json.dumps(value, sort_keys=True)}" for key, value in sorted(fingerprint.items())]
+
+
+def _display_temperature(c: TeacherLogitCache) -> float:
+    """T = 1 when the cache covers it, else the lowest temperature it does."""
+    lo, hi = c.temperature_range
+    return 1.0 if lo <= 1.0 <= hi else lo
+
+
+# --------------------------------------------------------------------------- inspect
+def _file_bytes(cache: TeacherLogitCache) -> int:
+    return cache.path.stat().st_size + sum((cache.path.parent / s).stat().st_size for s in cache.shards)
+
+
+def _filters(ds: h5py.Dataset) -> str:
+    parts = []
+    if ds.compression:
+        parts.append(f"{ds.compression}({ds.compression_opts})")
+    if ds.shuffle:
+        parts.append("shuffle")
+    if ds.fletcher32:
+        parts.append("fletcher32")
+    return "+".join(parts) or "none"
+
+
+def _histogram(values: np.ndarray, bins: int = 10, width: int = 40) -> list[str]:
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    top = max(int(counts.max()), 1)
+    return [
+        f"  [{lo:.1f}, {hi:.1f}{']' if i == bins - 1 else ')'} {'#' * round(width * c / top):<{width}} "
+        f"{c / len(values):6.1%}"
+        for i, (lo, hi, c) in enumerate(zip(edges[:-1], edges[1:], counts))
+    ]
+
+
+def _dataset_lines(c: TeacherLogitCache, tokens: int) -> list[str]:
+    """One table row per stored dataset: shape, dtype, chunks, filters and stored bytes per token."""
+    lines = [f"  {'dataset':<30}{'shape':<17}{'dtype':<9}{'chunks':<15}{'filters':<28}bytes/token"]
+    shards = [h5py.File(c.path.parent / name, "r") for name in c.shards]
+    try:
+        for key, ds in c.datasets().items():
+            # A merged file's datasets are virtual: their bytes are in the shards.
+            stored = sum(sh[key].id.get_storage_size() for sh in shards) if ds.is_virtual else ds.id.get_storage_size()
+            src = shards[0][key] if ds.is_virtual else ds
+            lines.append(
+                f"  {key:<30}{str(ds.shape):<17}{ds.dtype.name:<9}{str(src.chunks):<15}{_filters(src):<28}"
+                f"{stored / tokens:.1f}"
+            )
+    finally:
+        for sh in shards:
+            sh.close()
+    return lines
+
+
+def inspect_cache(path: Path, sample: int = 256) -> str:
+    """The report of ``kdsweep cache inspect``."""
+    c = TeacherLogitCache(path)
+    n, length, k = c.num_sequences, c.seq_len, c.top_k
+    tokens = n * length
+    size = _file_bytes(c)
+    lines = [
+        f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete",
+        f"  {n} sequences x {length} tokens = {tokens:,} tokens; top-{k} of {c.vocab_size:,} tokens; "
+        f"{len(c.betas)} temperature grid points",
+    ]
+    if c.shards:
+        lines.append(f"  merged (virtual datasets) over {len(c.shards)} shards: {', '.join(c.shards)}")
+    lines += [
+        f"  file size {size:,} bytes: {size / tokens:.1f} bytes per token, {size / tokens / k:.3f} bytes per "
+        "stored logit (ids, values and per-token extras all counted)",
+        "",
+        *_dataset_lines(c, tokens),
+    ]
+    lo, hi = c.temperature_range
+    t_hist = _display_temperature(c)
+    idx = _sample_indices(n, sample)
+    mass = teacher_topk_probs(c.read(idx), c.betas, t_hist)[0].sum(-1).reshape(-1).numpy()
+    lines += [
+        "",
+        f"  top-{k} probability mass at T={t_hist:g} ({len(idx)} sequences, {mass.size:,} positions): "
+        f"mean {mass.mean():.3f}, median {np.median(mass):.3f}, min {mass.min():.3f}",
+        *_histogram(mass),
+        "",
+        f"  temperature range [{lo:g}, {hi:g}] (b = 1/T on a uniform grid of {len(c.betas)} points)",
+        f"  log-normaliser interpolation error bound (measured by the writer, log space): "
+        f"{float(c.attrs['log_normalizer_max_error']):.2e}; "
+        f"quantum {float(c.attrs['log_normalizer_quantum']):.2e}",
+        f"  teacher ran in {c.attrs.get('teacher_dtype', '?')} on {c.attrs.get('device', '?')}",
+        "",
+        "  fingerprint:",
+        *_fingerprint_lines(c.fingerprint),
+    ]
+    c.close()
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- verify: every chunk, every position
+def _read_block(dsets: dict[str, h5py.Dataset], a: int, b: int) -> tuple[dict[str, np.ndarray] | None, dict]:
+    """Sequences [a, b) of every dataset, and {sequence: datasets whose chunk fails} for those that
+    cannot be read; a block with a bad chunk is read again sequence by sequence to find it."""
+    try:
+        return {key: ds[a:b] for key, ds in dsets.items()}, {}
+    except OSError:
+        pass
+    rows, bad = [], {}
+    for i in range(a, b):
+        row, failed = {}, []
+        for key, ds in dsets.items():
+            try:
+                row[key] = ds[i : i + 1]
+            except OSError:
+                failed.append(key)
+        if failed:
+            bad[i] = failed
+        else:
+            rows.append(row)
+    if not rows:
+        return None, bad
+    return {key: np.concatenate([r[key] for r in rows]) for key in dsets}, bad
+
+
+def _position_checks(c: TeacherLogitCache, st: dict[str, np.ndarray], betas_checked: list[float]) -> dict:
+    """{check name: (B, L) mask of the positions failing it} for the stored arrays ``st``."""
+    v, k, betas = c.vocab_size, c.top_k, c.betas
+    d = st["topk_id_deltas"].astype(np.int64)
+    ids = np.cumsum(d, axis=-1)
+    s = st["topk_logits"].astype(np.float32)
+    slope = st["tail_log_normalizer_slope"].astype(np.float32)
+    t = decode_log_normalizer(st["tail_log_normalizer_residual"], st["tail_log_normalizer_slope"], betas)
+    s_min = s.min(-1, keepdims=True)
+    live = t > TAIL_FLOOR  # a floored (negligible or empty) tail has nothing to check
+    slack = np.abs(s_min) * 2.0**-10 + 1e-3  # float16 rounding of the smallest top-k logit
+    with np.errstate(invalid="ignore"):
+        checks = {
+            SANITY[0]: (st["input_ids"] < 0) | (st["input_ids"] >= v),
+            SANITY[1]: (ids[..., 0] < 0) | (ids[..., -1] >= v) | (d[..., 1:] < 1).any(-1),
+            SANITY[2]: ~np.isfinite(s).all(-1) | (s > 0).any(-1) | (s.max(-1) != 0),
+            SANITY[3]: ~np.isfinite(t).all(-1) | ~np.isfinite(slope).all(-1),
+            SANITY[4]: (live & ((t > np.log(max(v - k, 1)) + betas * s_min + slack) | (slope > s_min + slack))).any(-1),
+        }
+    values = torch.from_numpy(np.concatenate([t, np.nan_to_num(s)], -1))
+    over = np.zeros(s.shape[:-1], dtype=bool)
+    for beta in betas_checked:
+        lse = log_normalizer(values, torch.from_numpy(slope), betas, beta)
+        over |= (torch.exp(torch.logsumexp(values[..., len(betas) :] * beta, -1) - lse) > 1 + MASS_TOLERANCE).numpy()
+    checks[_mass_check(betas_checked)] = over
+    return checks
+
+
+def _mass_check(betas_checked: list[float]) -> str:
+    temperatures = ", ".join(f"{1 / b:g}" for b in reversed(betas_checked))
+    return f"top-k probabilities sum to <= 1 + {MASS_TOLERANCE:g} at T = {temperatures}"
+
+
+def _unreadable_line(unreadable: dict[int, list[str]]) -> str:
+    named = [f"{i} ({', '.join(keys)})" for i, keys in sorted(unreadable.items())[:LISTED_SEQUENCES]]
+    more = len(unreadable) - len(named)
+    return (
+        "checksums: sequences that cannot be read, a chunk failing its fletcher32 checksum or decompression: "
+        + ", ".join(named)
+        + (f" and {more} more" if more else "")
+    )
+
+
+def _scan(c: TeacherLogitCache, report: Report) -> Scan:
+    """Read every chunk (HDF5 checks each chunk's fletcher32 on read) and check every readable position."""
+    dsets = c.datasets()
+    bad: dict[str, int] = {}
+    unreadable: dict[int, list[str]] = {}
+    betas = c.betas
+    betas_checked = sorted({float(betas[0]), float(betas[-1])} | ({1.0} if betas[0] <= 1.0 <= betas[-1] else set()))
+    block = max(1, 8192 // c.seq_len)
+    for a in range(0, c.num_sequences, block):
+        st, failed = _read_block(dsets, a, min(a + block, c.num_sequences))
+        unreadable |= failed
+        if st is None:
+            continue
+        for name, mask in _position_checks(c, st, betas_checked).items():
+            if mask.any():
+                bad[name] = bad.get(name, 0) + int(mask.sum())
+    chunks = len(dsets) * c.num_sequences - sum(len(keys) for keys in unreadable.values())
+    if unreadable:
+        report(f"  checksums: FAILED: {chunks:,} chunks read; sequences that cannot be read: {len(unreadable):,}")
+    else:
+        report(f"  checksums: {chunks:,} chunks read, fletcher32 verified")
+    positions = c.num_sequences * c.seq_len
+    for name in (*SANITY, _mass_check(betas_checked)):
+        report(f"  sanity: {name}: " + (f"FAILED at {bad[name]:,} of {positions:,} positions" if name in bad else "ok"))
+    problems = [_unreadable_line(unreadable)] if unreadable else []
+    return Scan(
+        problems + [f"sanity: {name}: fails at {n:,} of {positions:,} positions" for name, n in bad.items()], unreadable
+    )
+
+
+# --------------------------------------------------------------------------- verify: against the teacher
+def _teacher_candidates(c: TeacherLogitCache, teacher: str | None) -> list[Candidate]:
+    if teacher is not None:
+        return [Candidate(teacher, False)]
+    ident = c.fingerprint.get("teacher", {})
+    if ident.get("model") != "embedded":
+        return [Candidate(ident["model"], False)] if ident.get("model") else []
+    return [Candidate(str(p), True) for p in (c.path.parent / "teacher", Path("models/teacher")) if p.is_dir()]
+
+
+def _load_teacher_for(c: TeacherLogitCache, teacher: str | None, report: Report):
+    """(the teacher that made the cache, where it came from), on the default device (bf16 on a capable
+    GPU), or (None, None) with the reason reported."""
+    device = default_device()
+    dtype = resolve_dtype("auto", device)
+    for cand, check in _teacher_candidates(c, teacher):
+        p = Path(cand)
+        try:
+            if check and teacher_identity(p) != c.fingerprint.get("teacher"):
+                report(f"  teacher: {p} holds another teacher than the fingerprint names; skipped")
+                continue
+            if p.is_dir() and (p / POINTER).is_file():  # a teacher stage's pointer to a hub/local model
+                src = teacher_source(p)
+                model = load_causal_lm(src["model"], revision=src.get("revision"), dtype=dtype)
+            else:
+                revision = None if teacher is not None else c.fingerprint.get("teacher", {}).get("revision")
+                model = load_causal_lm(cand, revision=revision, dtype=dtype)
+            return model.to(device).eval(), cand
+        except UserError as e:
+            report(f"  teacher: {cand} not available ({str(e).splitlines()[0][:160]})")
+    return None, None
+
+
+def _top1_agreement(c: TeacherLogitCache, model, idx: list[int]) -> Agreement:
+    """Stored top-1 against a fresh forward of ``model`` on sequences ``idx``, at the display temperature."""
+    batch = c.read(idx)
+    t = _display_temperature(c)
+    with torch.no_grad():
+        ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=model.device)
+        logits = model(input_ids=ids, use_cache=False).logits[..., : c.vocab_size].float().cpu()
+    top_ids = torch.as_tensor(batch["topk_ids"].astype(np.int64))
+    vals = torch.as_tensor(batch["topk_logits"]).float()
+    stored_top1 = top_ids.gather(-1, vals.argmax(-1, keepdim=True))
+    fresh_max = logits.max(-1).values
+    agree = logits.gather(-1, stored_top1).squeeze(-1) >= fresh_max - TOP1_TIE
+    p_cache, _ = teacher_topk_probs(batch, c.betas, t)
+    p_fresh = torch.softmax(logits / t, -1).gather(-1, top_ids)
+    return Agreement(float(agree.float().mean()), float((p_cache - p_fresh).abs().max()), int(agree.numel()))
+
+
+def _check_top1(c: TeacherLogitCache, teacher: str | None, sample: int, scan: Scan, report: Report) -> list[str]:
+    model, source = _load_teacher_for(c, teacher, report)
+    idx = _sample_indices(c.num_sequences, sample, scan.unreadable)
+    if model is None or not idx:
+        why = "teacher not available; pass --teacher DIR_OR_ID" if model is None else "no readable sequence"
+        report(f"  top-1 agreement: skipped ({why})")
+        return []
+    agreement = _top1_agreement(c, model, idx)
+    ok = agreement.fraction >= MIN_TOP1_AGREEMENT
+    report(
+        f"  top-1 agreement with a fresh forward of {source}: {agreement.fraction:.2%} of {agreement.positions:,} "
+        f"positions (max |p_cache - p_fresh| {agreement.max_dp:.1e}) " + ("ok" if ok else "FAILED")
+    )
+    if ok:
+        return []
+    return [
+        f"top-1 agreement: {agreement.fraction:.2%} < {MIN_TOP1_AGREEMENT:.0%} with a fresh forward of "
+        f"{source}; the cache was not made by this teacher (or is corrupt)"
+    ]
+
+
+# --------------------------------------------------------------------------- verify: against the config
+def _prepared_dir(c: TeacherLogitCache, prepared_dir: Path | None) -> tuple[Path | None, list[Path]]:
+    cands = [prepared_dir] if prepared_dir else [c.path.parent / "prepared", Path("data/prepared")]
+    return next((p for p in cands if (p / "meta.json").is_file()), None), cands
+
+
+def _check_against_params(
+    c: TeacherLogitCache, params_path: Path, teacher: str | None, prepared_dir: Path | None, scan: Scan, report: Report
+) -> list[str]:
+    """Fingerprint against the config (and prepared data), and the stored inputs against the prepared split."""
+    params = load_params(params_path)
+    split = c.fingerprint.get("split", "train")
+    prep_dir, cands = _prepared_dir(c, prepared_dir)
+    if prep_dir is None:
+        report(
+            f"  fingerprint vs {params_path}: skipped (no prepared data in {', '.join(map(str, cands))}; "
+            "pass --prepared)"
+        )
+        return []
+    prepared = load_prepared(prep_dir)
+    teacher_dirs = [Path(teacher)] if teacher else [c.path.parent / "teacher", Path("models/teacher")]
+    teacher_dir = next((p for p in teacher_dirs if p.is_dir()), None)
+    if teacher_dir is None:
+        report("  fingerprint: no teacher directory found; the teacher's identity is not compared")
+    diffs = diff_fingerprints(c.fingerprint, expected_fingerprint(prepared, teacher_dir, params, split))
+    problems = [f"fingerprint: differs from {params_path} + {prep_dir}: " + "; ".join(diffs)] if diffs else []
+    report(f"  fingerprint vs {params_path} + {prep_dir}: " + ("ok" if not diffs else "FAILED: " + "; ".join(diffs)))
+    off = int(c.attrs.get("sequence_offset", 0))
+    data = prepared.split(split)[off : off + c.num_sequences]
+    readable = np.array(_readable(c.num_sequences, scan.unreadable), dtype=np.int64)
+    same = data.shape == (c.num_sequences, c.seq_len) and all(
+        np.array_equal(c.read_stored(readable[a : a + 256])["input_ids"], data[readable[a : a + 256]])
+        for a in range(0, len(readable), 256)
+    )
+    report(f"  input_ids vs {prep_dir}/{split}.npy: " + ("ok (aligned)" if same else "FAILED"))
+    if not same:
+        problems.append(f"alignment: stored input_ids differ from {prep_dir}/{split}.npy")
+    return problems
+
+
+# --------------------------------------------------------------------------- verify
+def _regenerate(path: Path) -> str:
+    return (
+        f"delete {path} (and its shards) and regenerate it: `dvc repro teacher_logits`, or "
+        "`kdsweep cache generate` with the options that made it"
+    )
+
+
+def _check_bound(c: TeacherLogitCache, report: Report) -> list[str]:
+    bound = float(c.attrs["log_normalizer_max_error"])
+    ok = bound <= MAX_INTERPOLATION_ERROR
+    report(f"  interpolation error bound: {bound:.2e} (log space) " + ("ok" if ok else "FAILED"))
+    if ok:
+        return []
+    return [
+        f"interpolation: stored log-normaliser error bound {bound:.2e} exceeds "
+        f"{MAX_INTERPOLATION_ERROR:g}; raise teacher.temperature_grid (or narrow "
+        "teacher.temperature_range) and regenerate"
+    ]
+
+
+def verify_cache(
+    path: Path,
+    *,
+    params_path: Path | None = None,
+    teacher: str | None = None,
+    prepared_dir: Path | None = None,
+    sample: int = 8,
+    report: Report = print,
+) -> None:
+    """``kdsweep cache verify``: report each check; raise a UserError listing every failed one and the fix."""
+    c = TeacherLogitCache(path)  # refuses missing, truncated, incomplete, other-version or damaged files
+    report(f"{path}: {c.num_sequences} sequences x {c.seq_len} tokens, top-{c.top_k} of {c.vocab_size}")
+    report(
+        "  completeness: ok (complete, format version %d%s)"
+        % (int(c.attrs["format_version"]), f", {len(c.shards)} shards complete" if c.shards else "")
+    )
+    try:
+        scan = _scan(c, report)
+        problems = scan.problems + _check_bound(c, report)
+        report("  fingerprint:")
+        for line in _fingerprint_lines(c.fingerprint):
+            report(line)
+        if params_path is not None:
+            problems += _check_against_params(c, params_path, teacher, prepared_dir, scan, report)
+        problems += _check_top1(c, teacher, sample, scan, report)
+    finally:
+        c.close()
+    if problems:
+        raise UserError(f"{path}: verify failed:\n  " + "\n  ".join(problems) + f"\nfix: {_regenerate(path)}")
+    report(f"{path}: ok")

@@ -1,0 +1,387 @@
+"""Writing caches: run the teacher over sequences, save each batch, assemble the HDF5 file; merge shards.
+
+    generate(model, input_ids, path, layout):
+        for each batch of the file's sequences not yet in <path>.partial/:
+            run the teacher, summarize its logits (format.summarize_logits)
+            save the batch as batch-<start>.npz (atomically: a kill loses at most this batch)
+        assemble <path> from the batches, set "complete" last, rename it into place
+    merge_shards(path):
+        check that the shard files next to path fit together (fingerprint, grid, no gaps)
+        write path as HDF5 virtual datasets over them (it stores no data itself)
+
+The format itself (datasets, attributes, coding) is in :mod:`kdsweep.cache.format`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdsweep.cache.fingerprint import diff_fingerprints
+from kdsweep.cache.format import (
+    FORMAT_VERSION,
+    GZIP_LEVEL,
+    LOG_NORMALIZER_QUANTUM,
+    STORED,
+    CacheLayout,
+    ids_dtype,
+    ids_to_deltas,
+    summarize_logits,
+)
+from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.errors import UserError
+from kdsweep.fsio import atomic_path, write_json
+
+# Virtual (merged) datasets read these where a shard is missing, so a silent gap cannot
+# look like data: ids out of range, NaN logits.
+_VDS_FILL = {
+    "input_ids": -1,
+    "topk_id_deltas": None,
+    "topk_logits": np.nan,
+    "tail_log_normalizer_residual": np.iinfo(np.int32).min,
+    "tail_log_normalizer_slope": np.nan,
+}
+
+
+class Span(NamedTuple):
+    """The sequences [start, stop) of ``total`` that one file holds; ``shard`` is (i, n) or None."""
+
+    start: int
+    stop: int
+    total: int
+    shard: tuple[int, int] | None
+
+
+class ShardFile(NamedTuple):
+    """One shard file of a merge, opened, with the first sequence it holds."""
+
+    offset: int
+    cache: TeacherLogitCache
+
+
+# --------------------------------------------------------------------------- teacher
+def teacher_logits_chunks(model, input_ids: torch.Tensor, vocab_size: int, chunk_tokens: int):
+    """Teacher logits (T_chunk, V) for the flattened batch, a chunk of positions at a time.
+
+    Only the decoder runs on the whole batch; the LM head runs per chunk, so no
+    (B, L, V) tensor is ever built. Rows of a padded LM head beyond ``vocab_size`` are dropped.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    head = model.get_output_embeddings()
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        yield head(hidden[start : start + chunk_tokens])[:, :vocab_size]
+
+
+@torch.no_grad()
+def teacher_batch_summary(model, input_ids: torch.Tensor, layout: CacheLayout, chunk_tokens: int | None = None) -> dict:
+    """Run the teacher on (B, L) ``input_ids`` and return the stored arrays (numpy) plus ``max_error``."""
+    if chunk_tokens is None:  # ~16M logits per chunk: bounded memory at any vocabulary
+        chunk_tokens = max(1, min(4096, 2**24 // layout.vocab_size))
+    parts = [
+        summarize_logits(lg, layout.top_k, layout.betas)
+        for lg in teacher_logits_chunks(model, input_ids, layout.vocab_size, chunk_tokens)
+    ]
+    b, length = input_ids.shape
+
+    def cat(key):
+        return torch.cat([p[key] for p in parts]).reshape(b, length, -1).cpu().numpy()
+
+    return {
+        "topk_id_deltas": ids_to_deltas(cat("topk_ids").astype(ids_dtype(layout.vocab_size))),
+        "topk_logits": cat("topk_logits"),
+        "tail_log_normalizer_residual": cat("tail_log_normalizer_residual"),
+        "tail_log_normalizer_slope": cat("log_normalizer_slope"),
+        "max_error": float(max(p["max_error"] for p in parts)),
+    }
+
+
+# --------------------------------------------------------------------------- shards
+def shard_range(num_sequences: int, shard: tuple[int, int] | None, batch_size: int) -> tuple[int, int]:
+    """Sequences [start, stop) of shard i of n; boundaries fall on whole batches so that
+    sharded and unsharded runs put the same sequences in the same batches (bit-identical output)."""
+    if shard is None:
+        return 0, num_sequences
+    i, n = shard
+    batches = -(-num_sequences // batch_size)
+    start = min(num_sequences, (batches * i // n) * batch_size)
+    stop = min(num_sequences, (batches * (i + 1) // n) * batch_size)
+    return start, stop
+
+
+def shard_path(path: Path, shard: tuple[int, int]) -> Path:
+    """``train.h5`` -> ``train.shard-0-of-4.h5``."""
+    return path.with_name(f"{path.stem}.shard-{shard[0]}-of-{shard[1]}{path.suffix}")
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The shard files ``<stem>.shard-I-of-N<suffix>`` next to ``path``."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}"))
+
+
+# --------------------------------------------------------------------------- generate
+def _is_finished(path: Path, layout: CacheLayout, compression: int) -> bool:
+    """An existing complete file made from the same inputs, layout and compression (nothing to do)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (
+                bool(f.attrs.get("complete", False))
+                and int(f.attrs.get("format_version", -1)) == FORMAT_VERSION
+                and json.loads(f.attrs["fingerprint"]) == layout.fingerprint
+                and np.array_equal(f.attrs["betas"], layout.betas)
+                and int(f.attrs["top_k"]) == layout.top_k
+                and (f["topk_logits"].compression_opts or 0) == compression
+            )
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def generate(
+    model,
+    input_ids: np.ndarray,
+    path: str | Path,
+    layout: CacheLayout,
+    *,
+    batch_size: int,
+    device: torch.device,
+    shard: tuple[int, int] | None = None,
+    desc: str = "teacher logits",
+    partial_dir: str | Path | None = None,
+    compression: int = GZIP_LEVEL,
+) -> Path:
+    """Write the cache for ``input_ids`` (N, L) to ``path``; resumable, atomic at the end.
+
+    Each finished batch is saved as its own small file under ``partial_dir`` (default
+    ``<path>.partial/``; written to a temporary name, then renamed), so a run killed at any
+    moment loses at most the batch in flight; re-running skips the finished batches. Only
+    when every batch is done is the HDF5 file assembled under a temporary name, marked
+    complete and renamed into place, so a reader never sees a half-written cache. A
+    complete file made from the same inputs is left as it is.
+
+    ``compression`` is the gzip level, 0 for none (see :func:`dataset_options`). Returns the
+    path written (the shard's own name with ``shard``).
+    """
+    path = Path(path)
+    if shard is not None:
+        path = shard_path(path, shard)
+    if _is_finished(path, layout, compression):
+        print(f"{path}: complete and up to date")
+        return path
+    span = Span(*shard_range(len(input_ids), shard, batch_size), len(input_ids), shard)
+    partial = Path(partial_dir) if partial_dir is not None else path.with_name(path.name + ".partial")
+    meta = {
+        "fingerprint": layout.fingerprint,
+        "batch_size": batch_size,
+        "range": [span.start, span.stop],
+        "betas": layout.betas.tolist(),
+        "top_k": layout.top_k,
+        "format_version": FORMAT_VERSION,
+    }
+    _open_partial(partial, meta)
+    batch_starts = list(range(span.start, span.stop, batch_size))
+    todo = [s for s in batch_starts if not _batch_file(partial, s).exists()]
+    if len(todo) < len(batch_starts):
+        print(f"{path.name}: resuming, {len(batch_starts) - len(todo)} of {len(batch_starts)} batches already done")
+    for s in tqdm(todo, desc=desc, unit="batch", dynamic_ncols=True):
+        ids = torch.as_tensor(input_ids[s : min(s + batch_size, span.stop)], dtype=torch.long, device=device)
+        summary = teacher_batch_summary(model, ids, layout)
+        with atomic_path(_batch_file(partial, s)) as tmp, open(tmp, "wb") as out:
+            np.savez(out, max_error=np.float32(summary.pop("max_error")), **summary)
+
+    dtype = next(p.dtype for p in model.parameters()) if hasattr(model, "parameters") else None
+    info = {"teacher_dtype": str(dtype).removeprefix("torch."), "device": device.type}
+    _assemble(path, partial, input_ids[span.start : span.stop], span, batch_starts, layout, compression, info)
+    shutil.rmtree(partial)
+    return path
+
+
+def _batch_file(partial: Path, start: int) -> Path:
+    return partial / f"batch-{start:09d}.npz"
+
+
+def _open_partial(partial: Path, meta: dict) -> None:
+    """The work directory of a run with these settings: kept when it has them, emptied otherwise."""
+    meta_file = partial / "meta.json"
+    if partial.exists():
+        try:
+            same = json.loads(meta_file.read_text()) == meta
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            print(f"{partial}: left by a run with other settings; starting over")
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(meta_file, meta)
+
+
+def dataset_options(compression: int) -> dict:
+    """Filters of every dataset: shuffle + gzip at level ``compression`` (readable by any HDF5
+    build; 0 = neither: files 1.8x larger, lazy reads 2-3x faster, inflating being most of the
+    cost of a read), and a fletcher32 checksum per chunk. Chunks are one sequence each (the callers)."""
+    if compression == 0:  # shuffling only helps a compressor
+        return {"fletcher32": True}
+    return {"shuffle": True, "compression": "gzip", "compression_opts": compression, "fletcher32": True}
+
+
+def _create_datasets(f: h5py.File, n: int, layout: CacheLayout, compression: int) -> None:
+    k, g, length = layout.top_k, len(layout.betas), layout.seq_len
+    opts = dataset_options(compression)
+    f.create_dataset("input_ids", (n, length), np.int32, chunks=(1, length), **opts)
+    f.create_dataset("topk_id_deltas", (n, length, k), ids_dtype(layout.vocab_size), chunks=(1, length, k), **opts)
+    f.create_dataset("topk_logits", (n, length, k), np.float16, chunks=(1, length, k), **opts)
+    f.create_dataset("tail_log_normalizer_residual", (n, length, g), np.int32, chunks=(1, length, g), **opts)
+    f.create_dataset("tail_log_normalizer_slope", (n, length, g), np.float16, chunks=(1, length, g), **opts)
+
+
+def _write_attrs(f: h5py.File, layout: CacheLayout, **extra) -> None:
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["top_k"] = layout.top_k
+    f.attrs["vocab_size"] = layout.vocab_size
+    f.attrs["betas"] = layout.betas.astype(np.float64)
+    f.attrs["temperature_range"] = np.array([1.0 / layout.betas[-1], 1.0 / layout.betas[0]])
+    f.attrs["log_normalizer_quantum"] = LOG_NORMALIZER_QUANTUM
+    f.attrs["fingerprint"] = json.dumps(layout.fingerprint, sort_keys=True)
+    for key, value in extra.items():
+        f.attrs[key] = value
+
+
+def _load_batch(batch_file: Path) -> dict[str, np.ndarray]:
+    """A finished batch's arrays; a damaged file is removed, so the next run recomputes it."""
+    try:
+        with np.load(batch_file) as part:
+            return {key: part[key] for key in (*STORED[1:], "max_error")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        batch_file.unlink(missing_ok=True)
+        raise UserError(
+            f"{batch_file}: damaged batch file ({e}); it was removed: run the same command again "
+            "to recompute that batch and finish the cache"
+        ) from None
+
+
+def _assemble(
+    path: Path,
+    partial: Path,
+    input_ids: np.ndarray,
+    span: Span,
+    batch_starts: list[int],
+    layout: CacheLayout,
+    compression: int,
+    info: dict,
+) -> None:
+    """The HDF5 file from the saved batches, marked complete and renamed into place."""
+    max_error = 0.0
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        _create_datasets(f, len(input_ids), layout, compression)
+        f["input_ids"][...] = input_ids
+        for s in batch_starts:
+            arrays = _load_batch(_batch_file(partial, s))
+            rows = slice(s - span.start, s - span.start + len(arrays["topk_logits"]))
+            for key in STORED[1:]:
+                f[key][rows] = arrays[key]
+            max_error = max(max_error, float(arrays["max_error"]))
+        _write_attrs(
+            f,
+            layout,
+            log_normalizer_max_error=max_error,
+            sequence_offset=span.start,
+            total_sequences=span.total,
+            shard=np.array(span.shard if span.shard else (0, 1)),
+            **info,
+        )
+        f.attrs["complete"] = True  # set last: a file without it was never finished
+
+
+# --------------------------------------------------------------------------- merge
+def merge(path: Path) -> list[Path]:
+    """Merge the shards of ``path`` (the file to write), or, for a directory, of every cache
+    whose shards are in it; return the files written."""
+    if not path.is_dir():
+        return [merge_shards(path)]
+    stems = sorted({p.name.split(".shard-")[0] for p in path.glob("*.shard-*-of-*.h5")})
+    if not stems:
+        raise UserError(f"{path}: no shard files *.shard-I-of-N.h5 in it")
+    return [merge_shards(path / f"{stem}.h5") for stem in stems]
+
+
+def merge_shards(path: str | Path) -> Path:
+    """Write ``path`` as an HDF5 file of virtual datasets over its shard files, so that the
+    shards read as one cache (with kdsweep or plain h5py). The shards stay where they are;
+    the virtual file names them relative to its own directory, so the directory can move."""
+    path = Path(path)
+    files = shard_files(path)
+    if not files:
+        raise UserError(
+            f"{path}: no shard files {path.stem}.shard-I-of-N{path.suffix} next to it; "
+            "generate them with `kdsweep cache generate --shard I/N`"
+        )
+    opened = (ShardFile(int(c.attrs["sequence_offset"]), c) for c in map(TeacherLogitCache, files))
+    shards = sorted(opened, key=lambda s: s.offset)
+    try:
+        _check_shards(path, shards)
+        _write_virtual(path, shards)
+    finally:
+        for s in shards:
+            s.cache.close()
+    return path
+
+
+def _check_shards(path: Path, shards: list[ShardFile]) -> None:
+    """All shards present, made from the same inputs and grid, and covering every sequence once."""
+    first = shards[0].cache
+    n_shards, total = int(first.attrs["shard"][1]), int(first.attrs["total_sequences"])
+    if len(shards) != n_shards:
+        have = sorted(int(s.cache.attrs["shard"][0]) for s in shards)
+        missing = sorted(set(range(n_shards)) - set(have))
+        raise UserError(
+            f"{path}: found {len(shards)} of {n_shards} shards (missing {missing}); generate them with "
+            f"`kdsweep cache generate --shard I/{n_shards}`"
+        )
+    for _, c in shards:
+        if c.fingerprint != first.fingerprint:
+            raise UserError(
+                f"{c.path}: fingerprint differs from {first.path}: "
+                + "; ".join(diff_fingerprints(c.fingerprint, first.fingerprint))
+            )
+        if not np.array_equal(c.betas, first.betas) or int(c.attrs["shard"][1]) != n_shards:
+            raise UserError(f"{c.path}: temperature grid or shard count differs from {first.path}; regenerate it")
+    expected = 0
+    for off, c in shards:
+        if off != expected:
+            raise UserError(
+                f"{c.path}: starts at sequence {off}, expected {expected}; shards overlap or one is missing"
+            )
+        expected += c.num_sequences
+    if expected != total:
+        raise UserError(f"{path}: shards cover {expected} of {total} sequences")
+
+
+def _write_virtual(path: Path, shards: list[ShardFile]) -> None:
+    first = shards[0].cache
+    total = int(first.attrs["total_sequences"])
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+        for key in STORED:
+            src = first.file[key]
+            layout = h5py.VirtualLayout(shape=(total,) + src.shape[1:], dtype=src.dtype)
+            for off, c in shards:
+                n = c.num_sequences
+                # Relative to the virtual file's directory (the reader sets that as the prefix).
+                layout[off : off + n] = h5py.VirtualSource(c.path.name, key, shape=(n,) + src.shape[1:])
+            fill = _VDS_FILL[key]
+            f.create_virtual_dataset(key, layout, fillvalue=np.iinfo(src.dtype).max if fill is None else fill)
+        for attr, value in first.file.attrs.items():
+            if attr != "complete":
+                f.attrs[attr] = value
+        f.attrs["shard"] = np.array((0, 1))
+        f.attrs["sequence_offset"] = 0
+        f.attrs["log_normalizer_max_error"] = max(float(s.cache.attrs["log_normalizer_max_error"]) for s in shards)
+        f.attrs["shards"] = json.dumps([s.cache.path.name for s in shards])
+        f.attrs["complete"] = True
