@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from kdsweep.config import Params
 from kdsweep.data import load_prepared
+from kdsweep.fsio import atomic_path, write_json
 from kdsweep.models import POINTER, default_device, embedded_teacher_config
 from kdsweep.schedule import lr_factor
 
@@ -33,18 +33,13 @@ def main(
 ) -> dict:
     """Write the teacher (or a pointer to it) to ``out`` and its training metrics."""
     cfg = params.teacher
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if cfg.model:
-        (tmp / POINTER).write_text(json.dumps({"model": cfg.model, "revision": cfg.revision}, indent=2))
-        metrics = {"source": cfg.model}
-    else:
-        metrics = train_embedded(params, prepared_dir, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    with atomic_path(out, directory=True) as tmp:
+        if cfg.model:
+            (tmp / POINTER).write_text(json.dumps({"model": cfg.model, "revision": cfg.revision}, indent=2))
+            metrics = {"source": cfg.model}
+        else:
+            metrics = train_embedded(params, prepared_dir, tmp)
+    write_json(metrics_path, metrics)
     return metrics
 
 
