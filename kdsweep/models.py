@@ -43,7 +43,9 @@ def embedded_teacher_config(arch: TeacherArchConfig, vocab_size: int, max_length
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    """The dtype ``teacher.dtype`` names on ``device``, the same on every path (the cache writer,
+    the live teacher of ``distill`` and ``evaluate``, ``cache verify``): ``auto`` is bfloat16 on a
+    CUDA device that supports it and float32 elsewhere, CPUs included; any other name is kept."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

@@ -11,9 +11,7 @@ import numpy as np
 import torch
 
 from kdsweep.cache import log_normalizer
-from kdsweep.config import TeacherConfig
 from kdsweep.losses import SparseTeacher, TeacherFn, sparse_teacher_from_logits
-from kdsweep.models import load_teacher
 
 
 def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -43,22 +41,6 @@ def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float)
     lse = torch.maximum(lse, torch.logsumexp(s, dim=-1))
     log_probs = s - lse.unsqueeze(-1)
     return lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])
-
-
-def live_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype a live teacher runs in: ``auto`` is bfloat16 (CPUs run it too; on a GPU
-    without bf16 support, float32); an explicit ``teacher.dtype`` is kept."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32
-    return torch.bfloat16
-
-
-def load_live_teacher(teacher_dir, cfg: TeacherConfig, device: torch.device):
-    """The teacher for live distillation: eval mode, frozen, in :func:`live_teacher_dtype`."""
-    dtype = live_teacher_dtype(cfg.dtype, device)
-    return load_teacher(teacher_dir, cfg.model_copy(update={"dtype": str(dtype).removeprefix("torch.")}), device)
 
 
 @torch.no_grad()

@@ -20,11 +20,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kdsweep.cache import TeacherLogitCache
 from kdsweep.config import validate
+from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.losses import LossSpec, student_loss
-from kdsweep.models import load_causal_lm
+from kdsweep.models import load_causal_lm, load_teacher, resolve_dtype
 from kdsweep.schedule import lr_factor
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_dtype, load_live_teacher
+from kdsweep.teachers import batch_to_tensors, cached_teacher_fn
 
 CORE = r".*shared_core.*|.*wrapper.*"
 STAGE1 = {
@@ -224,11 +225,28 @@ def test_live_teacher_end_to_end(pipeline_copy, mode, direction):
         assert math.isfinite(row["loss"]) and row["kl"] >= 0
 
 
-def test_live_teacher_runs_in_bf16_eval_and_frozen(tiny_pipeline):
-    assert live_teacher_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert live_teacher_dtype("float32", torch.device("cpu")) == torch.float32
+def test_auto_teacher_dtype_is_the_same_for_the_live_teacher_and_the_cache(tiny_pipeline):
+    """`teacher.dtype: auto` is float32 on a CPU on every path: the live teacher of distill
+    (it used to run in bfloat16 there) and the teacher that writes the cache."""
+    from kdsweep.stages.distill import TeacherSource
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
     params = validate(tiny_params_dict(teacher={"use_cached_logits": False}))
-    teacher = load_live_teacher(tiny_pipeline / "models/teacher", params.teacher, torch.device("cpu"))
+    live = TeacherSource(
+        params,
+        load_prepared(tiny_pipeline / "data/prepared"),
+        tiny_pipeline / "models/teacher",
+        tiny_pipeline / "data/teacher_logits",
+        cpu,
+    ).model
+    cache_writer = load_teacher(tiny_pipeline / "models/teacher", params.teacher, cpu)
+    assert {p.dtype for p in live.parameters()} == {p.dtype for p in cache_writer.parameters()} == {torch.float32}
+
+
+def test_live_teacher_runs_in_its_dtype_eval_and_frozen(tiny_pipeline):
+    params = validate(tiny_params_dict(teacher={"use_cached_logits": False, "dtype": "bfloat16"}))
+    teacher = load_teacher(tiny_pipeline / "models/teacher", params.teacher, torch.device("cpu"))
     assert not teacher.training
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teacher.parameters())
 

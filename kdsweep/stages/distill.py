@@ -43,11 +43,11 @@ from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.evaluation import evaluate
 from kdsweep.losses import LossSpec, student_loss
-from kdsweep.models import default_device, load_causal_lm
+from kdsweep.models import default_device, load_causal_lm, load_teacher
 from kdsweep.param_groups import Plan, build_param_groups, format_plan, plan_groups
 from kdsweep.schedule import lr_factor
 from kdsweep.stages.teacher_logits import expected_fingerprint
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn, load_live_teacher
+from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn
 
 # Called after every evaluation with (global step, metrics); returning True stops the run
 # (a sweep's pruner). The run then ends with state "pruned".
@@ -161,7 +161,8 @@ def validation_batches(
 
 
 class TeacherSource:
-    """The teacher side of the run: the checked HDF5 caches, or the live model (bf16, eval, no_grad)."""
+    """The teacher side of the run: the checked HDF5 caches, or the live model (eval, no_grad,
+    in ``teacher.dtype``)."""
 
     def __init__(self, params: Params, data, teacher_dir: Path, cache_dir: Path, device: torch.device):
         self.caches: dict[str, TeacherLogitCache | None] = {"train": None, "validation": None}
@@ -172,7 +173,7 @@ class TeacherSource:
                 self.caches[split] = TeacherLogitCache(cache_dir / f"{split}.h5")
                 self.caches[split].check_fingerprint(expected_fingerprint(data, teacher_dir, params, split))
         else:
-            self.model = load_live_teacher(teacher_dir, params.teacher, device)
+            self.model = load_teacher(teacher_dir, params.teacher, device)
 
     def fn(self, batch: dict[str, torch.Tensor], temperature: float, mode: str):
         """``teacher_fn(start, end)`` for one batch (see :func:`kdsweep.losses.distillation_loss`)."""
