@@ -555,6 +555,45 @@ def _reconstruction_report(
     }
 
 
+def _student_config(tconfig, wrapper_rank: int, core_intermediate_size: int | None, layers: list[int] | None):
+    """The student's config: the teacher's, plus the core width, the wrapper rank and the compressed layers."""
+    fields = {
+        key: value
+        for key, value in tconfig.to_dict().items()
+        if key not in ("model_type", "architectures", "transformers_version", "_name_or_path")
+    }
+    fields.update(
+        core_intermediate_size=core_intermediate_size or tconfig.moe_intermediate_size,
+        wrapper_rank=wrapper_rank,
+        compressed_layers=None if layers is None else sorted(set(layers)),
+    )
+    config = CompressedMoeConfig(**fields)
+    config._attn_implementation = tconfig._attn_implementation
+    return config
+
+
+@torch.no_grad()
+def _copy_from_teacher(student, teacher, *, copy_attention: bool, copy_embeddings: bool, copy_uncompressed: bool):
+    """Copy the teacher's weights the student keeps as they are (see :func:`compress_from_teacher`'s arguments)."""
+    if copy_embeddings:
+        student.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
+        student.model.norm.load_state_dict(teacher.model.norm.state_dict())
+        student.lm_head.load_state_dict(teacher.lm_head.state_dict())
+    for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, teacher.model.layers)):
+        is_moe = isinstance(t_layer.mlp, Qwen3MoeSparseMoeBlock)
+        if copy_attention:
+            s_layer.self_attn.load_state_dict(t_layer.self_attn.state_dict())
+            s_layer.input_layernorm.load_state_dict(t_layer.input_layernorm.state_dict())
+            s_layer.post_attention_layernorm.load_state_dict(t_layer.post_attention_layernorm.state_dict())
+            if is_moe:
+                s_layer.mlp.gate.load_state_dict(t_layer.mlp.gate.state_dict())
+        if copy_uncompressed and i not in student.config.compressed_layers:
+            # Uncompressed expert banks and dense MLPs are the teacher's own.
+            target = s_layer.mlp.experts if is_moe else s_layer.mlp
+            source = t_layer.mlp.experts if is_moe else t_layer.mlp
+            target.load_state_dict(source.state_dict())
+
+
 def compress_from_teacher(
     teacher: Qwen3MoeForCausalLM,
     *,
@@ -617,43 +656,20 @@ def compress_from_teacher(
     if problems:
         raise UserError("compress_from_teacher: invalid arguments:\n  " + "\n  ".join(problems))
 
-    fields = {
-        key: value
-        for key, value in tconfig.to_dict().items()
-        if key not in ("model_type", "architectures", "transformers_version", "_name_or_path")
-    }
-    fields.update(
-        core_intermediate_size=core_intermediate_size or tconfig.moe_intermediate_size,
-        wrapper_rank=wrapper_rank,
-        compressed_layers=None if layers is None else sorted(set(layers)),
-    )
-    config = CompressedMoeConfig(**fields)
-    config._attn_implementation = tconfig._attn_implementation
-
+    config = _student_config(tconfig, wrapper_rank, core_intermediate_size, layers)
     param = next(teacher.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = CompressedMoeForCausalLM(config)
     student.to(device=param.device, dtype=param.dtype)
     student.train(teacher.training)
-
-    with torch.no_grad():
-        if copy_embeddings:
-            student.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
-            student.model.norm.load_state_dict(teacher.model.norm.state_dict())
-            student.lm_head.load_state_dict(teacher.lm_head.state_dict())
-        for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, teacher.model.layers)):
-            if copy_attention:
-                s_layer.self_attn.load_state_dict(t_layer.self_attn.state_dict())
-                s_layer.input_layernorm.load_state_dict(t_layer.input_layernorm.state_dict())
-                s_layer.post_attention_layernorm.load_state_dict(t_layer.post_attention_layernorm.state_dict())
-                if isinstance(t_layer.mlp, Qwen3MoeSparseMoeBlock):
-                    s_layer.mlp.gate.load_state_dict(t_layer.mlp.gate.state_dict())
-            if init == "teacher" and i not in config.compressed_layers:
-                # Uncompressed expert banks and dense MLPs are the teacher's own.
-                target = s_layer.mlp.experts if isinstance(t_layer.mlp, Qwen3MoeSparseMoeBlock) else s_layer.mlp
-                source = t_layer.mlp.experts if isinstance(t_layer.mlp, Qwen3MoeSparseMoeBlock) else t_layer.mlp
-                target.load_state_dict(source.state_dict())
+    _copy_from_teacher(
+        student,
+        teacher,
+        copy_attention=copy_attention,
+        copy_embeddings=copy_embeddings,
+        copy_uncompressed=init == "teacher",
+    )
 
     generator = torch.Generator().manual_seed(seed)
     samples = _sample_expert_inputs(teacher, config.compressed_layers, calibration_input_ids, generator)

@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kdsweep.errors import UserError
 
@@ -55,11 +64,24 @@ class DatasetConfig(_Section):
         description="Split the validation text is read from (source: hf). If null, "
         "`validation_fraction` of the documents are held out instead.",
     )
+    test_split: str | None = Field(
+        None,
+        description="Split the held-out test text is read from (source: hf), e.g. `test`. If null, "
+        "`test_fraction` of the documents are held out instead. Only `evaluate` reads the test split.",
+    )
     text_column: str = Field("text", description="Column holding the text (source: hf).")
     files: list[str] = Field(default_factory=list, description="Text files, one document per file (source: files).")
     max_length: int = Field(128, ge=8, description="Tokens per packed training sequence.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many documents; null = all.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out for validation.")
+    test_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        validate_default=True,  # the sum check below must also see the default
+        description="Share of documents held out for the test split (disjoint from train and validation, "
+        "split by document before packing, seeded by `seed`); only `evaluate` reads it.",
+    )
     seed: int = Field(0, description="Seed of the document split.")
 
     @model_validator(mode="after")
@@ -69,6 +91,38 @@ class DatasetConfig(_Section):
         if self.source == "files" and not self.files:
             raise ValueError("source 'files' needs `files` (a list of text files)")
         return self
+
+    @field_validator("validation_split", "test_split")
+    @classmethod
+    def _named_split(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        fraction = info.field_name.replace("_split", "_fraction")
+        source = info.data.get("source")
+        if source is not None and source != "hf":
+            raise ValueError(
+                f"a named split is read only with source 'hf', not {source!r}; set it to null and use "
+                f"dataset.{fraction} to hold out documents"
+            )
+        others = {"split": info.data.get("split"), "validation_split": info.data.get("validation_split")}
+        for key, other in others.items():
+            if key != info.field_name and value == other:
+                raise ValueError(
+                    f"{value!r} is also dataset.{key}; the splits must be disjoint: name another split, "
+                    f"or set it to null to hold out dataset.{fraction} of the documents"
+                )
+        return value
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_training_data(cls, value: float, info: ValidationInfo) -> float:
+        val = None if info.data.get("validation_split") else info.data.get("validation_fraction")
+        if val is not None and not info.data.get("test_split") and val + value >= 1:
+            raise ValueError(
+                f"dataset.validation_fraction {val} + dataset.test_fraction {value} = {val + value:g} leaves no "
+                "documents for training; the two must sum to less than 1"
+            )
+        return value
 
 
 class TokenizerConfig(_Section):
@@ -338,7 +392,9 @@ class PhasesConfig(_Section):
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(16, ge=1)
-    max_batches: int | None = Field(None, ge=1, description="Evaluate at most this many validation batches.")
+    max_batches: int | None = Field(
+        None, ge=1, description="Evaluate at most this many batches of each split (validation and test)."
+    )
 
 
 class Params(_Section):

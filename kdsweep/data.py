@@ -6,7 +6,14 @@ The ``prepare`` stage writes a directory::
         tokenizer/          # save_pretrained of the tokenizer the teacher and student use
         train.npy           # int32 (num_sequences, max_length), packed, no padding
         validation.npy      # same layout, from held-out documents
+        test.npy            # same layout, from other held-out documents (read by evaluate only)
         meta.json           # what it was made from (used in the cache fingerprint)
+
+The split is by document, before packing, so no document straddles two splits: the
+distinct documents are shuffled with ``dataset.seed``, the first ``validation_fraction`` of
+them are validation, the next ``test_fraction`` test and the rest train (a named Hugging Face split,
+``validation_split`` or ``test_split``, replaces its fraction). ``distill`` and the sweep
+never read ``test.npy``: :func:`load_prepared` opens it only when asked for the test split.
 
 Packing: every document's tokens are followed by the EOS token, all documents of a
 split are concatenated, and the stream is cut into ``max_length`` windows (the last
@@ -19,6 +26,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +34,16 @@ import numpy as np
 from kdsweep.config import DatasetConfig, TokenizerConfig
 from kdsweep.errors import UserError
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass
 class Corpus:
-    """Documents of the two splits plus a description of where they came from."""
+    """Documents of the three splits plus a description of where they came from."""
 
     train: list[str]
     validation: list[str]
+    test: list[str]
     identity: dict
 
 
@@ -45,14 +54,32 @@ def builtin_documents() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def _split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(fraction * len(docs)))
-    if n_val >= len(docs):
-        raise UserError(f"dataset: {len(docs)} document(s) is too few to hold out a validation split; add text")
-    val = set(order[:n_val])
-    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+def _split_documents(
+    docs: list[str], validation_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[str], list[str], list[str]]:
+    """Shuffle the distinct texts with ``seed``; return (train, validation, test), each in corpus order.
+
+    The unit is a distinct text, so copies of one document always land in the same split
+    and no held-out text is also trained on. A fraction of 0 holds out nothing (its split
+    is then read from a named split instead); a positive one holds out at least one text.
+    Validation is taken first, so adding a test split leaves validation of the same seed unchanged.
+    """
+    texts = list(dict.fromkeys(docs))  # distinct, in first-appearance order
+    random.Random(seed).shuffle(texts)
+    n_val = max(1, round(validation_fraction * len(texts))) if validation_fraction else 0
+    n_test = max(1, round(test_fraction * len(texts))) if test_fraction else 0
+    if n_val + n_test >= len(texts):
+        raise UserError(
+            f"dataset: {len(texts)} distinct document(s) is too few to hold out {n_val} for validation and {n_test} "
+            "for test and keep some for training; add text (dataset.max_samples) or lower "
+            "dataset.validation_fraction / dataset.test_fraction"
+        )
+    val, test = set(texts[:n_val]), set(texts[n_val : n_val + n_test])
+    return (
+        [d for d in docs if d not in val and d not in test],
+        [d for d in docs if d in val],
+        [d for d in docs if d in test],
+    )
 
 
 def _load_hf_split(cfg: DatasetConfig, split: str) -> list[str]:
@@ -78,8 +105,13 @@ def _load_hf_split(cfg: DatasetConfig, split: str) -> list[str]:
     return [t for t in ds[cfg.text_column] if isinstance(t, str) and t.strip()]
 
 
+def _named_split(cfg: DatasetConfig, split: str) -> list[str]:
+    docs = _load_hf_split(cfg, split)
+    return docs[: cfg.max_samples] if cfg.max_samples else docs
+
+
 def load_corpus(cfg: DatasetConfig) -> Corpus:
-    """Read the documents named by the ``dataset`` section and split them into train/validation."""
+    """Read the documents named by the ``dataset`` section and split them into train/validation/test."""
     identity = {"source": cfg.source, "max_samples": cfg.max_samples, "seed": cfg.seed}
     if cfg.source == "builtin":
         import sys
@@ -100,13 +132,23 @@ def load_corpus(cfg: DatasetConfig) -> Corpus:
     identity["sha256"] = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
     if cfg.max_samples is not None:
         docs = docs[: cfg.max_samples]
-    if cfg.source == "hf" and cfg.validation_split:
-        val = _load_hf_split(cfg, cfg.validation_split)
+    # A named split replaces its fraction; the identity records whichever decided the split.
+    val_fraction = 0.0 if cfg.validation_split else cfg.validation_fraction
+    test_fraction = 0.0 if cfg.test_split else cfg.test_fraction
+    if cfg.validation_split:
         identity["validation_split"] = cfg.validation_split
-        return Corpus(docs, val[: cfg.max_samples] if cfg.max_samples else val, identity)
-    identity["validation_fraction"] = cfg.validation_fraction
-    train, val = _split_documents(docs, cfg.validation_fraction, cfg.seed)
-    return Corpus(train, val, identity)
+    else:
+        identity["validation_fraction"] = cfg.validation_fraction
+    if cfg.test_split:
+        identity["test_split"] = cfg.test_split
+    else:
+        identity["test_fraction"] = cfg.test_fraction
+    train, val, test = _split_documents(docs, val_fraction, test_fraction, cfg.seed)
+    if cfg.validation_split:
+        val = _named_split(cfg, cfg.validation_split)
+    if cfg.test_split:
+        test = _named_split(cfg, cfg.test_split)
+    return Corpus(train, val, test, identity)
 
 
 def train_bpe_tokenizer(docs: list[str], cfg: TokenizerConfig, max_length: int):
@@ -149,8 +191,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def pack(docs: list[str], tokenizer, max_length: int) -> np.ndarray:
-    """Tokenize, append EOS to every document, concatenate and cut into ``max_length`` windows."""
+def pack(docs: list[str], tokenizer, max_length: int, split: str = "train") -> np.ndarray:
+    """Tokenize, append EOS to every document, concatenate and cut into ``max_length`` windows.
+
+    ``split`` names the split in the error raised when the documents fill no window.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("tokenizer: has no eos_token; packing needs one to separate documents")
@@ -160,13 +205,16 @@ def pack(docs: list[str], tokenizer, max_length: int) -> np.ndarray:
         stream.append(eos)
     n = len(stream) // max_length
     if n == 0:
-        raise UserError(f"dataset: only {len(stream)} tokens, fewer than one sequence of max_length {max_length}")
+        raise UserError(
+            f"dataset: the {split} split has only {len(stream)} tokens, fewer than one sequence of max_length "
+            f"{max_length}; add text, lower dataset.max_length or hold out more documents for it"
+        )
     return np.asarray(stream[: n * max_length], dtype=np.int32).reshape(n, max_length)
 
 
 @dataclass
 class Prepared:
-    """The prepare stage's output, loaded."""
+    """The prepare stage's output, loaded; the test split is read from disk only when asked for."""
 
     root: Path
     train: np.ndarray
@@ -177,12 +225,23 @@ class Prepared:
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
 
+    @cached_property
+    def test(self) -> np.ndarray:
+        """The held-out test sequences (``test.npy``), opened on first use so training never touches them."""
+        path = self.root / "test.npy"
+        if not path.is_file():
+            raise UserError(f"{self.root}: no test split (missing test.npy); run `dvc repro prepare` to rewrite it")
+        return np.load(path)
+
     def split(self, name: str) -> np.ndarray:
-        return {"train": self.train, "validation": self.validation}[name]
+        """The packed sequences of ``name``, one of :data:`SPLITS`."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
 
 
 def load_prepared(root: str | Path) -> Prepared:
-    """Load ``data/prepared``; a missing directory names the stage to run."""
+    """Load ``data/prepared`` (train and validation; test on first access); a missing directory names the stage."""
     root = Path(root)
     meta_path = root / "meta.json"
     if not meta_path.is_file():

@@ -22,8 +22,8 @@ def test_prepare_writes_packed_sequences_and_tokenizer(tiny_pipeline):
     from transformers import AutoTokenizer
 
     data = load_prepared(tiny_pipeline / "data/prepared")
-    assert data.train.shape[1] == data.validation.shape[1] == 32
-    assert data.train.dtype == np.int32 and len(data.train) > 8 and len(data.validation) >= 1
+    assert data.train.shape[1] == data.validation.shape[1] == data.test.shape[1] == 32
+    assert data.train.dtype == np.int32 and len(data.train) > 8 and len(data.validation) >= 1 and len(data.test) >= 1
     tok = AutoTokenizer.from_pretrained(tiny_pipeline / "data/prepared/tokenizer")
     assert len(tok) == data.meta["tokenizer"]["vocab_size"] == 320
     assert data.train.max() < len(tok)
@@ -127,7 +127,10 @@ def test_evaluate_reports_before_and_after(pipeline_copy):
         metrics = evaluate.main(validate(tiny_params_dict()))
     for key in ("val_loss", "val_perplexity", "val_kl", "val_top1_agreement"):
         assert np.isfinite(metrics[key]) and np.isfinite(metrics["initial"][key])
+    for key in ("test_ce", "test_perplexity", "test_kl", "test_top1_agreement"):
+        assert np.isfinite(metrics[key]) and np.isfinite(metrics["initial"][key])
     assert metrics["val_perplexity"] == pytest.approx(np.exp(metrics["val_loss"]))
+    assert metrics["test_perplexity"] == pytest.approx(np.exp(metrics["test_ce"]))
 
 
 def test_resume_continues_exactly(pipeline_copy, tmp_path):

@@ -1,6 +1,6 @@
-"""Stage ``teacher_logits``: run the teacher once over both splits and cache its top-k.
+"""Stage ``teacher_logits``: run the teacher once over every split and cache its top-k.
 
-Writes ``data/teacher_logits/{train,validation}.h5`` (format: ``docs/cache-format.md``).
+Writes ``data/teacher_logits/{train,validation,test}.h5`` (format: ``docs/cache-format.md``).
 Every trial of a sweep reads these files instead of running the teacher.
 
 Unfinished work is kept in ``data/teacher_logits.partial/``, outside the stage's output
@@ -88,7 +88,7 @@ def main(
     metrics_path: Path = Path("metrics/teacher_logits.json"),
     shard: tuple[int, int] | None = None,
 ) -> dict:
-    """Generate (or resume) the cache for both splits; return the metrics written to ``metrics_path``."""
+    """Generate (or resume) the cache for every split (``SPLITS``); return the metrics written to ``metrics_path``."""
     cfg = params.teacher
     prepared = load_prepared(prepared_dir)
     device = default_device()
