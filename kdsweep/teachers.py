@@ -1,4 +1,5 @@
-"""The teacher side of a batch, cached or live, as a ``teacher_fn(start, end)`` for the loss.
+"""The teacher side of a batch, cached or live, as a ``teacher_fn(start, end)`` for the loss,
+and the validation batches (with their cached teacher arrays) that ``distill`` and ``evaluate`` read.
 
 Both sources use the same positions as the student: position t of a sequence predicts
 token t + 1, and only positions 0..L-2 (those with a next token) are used, flattened to
@@ -7,10 +8,13 @@ token t + 1, and only positions 0..L-2 (those with a next token) are used, flatt
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
-from kdsweep.cache import log_normalizer
+from kdsweep.cache import TeacherLogitCache, log_normalizer
 from kdsweep.losses import SparseTeacher, TeacherFn, sparse_teacher_from_logits
 
 
@@ -23,6 +27,23 @@ def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict
             t = t.long()
         out[key] = t.to(device, non_blocking=True)
     return out
+
+
+def validation_batches(
+    sequences: np.ndarray,
+    cache: TeacherLogitCache | None,
+    batch_size: int,
+    max_batches: int | None,
+    device: torch.device,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The validation split in order, ``batch_size`` sequences a batch (at most ``max_batches``),
+    with the cached teacher arrays when there is a cache, as tensors on ``device``."""
+    n = math.ceil(len(sequences) / batch_size)
+    for b in range(n if max_batches is None else min(n, max_batches)):
+        idx = list(range(b * batch_size, min(len(sequences), (b + 1) * batch_size)))
+        batch = cache.read(idx) if cache is not None else {}
+        batch["input_ids"] = sequences[idx]
+        yield batch_to_tensors(batch, device)
 
 
 def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float) -> TeacherFn:

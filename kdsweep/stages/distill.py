@@ -48,7 +48,7 @@ from kdsweep.models import default_device, load_causal_lm, load_teacher
 from kdsweep.param_groups import Plan, build_param_groups, format_plan, plan_groups
 from kdsweep.schedule import lr_factor
 from kdsweep.stages.teacher_logits import expected_fingerprint
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn
+from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn, validation_batches
 
 # Called after every evaluation with (global step, metrics); returning True stops the run
 # (a sweep's pruner). The run then ends with state "pruned".
@@ -170,23 +170,6 @@ class MicroBatches(torch.utils.data.Dataset):
         batch = self.cache.read(idx) if self.cache is not None else {}
         batch["input_ids"] = self.sequences[idx]
         return batch
-
-
-def validation_batches(
-    sequences: np.ndarray,
-    cache: TeacherLogitCache | None,
-    batch_size: int,
-    max_batches: int | None,
-    device: torch.device,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The validation split in order, ``batch_size`` sequences a batch (at most ``max_batches``),
-    with the cached teacher arrays when there is a cache, as tensors on ``device``."""
-    n = math.ceil(len(sequences) / batch_size)
-    for b in range(n if max_batches is None else min(n, max_batches)):
-        idx = list(range(b * batch_size, min(len(sequences), (b + 1) * batch_size)))
-        batch = cache.read(idx) if cache is not None else {}
-        batch["input_ids"] = sequences[idx]
-        yield batch_to_tensors(batch, device)
 
 
 class TeacherSource:

@@ -17,8 +17,7 @@ from kdsweep.config import Params
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.fsio import atomic_path, write_json
-from kdsweep.models import load_teacher
-from kdsweep.stages.teacher import evaluate_ce
+from kdsweep.models import evaluate_ce, load_teacher
 
 
 def main(

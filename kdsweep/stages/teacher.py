@@ -21,7 +21,7 @@ from tqdm import tqdm
 from kdsweep.config import Params
 from kdsweep.data import load_prepared
 from kdsweep.fsio import atomic_path, write_json
-from kdsweep.models import POINTER, default_device, embedded_teacher_config
+from kdsweep.models import POINTER, default_device, embedded_teacher_config, evaluate_ce
 from kdsweep.schedule import lr_factor
 
 
@@ -87,18 +87,3 @@ def train_embedded(params: Params, prepared_dir: Path, out: Path) -> dict:
         "steps": tr.max_steps,
         "seconds": round(time.perf_counter() - start, 1),
     }
-
-
-@torch.no_grad()
-def evaluate_ce(model, sequences: np.ndarray, batch_size: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy over all validation tokens."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(sequences), batch_size):
-        ids = torch.as_tensor(sequences[i : i + batch_size], dtype=torch.long, device=device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += ids[:, 1:].numel()
-    return total / count
