@@ -3,53 +3,51 @@
 A checkpoint directory holds::
 
     model/              save_pretrained (safetensors)
-    optimizer.pt        optimizer state_dict (AdamW moments and step counts of this stage)
+    optimizer.pt        optimizer state_dict (AdamW moments and step counts of this phase)
     rng.pt              torch (and CUDA) RNG states
-    trainer_state.json  global step, stage and step in it, position in the data, counters
+    trainer_state.json  global step, training phase and step in it, position in the data, counters
     params.yaml         the resolved config the run used
 
-There is no scheduler state to keep: the learning rate is a pure function of (stage, step in
-stage) (``kdsweep.schedule``), and so is the data order (``MicroBatches``).
+There is no scheduler state to keep: the learning rate is a pure function of (phase, step in
+phase) (``kdsweep.schedule``), and so is the data order (``MicroBatches``).
 
-It is written under a temporary name and renamed, so a crash mid-save leaves the previous
+It is written through :func:`kdsweep.fsio.atomic_path`, so a crash mid-save leaves the previous
 checkpoint intact. Everything is loaded with ``weights_only=True`` (no pickled code).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from kdsweep.fsio import atomic_path
+
 
 def save(path: Path, model, optimizer, state: dict, params_dict: dict) -> None:
     """Write a checkpoint to ``path`` atomically (``optimizer`` may be None: weights only)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params_dict, sort_keys=False))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(path, directory=True) as tmp:
+        model.save_pretrained(tmp / "model")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "params.yaml").write_text(yaml.safe_dump(params_dict, sort_keys=False))
+
+
+# trainer_state.json keys of older checkpoints, which named the training phases stages; they still resume.
+_RENAMED = {"stage_index": "phase_index", "step_in_stage": "step_in_phase", "stage_name": "phase_name"}
 
 
 def load_state(path: Path) -> dict:
-    return json.loads((path / "trainer_state.json").read_text())
+    """The trainer state saved in the checkpoint ``path`` (older checkpoints' keys renamed)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    return {_RENAMED.get(k, k): v for k, v in state.items()}
 
 
 def changed_params(path: Path, params_dict: dict) -> list[str]:

@@ -68,6 +68,14 @@ def distill(
         Path,
         typer.Option(envvar="KDSWEEP_CHECKPOINT_DIR", help="Checkpoint directory (a sweep sets one per trial)."),
     ] = Path("checkpoints/distill"),
+    hparam_keys: Annotated[
+        str,
+        typer.Option(
+            envvar="KDSWEEP_HPARAM_KEYS",
+            help="Comma-separated dotted params keys added to TensorBoard's HParams tab "
+            "(a sweep passes the keys it samples).",
+        ),
+    ] = "",
     trial: Annotated[
         str | None,
         typer.Option(
@@ -86,7 +94,14 @@ def distill(
     from kdsweep.trial_hook import eval_hook
 
     p = _params(params)
-    stage.main(p, resume=resume, run_dir=run_dir, checkpoint_dir=checkpoint_dir, eval_hook=eval_hook(trial, p))
+    stage.main(
+        p,
+        resume=resume,
+        run_dir=run_dir,
+        checkpoint_dir=checkpoint_dir,
+        hparam_keys=hparam_keys.split(","),
+        eval_hook=eval_hook(trial, p),
+    )
 
 
 @app.command()

@@ -13,7 +13,7 @@ section                   read by stage               what it controls
 ``loss``                  distill, evaluate           alpha, temperature, KL mode
 ``training``              distill                     the optimisation loop
 ``parameter_lr_multipliers``  distill                 regex -> LR multiplier (0 freezes)
-``stages``                distill                     freeze-then-unfreeze layouts
+``stages``                distill                     training phases (freeze, then unfreeze)
 ``evaluate``              evaluate                    the final evaluation
 ========================  ==========================  =============================
 
@@ -348,17 +348,19 @@ REFERENCE_MULTIPLIERS = [
 ]
 
 
-class StageConfig(_Section):
-    stage_name: str
+class PhaseConfig(_Section):
+    """One training phase: an entry of ``stages.configs`` (the key keeps the reference's name)."""
+
+    stage_name: str = Field(description="The phase's name, in the console, TensorBoard and the checkpoint.")
     num_epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
     parameter_lr_multipliers: list[LRMultiplier] | None = Field(
-        None, description="This stage's multipliers; null = the top-level list."
+        None, description="This phase's multipliers; null = the top-level list."
     )
     default_lr_multiplier: float | None = Field(
         None,
         ge=0,
-        description="Multiplier of parameters no rule matches in this stage; null = training.default_lr_multiplier.",
+        description="Multiplier of parameters no rule matches in this phase; null = training.default_lr_multiplier.",
     )
     learning_rate: float | None = Field(None, gt=0)
     alpha: float | None = Field(None, ge=0, le=1)
@@ -366,23 +368,25 @@ class StageConfig(_Section):
     warmup_steps: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
-    def _length(self) -> StageConfig:
+    def _length(self) -> PhaseConfig:
         if (self.num_epochs is None) == (self.max_steps is None):
-            raise ValueError(f"stage {self.stage_name!r} needs exactly one of num_epochs or max_steps")
+            raise ValueError(f"phase {self.stage_name!r} needs exactly one of num_epochs or max_steps")
         return self
 
 
-class StagesConfig(_Section):
+class PhasesConfig(_Section):
+    """Section ``stages``: training phases run one after the other (e.g. freeze, then unfreeze)."""
+
     enabled: bool = False
-    configs: list[StageConfig] = Field(default_factory=list)
+    configs: list[PhaseConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _nonempty(self) -> StagesConfig:
+    def _nonempty(self) -> PhasesConfig:
         if self.enabled and not self.configs:
             raise ValueError("stages.enabled is true but stages.configs is empty")
         names = [s.stage_name for s in self.configs]
         if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
+            raise ValueError(f"phase names (stage_name) must be unique, got {names}")
         return self
 
 
@@ -406,7 +410,7 @@ class Params(_Section):
         default_factory=lambda: [LRMultiplier(pattern=p, lr_multiplier=m) for p, m in REFERENCE_MULTIPLIERS],
         description="Ordered regex -> LR multiplier rules; first full match wins; 0 freezes.",
     )
-    stages: StagesConfig = Field(default_factory=StagesConfig)
+    stages: PhasesConfig = Field(default_factory=PhasesConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def cross_problems(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""Loading and describing models: the teacher (hub, local or embedded) and the student.
+"""Loading, describing and measuring models: the teacher (hub, local or embedded) and the student.
 
 The teacher stage writes ``models/teacher/``. For a hub or local teacher that
 directory holds only ``teacher.json`` pointing at it (nothing is copied or trained);
@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kdsweep.config import TeacherArchConfig, TeacherConfig
@@ -43,7 +44,9 @@ def embedded_teacher_config(arch: TeacherArchConfig, vocab_size: int, max_length
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere."""
+    """The dtype ``teacher.dtype`` names on ``device``, the same on every path (the cache writer,
+    the live teacher of ``distill`` and ``evaluate``, ``cache verify``): ``auto`` is bfloat16 on a
+    CUDA device that supports it and float32 elsewhere, CPUs included; any other name is kept."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -112,3 +115,18 @@ def teacher_identity(teacher_dir: str | Path) -> dict:
 def output_vocab_size(model) -> int:
     """Rows of the LM head (may exceed the tokenizer's vocabulary: padded vocabularies)."""
     return model.get_output_embeddings().weight.shape[0]
+
+
+@torch.no_grad()
+def evaluate_ce(model, sequences: np.ndarray, batch_size: int, device: torch.device) -> float:
+    """Mean next-token cross-entropy over all validation tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(sequences), batch_size):
+        ids = torch.as_tensor(sequences[i : i + batch_size], dtype=torch.long, device=device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += ids[:, 1:].numel()
+    return total / count

@@ -164,7 +164,7 @@ def build_param_groups(
 
 
 def format_plan(plan: Plan, base_lr: float) -> str:
-    """The table printed (and logged) at the start of each stage."""
+    """The table printed (and logged) at the start of each training phase."""
     rows = [("pattern", "tensors", "parameters", "lr")]
     for g in plan.groups:
         lr = "frozen" if g.multiplier == 0 else f"{base_lr * g.multiplier:.3g}"

@@ -1,4 +1,5 @@
-"""The teacher side of a batch, cached or live, as a ``teacher_fn(start, end)`` for the loss.
+"""The teacher side of a batch, cached or live, as a ``teacher_fn(start, end)`` for the loss,
+and the validation batches (with their cached teacher arrays) that ``distill`` and ``evaluate`` read.
 
 Both sources use the same positions as the student: position t of a sequence predicts
 token t + 1, and only positions 0..L-2 (those with a next token) are used, flattened to
@@ -7,13 +8,15 @@ token t + 1, and only positions 0..L-2 (those with a next token) are used, flatt
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
 from kdsweep.cache.format import log_normalizer
-from kdsweep.config import TeacherConfig
+from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.losses import SparseTeacher, TeacherFn, sparse_teacher_from_logits
-from kdsweep.models import load_teacher
 
 
 def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -25,6 +28,23 @@ def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict
             t = t.long()
         out[key] = t.to(device, non_blocking=True)
     return out
+
+
+def validation_batches(
+    sequences: np.ndarray,
+    cache: TeacherLogitCache | None,
+    batch_size: int,
+    max_batches: int | None,
+    device: torch.device,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The validation split in order, ``batch_size`` sequences a batch (at most ``max_batches``),
+    with the cached teacher arrays when there is a cache, as tensors on ``device``."""
+    n = math.ceil(len(sequences) / batch_size)
+    for b in range(n if max_batches is None else min(n, max_batches)):
+        idx = list(range(b * batch_size, min(len(sequences), (b + 1) * batch_size)))
+        batch = cache.read(idx) if cache is not None else {}
+        batch["input_ids"] = sequences[idx]
+        yield batch_to_tensors(batch, device)
 
 
 def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float) -> TeacherFn:
@@ -43,22 +63,6 @@ def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float)
     lse = torch.maximum(lse, torch.logsumexp(s, dim=-1))
     log_probs = s - lse.unsqueeze(-1)
     return lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])
-
-
-def live_teacher_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype a live teacher runs in: ``auto`` is bfloat16 (CPUs run it too; on a GPU
-    without bf16 support, float32); an explicit ``teacher.dtype`` is kept."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32
-    return torch.bfloat16
-
-
-def load_live_teacher(teacher_dir, cfg: TeacherConfig, device: torch.device):
-    """The teacher for live distillation: eval mode, frozen, in :func:`live_teacher_dtype`."""
-    dtype = live_teacher_dtype(cfg.dtype, device)
-    return load_teacher(teacher_dir, cfg.model_copy(update={"dtype": str(dtype).removeprefix("torch.")}), device)
 
 
 @torch.no_grad()

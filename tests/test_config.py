@@ -107,13 +107,19 @@ def test_dense_mode_needs_a_live_teacher():
     assert validate({"loss": {"mode": "dense"}, "teacher": {"use_cached_logits": False}}).loss.mode == "dense"
 
 
-@pytest.mark.parametrize("stage", [{"stage_name": "both", "num_epochs": 1, "max_steps": 10}, {"stage_name": "neither"}])
-def test_stage_needs_exactly_one_of_epochs_or_steps(stage):
-    msg = problems({"stages": {"enabled": True, "configs": [stage]}})
-    assert "stages.configs.0:" in msg and stage["stage_name"] in msg and "exactly one of num_epochs or max_steps" in msg
+@pytest.mark.parametrize("phase", [{"stage_name": "both", "num_epochs": 1, "max_steps": 10}, {"stage_name": "neither"}])
+def test_phase_needs_exactly_one_of_epochs_or_steps(phase):
+    msg = problems({"stages": {"enabled": True, "configs": [phase]}})
+    assert "stages.configs.0:" in msg and phase["stage_name"] in msg and "exactly one of num_epochs or max_steps" in msg
 
 
-def test_valid_stages():
+def test_phase_names_are_unique():
+    twice = [{"stage_name": "a", "max_steps": 1}, {"stage_name": "a", "max_steps": 2}]
+    msg = problems({"stages": {"enabled": True, "configs": twice}})
+    assert "stages:" in msg and "stage_name" in msg and "unique" in msg
+
+
+def test_valid_phases():
     p = validate(
         {
             "stages": {

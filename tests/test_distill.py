@@ -1,6 +1,6 @@
 """The distillation trainer (kdsweep.stages.distill) on the tiny pipeline: real models, cache and files.
 
-Stage layouts, resume inside a stage, the live teacher, gradient checkpointing, bf16,
+Phase layouts (params.yaml's `stages`), resume inside a phase, the live teacher, gradient checkpointing, bf16,
 dataloader workers, non-finite losses, HParams and the reference's starting point.
 """
 
@@ -20,14 +20,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import validate
+from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.losses import LossSpec, student_loss
-from kdsweep.models import load_causal_lm
+from kdsweep.models import load_causal_lm, load_teacher, resolve_dtype
 from kdsweep.schedule import lr_factor
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_dtype, load_live_teacher
+from kdsweep.teachers import batch_to_tensors, cached_teacher_fn
 
 CORE = r".*shared_core.*|.*wrapper.*"
-STAGE1 = {
+PHASE1 = {
     "stage_name": "experts",
     "max_steps": 3,
     "learning_rate": 0.01,
@@ -36,7 +37,7 @@ STAGE1 = {
     "temperature": 1.5,
     "parameter_lr_multipliers": [{"pattern": CORE, "lr_multiplier": 1.0}, {"pattern": ".*", "lr_multiplier": 0.0}],
 }
-STAGE2 = {
+PHASE2 = {
     "stage_name": "full",
     "max_steps": 4,
     "learning_rate": 0.002,
@@ -45,8 +46,8 @@ STAGE2 = {
     "temperature": 3.0,
     "parameter_lr_multipliers": [{"pattern": ".*", "lr_multiplier": 1.0}],
 }
-TWO_STAGES = {
-    "stages": {"enabled": True, "configs": [STAGE1, STAGE2]},
+TWO_PHASES = {
+    "stages": {"enabled": True, "configs": [PHASE1, PHASE2]},
     "training": {"logging_steps": 1, "eval_steps": 1, "eval_max_batches": 1},
 }
 
@@ -94,38 +95,38 @@ def crash_at(step_to_crash: int):
     return hook
 
 
-# --------------------------------------------------------------------------- stage layouts and resume
-def test_stage1_freezes_bit_identically_then_stage2_trains_everything(pipeline_copy, tmp_path):
+# --------------------------------------------------------------------------- phase layouts and resume
+def test_phase1_freezes_bit_identically_then_phase2_trains_everything(pipeline_copy, tmp_path):
     init = weights(pipeline_copy / "models/student_init")
     core = {n for n in init if "shared_core" in n or "wrapper" in n}
     assert core and len(core) < len(init)
 
-    # Crash right after stage 1 (3 steps) with a checkpoint at its end.
+    # Crash right after phase 1 (3 steps) with a checkpoint at its end.
     with pytest.raises(KeyboardInterrupt):
         distill(
             pipeline_copy,
-            deep_merge(TWO_STAGES, {"training": {"save_steps": 3}}),
+            deep_merge(TWO_PHASES, {"training": {"save_steps": 3}}),
             eval_hook=crash_at(4),
             run_dir=tmp_path / "crashed",
         )
     state = json.loads((pipeline_copy / "checkpoints/distill/last/trainer_state.json").read_text())
-    assert (state["global_step"], state["stage_index"], state["step_in_stage"]) == (3, 0, 3)
-    after_stage1 = weights(pipeline_copy / "checkpoints/distill/last/model")
+    assert (state["global_step"], state["phase_index"], state["step_in_phase"]) == (3, 0, 3)
+    after_phase1 = weights(pipeline_copy / "checkpoints/distill/last/model")
     for name, value in init.items():
         if name in core:
-            assert not torch.equal(value, after_stage1[name]), f"{name} did not train in stage 1"
+            assert not torch.equal(value, after_phase1[name]), f"{name} did not train in phase 1"
         else:
-            assert torch.equal(value, after_stage1[name]), f"{name} changed while frozen"
+            assert torch.equal(value, after_phase1[name]), f"{name} changed while frozen"
 
-    metrics = distill(pipeline_copy, TWO_STAGES)
+    metrics = distill(pipeline_copy, TWO_PHASES)
     assert metrics["state"] == "complete" and metrics["steps"] == 7
     final = weights(pipeline_copy / "models/student")
     unfrozen = [n for n in init if n not in core and not torch.equal(init[n], final[n])]
-    assert len(unfrozen) == len(init) - len(core), "stage 2 must train the parameters stage 1 froze"
+    assert len(unfrozen) == len(init) - len(core), "phase 2 must train the parameters phase 1 froze"
 
 
-def test_each_stage_rebuilds_optimizer_schedule_alpha_and_temperature(perturbed_copy):
-    distill(perturbed_copy, TWO_STAGES)
+def test_each_phase_rebuilds_optimizer_schedule_alpha_and_temperature(perturbed_copy):
+    distill(perturbed_copy, TWO_PHASES)
     run = perturbed_copy / "runs/distill"
     core_lr, all_lr = scalars(run, f"lr/{CORE}"), scalars(run, "lr/.*")
     assert sorted(core_lr) == [1, 2, 3] and sorted(all_lr) == [4, 5, 6, 7]  # frozen groups have no LR
@@ -133,23 +134,23 @@ def test_each_stage_rebuilds_optimizer_schedule_alpha_and_temperature(perturbed_
         assert lr == pytest.approx(
             0.01 * lr_factor(step - 1, warmup_steps=1, total_steps=3, kind="cosine", min_ratio=0.1)
         )
-    # Stage 2 warms up again from its own first step.
+    # Phase 2 warms up again from its own first step.
     assert all_lr[4] == pytest.approx(0.002 / 2) and all_lr[5] == pytest.approx(0.002)
     assert all_lr[7] == pytest.approx(0.002 * lr_factor(3, warmup_steps=2, total_steps=4, kind="cosine", min_ratio=0.1))
-    # Every logged total is (1 - alpha) * CE + alpha * T^2 * KL with that stage's alpha and T.
+    # Every logged total is (1 - alpha) * CE + alpha * T^2 * KL with that phase's alpha and T.
     for row in rows(perturbed_copy / "plots/distill/train.csv"):
         alpha, t = (0.9, 1.5) if row["step"] <= 3 else (0.2, 3.0)
         assert row["kl"] > 0.01
         assert row["loss"] == pytest.approx((1 - alpha) * row["ce"] + alpha * t**2 * row["kl"], rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("checkpoint_step", [3, 5])  # 3: the stage boundary; 5: inside stage 2
-def test_resume_in_a_two_stage_run_equals_an_uninterrupted_run(perturbed_copy, tmp_path, checkpoint_step):
+@pytest.mark.parametrize("checkpoint_step", [3, 5])  # 3: the phase boundary; 5: inside phase 2
+def test_resume_in_a_two_phase_run_equals_an_uninterrupted_run(perturbed_copy, tmp_path, checkpoint_step):
     pipeline_copy = perturbed_copy
-    distill(pipeline_copy, TWO_STAGES, run_dir=tmp_path / "whole")
+    distill(pipeline_copy, TWO_PHASES, run_dir=tmp_path / "whole")
     uninterrupted = weights(pipeline_copy / "models/student")
 
-    with_saves = deep_merge(TWO_STAGES, {"training": {"save_steps": checkpoint_step}})
+    with_saves = deep_merge(TWO_PHASES, {"training": {"save_steps": checkpoint_step}})
     with pytest.raises(KeyboardInterrupt):
         distill(pipeline_copy, with_saves, eval_hook=crash_at(checkpoint_step + 1), run_dir=tmp_path / "tb")
     state = json.loads((pipeline_copy / "checkpoints/distill/last/trainer_state.json").read_text())
@@ -163,6 +164,25 @@ def test_resume_in_a_two_stage_run_equals_an_uninterrupted_run(perturbed_copy, t
     steps = [int(r["step"]) for r in rows(pipeline_copy / "plots/distill/train.csv")]
     assert steps == list(range(1, 8))
     assert sorted(scalars(tmp_path / "tb", "train/loss")) == list(range(1, 8))
+
+
+def test_a_checkpoint_with_the_older_stage_keys_resumes_exactly(perturbed_copy, tmp_path):
+    """Older checkpoints name the phase keys stage_index / step_in_stage / stage_name."""
+    distill(perturbed_copy, TWO_PHASES, run_dir=tmp_path / "whole")
+    uninterrupted = weights(perturbed_copy / "models/student")
+    with_saves = deep_merge(TWO_PHASES, {"training": {"save_steps": 5}})
+    with pytest.raises(KeyboardInterrupt):
+        distill(perturbed_copy, with_saves, eval_hook=crash_at(6), run_dir=tmp_path / "tb")
+    saved = perturbed_copy / "checkpoints/distill/last/trainer_state.json"
+    older = {"phase_index": "stage_index", "step_in_phase": "step_in_stage", "phase_name": "stage_name"}
+    state = {older.get(k, k): v for k, v in json.loads(saved.read_text()).items()}
+    assert (state["stage_index"], state["step_in_stage"], state["stage_name"]) == (1, 2, "full")
+    saved.write_text(json.dumps(state))
+
+    metrics = distill(perturbed_copy, with_saves, resume=True, run_dir=tmp_path / "tb")
+    assert metrics["state"] == "complete" and metrics["steps"] == 7
+    for name, value in weights(perturbed_copy / "models/student").items():
+        assert torch.allclose(value, uninterrupted[name], atol=1e-6, rtol=0), name
 
 
 def test_final_checkpoint_holds_model_optimizer_rng_state_and_config(pipeline_copy):
@@ -198,6 +218,7 @@ def test_lr_group_table_is_printed_and_logged(pipeline_copy, capsys):
     printed = capsys.readouterr()
     text = printed.out + printed.err
     assert "pattern" in text and "tensors" in text and ".*shared_core.*" in text
+    assert "phase 1/1 'train': 1 steps" in text
     acc = EventAccumulator(str(pipeline_copy / "runs/distill"))
     acc.Reload()
     (tag,) = [t for t in acc.Tags()["tensors"] if t.startswith("param_groups/train")]
@@ -224,11 +245,28 @@ def test_live_teacher_end_to_end(pipeline_copy, mode, direction):
         assert math.isfinite(row["loss"]) and row["kl"] >= 0
 
 
-def test_live_teacher_runs_in_bf16_eval_and_frozen(tiny_pipeline):
-    assert live_teacher_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert live_teacher_dtype("float32", torch.device("cpu")) == torch.float32
+def test_auto_teacher_dtype_is_the_same_for_the_live_teacher_and_the_cache(tiny_pipeline):
+    """`teacher.dtype: auto` is float32 on a CPU on every path: the live teacher of distill
+    (it used to run in bfloat16 there) and the teacher that writes the cache."""
+    from kdsweep.stages.distill import TeacherSource
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
     params = validate(tiny_params_dict(teacher={"use_cached_logits": False}))
-    teacher = load_live_teacher(tiny_pipeline / "models/teacher", params.teacher, torch.device("cpu"))
+    live = TeacherSource(
+        params,
+        load_prepared(tiny_pipeline / "data/prepared"),
+        tiny_pipeline / "models/teacher",
+        tiny_pipeline / "data/teacher_logits",
+        cpu,
+    ).model
+    cache_writer = load_teacher(tiny_pipeline / "models/teacher", params.teacher, cpu)
+    assert {p.dtype for p in live.parameters()} == {p.dtype for p in cache_writer.parameters()} == {torch.float32}
+
+
+def test_live_teacher_runs_in_its_dtype_eval_and_frozen(tiny_pipeline):
+    params = validate(tiny_params_dict(teacher={"use_cached_logits": False, "dtype": "bfloat16"}))
+    teacher = load_teacher(tiny_pipeline / "models/teacher", params.teacher, torch.device("cpu"))
     assert not teacher.training
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teacher.parameters())
 
@@ -387,26 +425,30 @@ def test_a_learning_rate_that_blows_up_is_skipped_counted_then_stopped(pipeline_
 
 
 # --------------------------------------------------------------------------- observability
-def test_hparams_include_the_keys_a_sweep_names(pipeline_copy, monkeypatch):
+def test_hparams_include_the_keys_a_sweep_names(pipeline_copy):
+    """A sweep names its keys through $KDSWEEP_HPARAM_KEYS, the envvar of `kdsweep distill --hparam-keys`."""
     from tensorboard.plugins.hparams import plugin_data_pb2
+    from typer.testing import CliRunner
 
+    from kdsweep.cli import app
     from kdsweep.stages.distill import hparams_of
 
-    monkeypatch.setenv(
-        "KDSWEEP_HPARAM_KEYS",
-        "training.warmup_steps, parameter_lr_multipliers.1.lr_multiplier,stages.configs,loss.nope",
-    )
+    keys = "training.warmup_steps, parameter_lr_multipliers.1.lr_multiplier,stages.configs,loss.nope"
     params = validate(tiny_params_dict())
-    hp = hparams_of(params)
+    hp = hparams_of(params, keys.split(","))
     assert hp["training.warmup_steps"] == 1 and hp["parameter_lr_multipliers.1.lr_multiplier"] == 1.0
     assert hp["stages.configs"] == "[]" and "loss.nope" not in hp
 
-    distill(pipeline_copy, {"training": {"max_steps": 1}})
+    (pipeline_copy / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(training={"max_steps": 1})))
+    with chdir(pipeline_copy):
+        result = CliRunner().invoke(app, ["distill"], env={"KDSWEEP_HPARAM_KEYS": keys})
+    assert result.exit_code == 0, result.output
     acc = EventAccumulator(str(pipeline_copy / "runs/distill"))
     acc.Reload()
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
     assert info.hparams["training.warmup_steps"].number_value == 1
+    assert info.hparams["parameter_lr_multipliers.1.lr_multiplier"].number_value == 1.0
     assert info.hparams["loss.alpha"].number_value == 0.5
 
 

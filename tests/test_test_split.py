@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import tiny_params_dict
 
-from kdsweep.cache import TeacherLogitCache
+from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import validate
 from kdsweep.data import builtin_documents, load_corpus, load_prepared, load_tokenizer, pack
 from kdsweep.errors import UserError

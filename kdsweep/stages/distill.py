@@ -1,7 +1,7 @@
 """Stage ``distill``: train the student on the teacher, one readable loop.
 
-    check every stage's LR-multiplier rules against the student (errors before anything runs)
-    for each stage (freeze, then unfreeze, ...):
+    check every phase's LR-multiplier rules against the student (errors before anything runs)
+    for each training phase (params.yaml's ``stages``: freeze, then unfreeze, ...):
         parameter groups from the regex multipliers (0 freezes), a fresh AdamW, its own warmup
         for each optimizer step:
             set each group's LR from the schedule
@@ -14,9 +14,9 @@ Outputs: the student (``models/student``, save_pretrained), ``metrics/distill.js
 ``plots/distill/{train,eval}.csv``, TensorBoard events in the run directory and checkpoints
 (``checkpoints/distill/last``). The run ends in one of the states ``complete``, ``pruned``
 (an ``eval_hook`` asked to stop) or ``stopped_nonfinite`` (then a :class:`UserError` follows
-the metrics). Environment: ``KDSWEEP_RUN_DIR`` and ``KDSWEEP_CHECKPOINT_DIR`` move the
-TensorBoard and checkpoint directories; ``KDSWEEP_HPARAM_KEYS`` (comma-separated dotted
-params keys) adds keys to the HParams tab.
+the metrics). Every input is an argument of :func:`main`: ``kdsweep distill`` passes its
+options (``--run-dir``, ``--checkpoint-dir``, ``--hparam-keys``, ``--trial``), which a sweep
+sets through their environment variables.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +38,17 @@ from tqdm import tqdm
 from kdsweep import checkpoint
 from kdsweep.cache.fingerprint import expected_fingerprint
 from kdsweep.cache.reader import TeacherLogitCache
-from kdsweep.config import LRMultiplier, Params
+from kdsweep.config import LossConfig, LRMultiplier, Params, TrainingConfig
 from kdsweep.data import load_prepared
+from kdsweep.dotted import get_or
 from kdsweep.errors import UserError
 from kdsweep.evaluation import evaluate
+from kdsweep.fsio import atomic_path, write_json, write_text
 from kdsweep.losses import LossSpec, student_loss
-from kdsweep.models import default_device, load_causal_lm
+from kdsweep.models import default_device, load_causal_lm, load_teacher
 from kdsweep.param_groups import Plan, build_param_groups, format_plan, plan_groups
 from kdsweep.schedule import lr_factor
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn, load_live_teacher
+from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn, validation_batches
 
 # Called after every evaluation with (global step, metrics); returning True stops the run
 # (a sweep's pruner). The run then ends with state "pruned".
@@ -55,8 +56,8 @@ EvalHook = Callable[[int, dict], bool]
 
 
 @dataclass
-class Stage:
-    """One resolved entry of the stage layout (a run without ``stages`` has one)."""
+class Phase:
+    """One resolved training phase of ``stages.configs`` (a run without ``stages`` has one)."""
 
     name: str
     steps: int
@@ -68,9 +69,20 @@ class Stage:
     warmup_steps: int
     where: str  # the config key of `rules`, for error messages
 
+    def lr_factor(self, step_in_phase: int, tr: TrainingConfig) -> float:
+        """The schedule's multiplier of the phase's peak LR at its optimizer step ``step_in_phase``
+        (each phase warms up and decays on its own)."""
+        return lr_factor(
+            step_in_phase,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.steps,
+            kind=tr.lr_scheduler,
+            min_ratio=tr.min_lr_ratio,
+        )
 
-def resolve_stages(params: Params, micro_batches_per_epoch: int) -> list[Stage]:
-    """Stage lengths in optimizer steps, with every optional override filled in."""
+
+def resolve_phases(params: Params, micro_batches_per_epoch: int) -> list[Phase]:
+    """Phase lengths in optimizer steps, with every optional override filled in."""
     tr, loss = params.training, params.loss
 
     def steps(epochs: float | None, max_steps: int | None) -> int:
@@ -80,7 +92,7 @@ def resolve_stages(params: Params, micro_batches_per_epoch: int) -> list[Stage]:
 
     if not params.stages.enabled:
         return [
-            Stage(
+            Phase(
                 "train",
                 steps(tr.num_train_epochs, tr.max_steps),
                 params.parameter_lr_multipliers,
@@ -93,7 +105,7 @@ def resolve_stages(params: Params, micro_batches_per_epoch: int) -> list[Stage]:
             )
         ]
     return [
-        Stage(
+        Phase(
             s.stage_name,
             steps(s.num_epochs, s.max_steps),
             params.parameter_lr_multipliers if s.parameter_lr_multipliers is None else s.parameter_lr_multipliers,
@@ -110,13 +122,28 @@ def resolve_stages(params: Params, micro_batches_per_epoch: int) -> list[Stage]:
     ]
 
 
-def plan_stages(student: torch.nn.Module, stages: list[Stage]) -> list[Plan]:
-    """Every stage's parameter groups, checked before anything trains (raises UserError)."""
+def plan_phases(student: torch.nn.Module, phases: list[Phase]) -> list[Plan]:
+    """Every phase's parameter groups, checked before anything trains (raises UserError)."""
     named = [(n, p.numel()) for n, p in student.named_parameters()]
     return [
-        plan_groups(named, [(r.pattern, r.lr_multiplier) for r in st.rules], st.default_multiplier, st.where)
-        for st in stages
+        plan_groups(named, [(r.pattern, r.lr_multiplier) for r in ph.rules], ph.default_multiplier, ph.where)
+        for ph in phases
     ]
+
+
+def _phase_loss(loss: LossConfig, phase: Phase) -> LossSpec:
+    """Section ``loss`` with the phase's own alpha and temperature."""
+    return LossSpec(
+        phase.alpha, phase.temperature, loss.mode, loss.direction, loss.scale_by_t2, loss.chunk_size, loss.jsd_beta
+    )
+
+
+def _phase_optimizer(student: torch.nn.Module, plan: Plan, phase: Phase, tr: TrainingConfig) -> torch.optim.AdamW:
+    """A fresh AdamW over the phase's parameter groups (frozen parameters are left out)."""
+    groups = build_param_groups(
+        student, plan, phase.learning_rate, tr.weight_decay, tr.weight_decay_on_norms_biases_embeddings
+    )
+    return torch.optim.AdamW(groups, lr=phase.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2))
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -145,23 +172,9 @@ class MicroBatches(torch.utils.data.Dataset):
         return batch
 
 
-def validation_batches(
-    sequences: np.ndarray,
-    cache: TeacherLogitCache | None,
-    batch_size: int,
-    max_batches: int | None,
-    device: torch.device,
-):
-    n = math.ceil(len(sequences) / batch_size)
-    for b in range(n if max_batches is None else min(n, max_batches)):
-        idx = list(range(b * batch_size, min(len(sequences), (b + 1) * batch_size)))
-        batch = cache.read(idx) if cache is not None else {}
-        batch["input_ids"] = sequences[idx]
-        yield batch_to_tensors(batch, device)
-
-
 class TeacherSource:
-    """The teacher side of the run: the checked HDF5 caches, or the live model (bf16, eval, no_grad)."""
+    """The teacher side of the run: the checked HDF5 caches, or the live model (eval, no_grad,
+    in ``teacher.dtype``)."""
 
     def __init__(self, params: Params, data, teacher_dir: Path, cache_dir: Path, device: torch.device):
         self.caches: dict[str, TeacherLogitCache | None] = {"train": None, "validation": None}
@@ -172,7 +185,15 @@ class TeacherSource:
                 self.caches[split] = TeacherLogitCache(cache_dir / f"{split}.h5")
                 self.caches[split].check_fingerprint(expected_fingerprint(data, teacher_dir, params, split))
         else:
-            self.model = load_live_teacher(teacher_dir, params.teacher, device)
+            self.model = load_teacher(teacher_dir, params.teacher, device)
+
+    def check_temperatures(self, phases: list[Phase], phased: bool) -> None:
+        """Every phase's KD temperature must lie in the range the cache supports (UserError)."""
+        if self.caches["train"] is None:
+            return
+        for i, ph in enumerate(phases):
+            key = f"stages.configs.{i}.temperature" if phased else "loss.temperature"
+            self.caches["train"].check_temperature(ph.temperature, key)
 
     def fn(self, batch: dict[str, torch.Tensor], temperature: float, mode: str):
         """``teacher_fn(start, end)`` for one batch (see :func:`kdsweep.losses.distillation_loss`)."""
@@ -181,6 +202,7 @@ class TeacherSource:
         return live_teacher_fn(self.model, batch["input_ids"], temperature, mode, self.top_k, self.vocab)
 
     def close(self) -> None:
+        """Close the cache files."""
         for c in self.caches.values():
             if c is not None:
                 c.close()
@@ -196,9 +218,23 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or this process's resident memory on a CPU, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return psutil.Process().memory_info().rss / 2**20
+
+
+@dataclass(frozen=True)
+class _Paths:
+    prepared: Path
+    teacher: Path
+    cache: Path
+    student_init: Path
+    student: Path
+    metrics: Path
+    plots: Path
+    run: Path
+    checkpoints: Path
 
 
 def main(
@@ -211,17 +247,22 @@ def main(
     out: Path = Path("models/student"),
     metrics_path: Path = Path("metrics/distill.json"),
     plots_dir: Path = Path("plots/distill"),
-    run_dir: Path | None = None,
-    checkpoint_dir: Path | None = None,
+    run_dir: Path = Path("runs/distill"),
+    checkpoint_dir: Path = Path("checkpoints/distill"),
+    hparam_keys: Sequence[str] = (),
     resume: bool = False,
     eval_hook: EvalHook | None = None,
 ) -> dict:
     """Distill the student; returns the metrics written to ``metrics_path``.
 
-    ``eval_hook(step, metrics)`` runs after every evaluation; returning True stops the run
-    with state ``pruned``. ``resume`` continues exactly from ``<checkpoint_dir>/last``
-    (default ``$KDSWEEP_CHECKPOINT_DIR`` or ``checkpoints/distill``). ``run_dir`` defaults to
-    ``$KDSWEEP_RUN_DIR`` or ``runs/distill``.
+    Args:
+        run_dir: TensorBoard run directory (a sweep sets one per trial).
+        checkpoint_dir: where ``last/`` is saved every ``training.save_steps`` and at the end.
+        hparam_keys: dotted params keys added to TensorBoard's HParams tab (a sweep passes the
+            keys it samples).
+        resume: continue exactly from ``<checkpoint_dir>/last``.
+        eval_hook: ``eval_hook(step, metrics)`` runs after every evaluation; returning True stops
+            the run with state ``pruned``.
 
     Raises:
         UserError: a bad LR-multiplier pattern or cache (before anything trains), or
@@ -236,238 +277,127 @@ def main(
     if tr.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
+    paths = _Paths(
+        prepared=Path(prepared_dir),
+        teacher=Path(teacher_dir),
+        cache=Path(cache_dir),
+        student_init=Path(student_dir),
+        student=Path(out),
+        metrics=Path(metrics_path),
+        plots=Path(plots_dir),
+        run=Path(run_dir),
+        checkpoints=Path(checkpoint_dir),
+    )
     try:
-        return _train(
-            params,
-            prepared_dir=Path(prepared_dir),
-            teacher_dir=Path(teacher_dir),
-            cache_dir=Path(cache_dir),
-            student_dir=Path(student_dir),
-            out_dir=Path(out),
-            metrics_path=Path(metrics_path),
-            plots_dir=Path(plots_dir),
-            run_dir=run_dir,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            eval_hook=eval_hook,
-        )
+        return _distill(params, paths, list(hparam_keys), resume, eval_hook)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(
-    params: Params,
-    *,
-    prepared_dir: Path,
-    teacher_dir: Path,
-    cache_dir: Path,
-    student_dir: Path,
-    out_dir: Path,
-    metrics_path: Path,
-    plots_dir: Path,
-    run_dir: Path | None,
-    checkpoint_dir: Path | None,
-    resume: bool,
-    eval_hook: EvalHook | None,
-) -> dict:
-    tr, loss_cfg = params.training, params.loss
+@dataclass
+class _Run:
+    """What the loop works on, built and checked by :func:`_setup` before anything trains."""
+
+    params: Params
+    device: torch.device
+    student: torch.nn.Module
+    phases: list[Phase]
+    plans: list[Plan]
+    teacher: TeacherSource
+    train_set: MicroBatches
+    validation: np.ndarray
+    last_ckpt: Path
+
+    def batches(self, first: int, count: int) -> Iterator[dict[str, np.ndarray]]:
+        """Micro-batches ``first .. first + count - 1``, read by the DataLoader's workers (if any)."""
+        return iter(
+            torch.utils.data.DataLoader(
+                self.train_set,
+                sampler=range(first, first + count),
+                batch_size=None,
+                num_workers=self.params.training.dataloader_num_workers,
+            )
+        )
+
+    def evaluate(self) -> dict:
+        """Validation CE, KL to the teacher at T = 1 and top-1 agreement (:func:`kdsweep.evaluation.evaluate`)."""
+        tr = self.params.training
+        mode = "dense" if self.teacher.model is not None else "topk_tail"
+        spec = LossSpec(alpha=0.0, temperature=1.0, mode=mode, chunk_size=self.params.loss.chunk_size)
+        batches = validation_batches(
+            self.validation,
+            self.teacher.caches["validation"],
+            self.params.evaluate.batch_size,
+            tr.eval_max_batches,
+            self.device,
+        )
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tr.bf16):
+            return evaluate(self.student, batches, lambda b: self.teacher.fn(b, 1.0, mode), spec)
+
+
+def _setup(params: Params, paths: _Paths) -> _Run:
+    """Load the data, student and teacher and check the config against them: a pattern that
+    matches no parameter, a stale cache or an unsupported temperature stops the run here."""
+    tr = params.training
     device = default_device()
-    data = load_prepared(prepared_dir)
-    student = load_causal_lm(student_dir).to(device)
+    data = load_prepared(paths.prepared)
+    student = load_causal_lm(paths.student_init).to(device)
     student.train()
     if tr.gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    stages = resolve_stages(params, math.ceil(len(data.train) / tr.per_device_train_batch_size))
-    plans = plan_stages(student, stages)  # a pattern that matches nothing stops here, before the teacher loads
-
-    teacher = TeacherSource(params, data, teacher_dir, cache_dir, device)
+    phases = resolve_phases(params, math.ceil(len(data.train) / tr.per_device_train_batch_size))
+    plans = plan_phases(student, phases)  # a pattern that matches nothing stops here, before the teacher loads
+    teacher = TeacherSource(params, data, paths.teacher, paths.cache, device)
+    teacher.check_temperatures(phases, params.stages.enabled)
     train_set = MicroBatches(data.train, teacher.caches["train"], tr.per_device_train_batch_size, tr.seed)
-    for i, st in enumerate(stages):
-        if teacher.caches["train"] is not None:
-            teacher.caches["train"].check_temperature(
-                st.temperature, f"stages.configs.{i}.temperature" if params.stages.enabled else "loss.temperature"
-            )
-    eval_spec = LossSpec(
-        alpha=0.0,
-        temperature=1.0,
-        mode="dense" if teacher.model is not None else "topk_tail",
-        chunk_size=loss_cfg.chunk_size,
-    )
+    return _Run(params, device, student, phases, plans, teacher, train_set, data.validation, paths.checkpoints / "last")
 
-    def run_eval() -> dict:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.bf16):
-            return evaluate(
-                student,
-                validation_batches(
-                    data.validation,
-                    teacher.caches["validation"],
-                    params.evaluate.batch_size,
-                    tr.eval_max_batches,
-                    device,
-                ),
-                lambda b: teacher.fn(b, 1.0, eval_spec.mode),
-                eval_spec,
-            )
 
-    # Where we are: fresh, or restored from the last checkpoint.
+def _start_state(last_ckpt: Path, params: Params, resume: bool) -> dict:
+    """Where the run starts: step 0, or (``resume``) where the checkpoint ``last_ckpt`` left it."""
     state = {
         "global_step": 0,
-        "stage_index": 0,
-        "step_in_stage": 0,
+        "phase_index": 0,
+        "step_in_phase": 0,
         "micro_batch": 0,
         "nonfinite_total": 0,
         "nonfinite_run": 0,
         "best_val_loss": None,
     }
-    # A sweep points these at per-trial directories outside its temporary workspaces.
-    checkpoint_dir = Path(checkpoint_dir or os.environ.get("KDSWEEP_CHECKPOINT_DIR") or "checkpoints/distill")
-    last_ckpt = checkpoint_dir / "last"
-    if resume:
-        if not last_ckpt.exists():
-            raise UserError(f"--resume: no checkpoint at {last_ckpt}; run without --resume to start fresh")
-        state = {**state, **checkpoint.load_state(last_ckpt)}
-        changed = checkpoint.changed_params(last_ckpt, params.model_dump(mode="json"))
-        print(
-            f"distill: resuming from {last_ckpt} at step {state['global_step']}"
-            + (f"; warning: params changed since the checkpoint: {', '.join(changed)}" if changed else "")
-        )
-    resumed_from = state["global_step"]
+    if not resume:
+        return state
+    if not last_ckpt.exists():
+        raise UserError(f"--resume: no checkpoint at {last_ckpt}; run without --resume to start fresh")
+    state.update(checkpoint.load_state(last_ckpt))
+    changed = checkpoint.changed_params(last_ckpt, params.model_dump(mode="json"))
+    print(
+        f"distill: resuming from {last_ckpt} at step {state['global_step']}"
+        + (f"; warning: params changed since the checkpoint: {', '.join(changed)}" if changed else "")
+    )
+    return state
 
-    run_dir = Path(run_dir or os.environ.get("KDSWEEP_RUN_DIR") or "runs/distill")
-    # On resume, events a crashed run wrote after the checkpoint are dropped (purge_step).
-    writer = SummaryWriter(str(run_dir), purge_step=resumed_from + 1 if resume else None)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    train_csv = _csv(
-        plots_dir / "train.csv",
-        ["step", "loss", "ce", "kl", "grad_norm", "tokens_per_s"],
-        resumed_from if resume else None,
-    )
-    eval_csv = _csv(
-        plots_dir / "eval.csv", ["step", "val_loss", "val_kl", "val_top1_agreement"], resumed_from if resume else None
-    )
-    total_steps = sum(s.steps for s in stages)
-    status, last_eval, start_time = "complete", {}, time.perf_counter()
-    started_at = psutil.Process().create_time()  # this process's start (imports and loading precede the loop)
-    startup_seconds = time.time() - started_at
-    initial_val_loss = None
-    if resumed_from == 0:
-        last_eval = run_eval()
+
+def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool, eval_hook: EvalHook | None) -> dict:
+    started_at = psutil.Process().create_time()  # this process's start: imports and loading count as startup
+    run = _setup(params, paths)
+    state = _start_state(run.last_ckpt, params, resume)
+    log = _RunLog(paths.run, paths.plots, run.device, state["global_step"] if resume else None)
+    startup_seconds, start = time.time() - started_at, time.perf_counter()
+    last_eval, initial_val_loss = {}, None
+    if state["global_step"] == 0:
+        last_eval = run.evaluate()
         initial_val_loss = last_eval["val_loss"]
-        _log_eval(writer, eval_csv, 0, last_eval)
-    bar = tqdm(total=total_steps, initial=resumed_from, desc="distill", unit="step", dynamic_ncols=True)
-    window, optimizer = _Window(), None
-    restore_at = state["stage_index"] if resume else None  # the checkpoint's stage gets its optimizer back
-    if restore_at == len(stages):  # the run had finished: nothing left to train
-        checkpoint.restore(last_ckpt, student, None)
-
-    for stage_index in range(state["stage_index"], len(stages)):
-        st, plan = stages[stage_index], plans[stage_index]
-        spec = LossSpec(
-            st.alpha,
-            st.temperature,
-            loss_cfg.mode,
-            loss_cfg.direction,
-            loss_cfg.scale_by_t2,
-            loss_cfg.chunk_size,
-            loss_cfg.jsd_beta,
-        )
-        table = format_plan(plan, st.learning_rate)
-        tqdm.write(
-            f"stage {stage_index + 1}/{len(stages)} '{st.name}': {st.steps} steps, alpha {st.alpha}, "
-            f"T {st.temperature}, lr {st.learning_rate:g}, warmup {st.warmup_steps}\n{table}"
-        )
-        writer.add_text(f"param_groups/{st.name}", "    " + table.replace("\n", "\n    "), state["global_step"])
-        groups = build_param_groups(
-            student, plan, st.learning_rate, tr.weight_decay, tr.weight_decay_on_norms_biases_embeddings
-        )
-        optimizer = torch.optim.AdamW(groups, lr=st.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2))
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        first = state["step_in_stage"]  # 0 unless resuming inside this stage
-        if stage_index == restore_at:
-            checkpoint.restore(last_ckpt, student, optimizer)
-        loader = torch.utils.data.DataLoader(
-            train_set,
-            sampler=range(
-                state["micro_batch"], state["micro_batch"] + (st.steps - first) * tr.gradient_accumulation_steps
-            ),
-            batch_size=None,
-            num_workers=tr.dataloader_num_workers,
-        )
-        batches = iter(loader)
-
-        for step_in_stage in range(first, st.steps):
-            factor = lr_factor(
-                step_in_stage,
-                warmup_steps=st.warmup_steps,
-                total_steps=st.steps,
-                kind=tr.lr_scheduler,
-                min_ratio=tr.min_lr_ratio,
-            )
-            for g in optimizer.param_groups:
-                g["lr"] = st.learning_rate * g["lr_multiplier"] * factor
-            t0 = time.perf_counter()
-            micro = [batch_to_tensors(next(batches), device) for _ in range(tr.gradient_accumulation_steps)]
-            # batchmean over the whole accumulated batch: every micro-batch divides by this.
-            n_tokens = sum(b["input_ids"][:, 1:].numel() for b in micro)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
-            for b in micro:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.bf16):
-                    out = student_loss(student, b["input_ids"], teacher.fn(b, st.temperature, spec.mode), spec)
-                loss = out.total(n_tokens)
-                loss.backward()
-                sums += torch.stack([loss.detach(), out.ce_sum / n_tokens, out.kl_sum / n_tokens]).double()
-            total, ce, kl = sums.tolist()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm or float("inf")).item()
-            if math.isfinite(total) and math.isfinite(grad_norm):
-                optimizer.step()
-                state["nonfinite_run"] = 0
-                window.add(total, ce, kl)
-            else:  # skipped: no update, Adam's moments untouched
-                state["nonfinite_run"] += 1
-                state["nonfinite_total"] += 1
-                tqdm.write(
-                    f"Step {state['global_step'] + 1}: non-finite loss ({total}) or gradient norm "
-                    f"({grad_norm}); step skipped ({state['nonfinite_run']} in a row)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_stage"] = step_in_stage + 1
-            state["micro_batch"] += tr.gradient_accumulation_steps
-            window.tokens, window.seconds = window.tokens + n_tokens, window.seconds + time.perf_counter() - t0
-            step = state["global_step"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}")
-            if state["nonfinite_run"] >= tr.max_nonfinite_steps:
-                status = "stopped_nonfinite"
-                break
-
-            if step % tr.logging_steps == 0 or step == total_steps:
-                _log_train(writer, train_csv, step, window, grad_norm, optimizer, device, state["nonfinite_total"])
-                window = _Window()
-            if step % tr.eval_steps == 0 or step == total_steps:
-                last_eval = run_eval()
-                if math.isfinite(last_eval["val_loss"]):
-                    best = state["best_val_loss"]
-                    state["best_val_loss"] = last_eval["val_loss"] if best is None else min(best, last_eval["val_loss"])
-                _log_eval(writer, eval_csv, step, last_eval)
-                if eval_hook is not None and eval_hook(step, last_eval):
-                    status = "pruned"
-                    break
-            if tr.save_steps and step % tr.save_steps == 0:
-                checkpoint.save(
-                    last_ckpt, student, optimizer, {**state, "stage_name": st.name}, params.model_dump(mode="json")
-                )
-        if status != "complete":
-            break
-        state["step_in_stage"] = 0
-        state["stage_index"] = stage_index + 1
-    bar.close()
-
+        log.eval(0, last_eval)
+    restore_at = state["phase_index"] if resume else None  # the checkpoint's phase gets its optimizer back
+    status, optimizer, last_eval = _fit(run, log, state, restore_at, eval_hook, last_eval)
     if not last_eval or status == "stopped_nonfinite":
-        last_eval = run_eval()
-    train_seconds, save_start = time.perf_counter() - start_time, time.perf_counter()
-    _save_pretrained_atomically(student, out_dir)
-    checkpoint.save(last_ckpt, student, optimizer, {**state, "status": status}, params.model_dump(mode="json"))
+        last_eval = run.evaluate()
+
+    train_seconds, save_start = time.perf_counter() - start, time.perf_counter()
+    # persist: true outputs: a crash never leaves a half-written student where DVC would pick it up.
+    with atomic_path(paths.student, directory=True) as tmp:
+        run.student.save_pretrained(tmp)
+    checkpoint.save(run.last_ckpt, run.student, optimizer, {**state, "status": status}, params.model_dump(mode="json"))
     # Where the process's time went, for the sweep runner (which reads this file, not the console).
     seconds = {
         "startup": round(startup_seconds, 2),
@@ -478,10 +408,7 @@ def _train(
         {
             "state": status,
             **{k: v for k, v in last_eval.items() if k != "val_tokens"},
-            "best_val_loss": min(
-                (v for v in (state["best_val_loss"], last_eval["val_loss"]) if v is not None and math.isfinite(v)),
-                default=None,
-            ),
+            "best_val_loss": _best(state["best_val_loss"], last_eval["val_loss"]),
             "steps": state["global_step"],
             "nonfinite_steps": state["nonfinite_total"],
             "train_seconds": round(train_seconds, 1),
@@ -490,44 +417,116 @@ def _train(
             "seconds": seconds,
         }
     )
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.with_name(metrics_path.name + ".tmp").write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(metrics_path.with_name(metrics_path.name + ".tmp"), metrics_path)
-    _log_hparams(writer, params, metrics)
-    writer.close()
-    teacher.close()
+    write_json(paths.metrics, metrics)
+    log.close(params, metrics, hparam_keys)
+    run.teacher.close()
     if status == "stopped_nonfinite":
         raise UserError(
-            f"distill: stopped after {tr.max_nonfinite_steps} non-finite losses in a row "
-            f"(step {state['global_step']}, state 'stopped_nonfinite' in {metrics_path}); "
+            f"distill: stopped after {params.training.max_nonfinite_steps} non-finite losses in a row "
+            f"(step {state['global_step']}, state 'stopped_nonfinite' in {paths.metrics}); "
             "lower training.learning_rate or loss.temperature, keep training.max_grad_norm"
         )
     return metrics
 
 
-def _save_pretrained_atomically(model, out_dir: Path) -> None:
-    """save_pretrained into a temporary sibling, then swap it in: a crash never leaves a
-    half-written student where DVC (whose outputs persist) would pick it up."""
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook: EvalHook | None, last_eval: dict):
+    """The training loop, from ``state`` on (updated in place); returns the run's final state
+    (``complete``, ``pruned``, ``stopped_nonfinite``), the last optimizer and the last evaluation."""
+    tr, student, device = run.params.training, run.student, run.device
+    total_steps = sum(ph.steps for ph in run.phases)
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc="distill", unit="step", dynamic_ncols=True)
+    status, optimizer, window = "complete", None, _Window()
+    if restore_at == len(run.phases):  # the run had finished: nothing left to train
+        checkpoint.restore(run.last_ckpt, student, None)
+    for phase_index in range(state["phase_index"], len(run.phases)):
+        phase, plan = run.phases[phase_index], run.plans[phase_index]
+        spec = _phase_loss(run.params.loss, phase)
+        log.phase(phase_index, run.phases, plan, state["global_step"])
+        optimizer = _phase_optimizer(student, plan, phase, tr)
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        if phase_index == restore_at:
+            checkpoint.restore(run.last_ckpt, student, optimizer)
+        first = state["step_in_phase"]  # 0 unless resuming inside this phase
+        batches = run.batches(state["micro_batch"], (phase.steps - first) * tr.gradient_accumulation_steps)
+
+        for step_in_phase in range(first, phase.steps):
+            # set each group's LR: the phase's peak x the group's multiplier x the schedule
+            factor = phase.lr_factor(step_in_phase, tr)
+            for g in optimizer.param_groups:
+                g["lr"] = phase.learning_rate * g["lr_multiplier"] * factor
+
+            # forward, loss and backward, micro-batch by micro-batch
+            t0 = time.perf_counter()
+            micro = [batch_to_tensors(next(batches), device) for _ in range(tr.gradient_accumulation_steps)]
+            # batchmean over the whole accumulated batch: every micro-batch divides by this.
+            n_tokens = sum(b["input_ids"][:, 1:].numel() for b in micro)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            for b in micro:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.bf16):
+                    out = student_loss(student, b["input_ids"], run.teacher.fn(b, phase.temperature, spec.mode), spec)
+                loss = out.total(n_tokens)
+                loss.backward()
+                sums += torch.stack([loss.detach(), out.ce_sum / n_tokens, out.kl_sum / n_tokens]).double()
+            total, ce, kl = sums.tolist()
+
+            # clip and step, unless the loss or the gradient is not finite
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm or float("inf")).item()
+            if math.isfinite(total) and math.isfinite(grad_norm):
+                optimizer.step()
+                state["nonfinite_run"] = 0
+                window.add(total, ce, kl)
+            else:  # skipped: no update, Adam's moments untouched
+                _count_nonfinite(state, total, grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_phase"] = step_in_phase + 1
+            state["micro_batch"] += tr.gradient_accumulation_steps
+            window.tokens, window.seconds = window.tokens + n_tokens, window.seconds + time.perf_counter() - t0
+            step = state["global_step"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if state["nonfinite_run"] >= tr.max_nonfinite_steps:
+                status = "stopped_nonfinite"
+                break
+
+            # log, evaluate (where a sweep's pruner may stop the run), checkpoint
+            if step % tr.logging_steps == 0 or step == total_steps:
+                log.train(step, window, grad_norm, optimizer, state["nonfinite_total"])
+                window = _Window()
+            if step % tr.eval_steps == 0 or step == total_steps:
+                last_eval = run.evaluate()
+                state["best_val_loss"] = _best(state["best_val_loss"], last_eval["val_loss"])
+                log.eval(step, last_eval)
+                if eval_hook is not None and eval_hook(step, last_eval):
+                    status = "pruned"
+                    break
+            if tr.save_steps and step % tr.save_steps == 0:
+                saved = {**state, "phase_name": phase.name}
+                checkpoint.save(run.last_ckpt, student, optimizer, saved, run.params.model_dump(mode="json"))
+        if status != "complete":
+            break
+        state["step_in_phase"], state["phase_index"] = 0, phase_index + 1
+    bar.close()
+    return status, optimizer, last_eval
 
 
-def _csv(path: Path, columns: list[str], resumed_from: int | None):
-    """A CSV of curves; on resume, rows a crashed run wrote after the checkpoint are dropped."""
-    if resumed_from is not None and path.exists():
-        lines = path.read_text().splitlines()
-        keep = [lines[0]] + [line for line in lines[1:] if int(line.split(",")[0]) <= resumed_from]
-        path.write_text("".join(line + "\n" for line in keep))
-        return path.open("a")
-    f = path.open("w")
-    f.write(",".join(columns) + "\n")
-    return f
+def _count_nonfinite(state: dict, total: float, grad_norm: float) -> None:
+    state["nonfinite_run"] += 1
+    state["nonfinite_total"] += 1
+    tqdm.write(
+        f"Step {state['global_step'] + 1}: non-finite loss ({total}) or gradient norm "
+        f"({grad_norm}); step skipped ({state['nonfinite_run']} in a row)"
+    )
+
+
+def _best(*val_losses: float | None) -> float | None:
+    """The lowest finite validation loss, or None."""
+    return min((v for v in val_losses if v is not None and math.isfinite(v)), default=None)
+
+
+def _finite_or_none(metrics: dict) -> dict:
+    """NaN and inf become null, so the file stays strict JSON (DVC and other readers)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
 @dataclass
@@ -550,66 +549,103 @@ class _Window:
         )
 
 
-def _log_train(
-    writer: SummaryWriter, csv, step: int, window: _Window, grad_norm: float, optimizer, device, nonfinite_total: int
-) -> None:
-    """Console line, TensorBoard scalars and a CSV row: losses averaged over the finite steps
-    since the last log; the LR of each group named by its pattern."""
-    n = max(window.finite_steps, 1)
-    total, ce, kl = window.loss / n, window.ce / n, window.kl / n
-    tps = window.tokens / max(window.seconds, 1e-9)
-    tqdm.write(f"Step {step}: Total Loss: {total:.4f}, CE Loss: {ce:.4f}, KL Loss: {kl:.4f}")
-    for name, value in {
-        "loss": total,
-        "ce": ce,
-        "kl": kl,
-        "grad_norm": grad_norm,
-        "nonfinite_steps": nonfinite_total,
-    }.items():
-        writer.add_scalar(f"train/{name}", value, step)
-    for g in optimizer.param_groups:  # decay / no-decay halves of a pattern share its LR
-        writer.add_scalar(f"lr/{g['name']}", g["lr"], step)
-    writer.add_scalar("perf/tokens_per_s", tps, step)
-    writer.add_scalar("perf/memory_mb", memory_mb(device), step)
-    csv.write(f"{step},{total:.6f},{ce:.6f},{kl:.6f},{grad_norm:.6f},{tps:.1f}\n")
-    csv.flush()
+def _csv(path: Path, columns: list[str], resumed_from: int | None):
+    """A CSV of curves, open for appending; on resume, rows a crashed run wrote after the
+    checkpoint are dropped."""
+    if resumed_from is not None and path.exists():
+        lines = path.read_text().splitlines()
+        keep = [lines[0]] + [line for line in lines[1:] if int(line.split(",")[0]) <= resumed_from]
+        write_text(path, "".join(line + "\n" for line in keep))
+        return path.open("a")
+    f = path.open("w")
+    f.write(",".join(columns) + "\n")
+    return f
 
 
-def _log_eval(writer: SummaryWriter, csv, step: int, metrics: dict) -> None:
-    tqdm.write(
-        f"Step {step}: Val Loss: {metrics['val_loss']:.4f}, Val KL: {metrics['val_kl']:.4f}, "
-        f"Top-1 Agreement: {metrics['val_top1_agreement']:.3f}"
-    )
-    for name in ("val_loss", "val_kl", "val_top1_agreement", "val_perplexity"):
-        writer.add_scalar(f"eval/{name}", metrics[name], step)
-    csv.write(f"{step},{metrics['val_loss']:.6f},{metrics['val_kl']:.6f},{metrics['val_top1_agreement']:.6f}\n")
-    csv.flush()
+class _RunLog:
+    """Where the run reports: console lines, TensorBoard (scalars, parameter-group tables,
+    HParams) and the CSV curves. ``resumed_from`` (the checkpoint's step, on resume) drops
+    what a crashed run wrote after it."""
+
+    def __init__(self, run_dir: Path, plots_dir: Path, device: torch.device, resumed_from: int | None):
+        self.device = device
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resumed_from is None else resumed_from + 1)
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        columns = ["step", "loss", "ce", "kl", "grad_norm", "tokens_per_s"]
+        self.train_csv = _csv(plots_dir / "train.csv", columns, resumed_from)
+        columns = ["step", "val_loss", "val_kl", "val_top1_agreement"]
+        self.eval_csv = _csv(plots_dir / "eval.csv", columns, resumed_from)
+
+    def phase(self, index: int, phases: list[Phase], plan: Plan, step: int) -> None:
+        """The phase's settings and its parameter-group table: printed, and a TensorBoard text."""
+        ph = phases[index]
+        table = format_plan(plan, ph.learning_rate)
+        tqdm.write(
+            f"phase {index + 1}/{len(phases)} '{ph.name}': {ph.steps} steps, alpha {ph.alpha}, "
+            f"T {ph.temperature}, lr {ph.learning_rate:g}, warmup {ph.warmup_steps}\n{table}"
+        )
+        self.writer.add_text(f"param_groups/{ph.name}", "    " + table.replace("\n", "\n    "), step)
+
+    def train(self, step: int, window: _Window, grad_norm: float, optimizer, nonfinite_total: int) -> None:
+        """Console line, TensorBoard scalars and a CSV row: losses averaged over the finite steps
+        since the last log; the LR of each group named by its pattern."""
+        n = max(window.finite_steps, 1)
+        total, ce, kl = window.loss / n, window.ce / n, window.kl / n
+        tps = window.tokens / max(window.seconds, 1e-9)
+        tqdm.write(f"Step {step}: Total Loss: {total:.4f}, CE Loss: {ce:.4f}, KL Loss: {kl:.4f}")
+        scalars = {"loss": total, "ce": ce, "kl": kl, "grad_norm": grad_norm, "nonfinite_steps": nonfinite_total}
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        for g in optimizer.param_groups:  # decay / no-decay halves of a pattern share its LR
+            self.writer.add_scalar(f"lr/{g['name']}", g["lr"], step)
+        self.writer.add_scalar("perf/tokens_per_s", tps, step)
+        self.writer.add_scalar("perf/memory_mb", memory_mb(self.device), step)
+        self.train_csv.write(f"{step},{total:.6f},{ce:.6f},{kl:.6f},{grad_norm:.6f},{tps:.1f}\n")
+        self.train_csv.flush()
+
+    def eval(self, step: int, metrics: dict) -> None:
+        """Console line, TensorBoard scalars and a CSV row of one evaluation."""
+        tqdm.write(
+            f"Step {step}: Val Loss: {metrics['val_loss']:.4f}, Val KL: {metrics['val_kl']:.4f}, "
+            f"Top-1 Agreement: {metrics['val_top1_agreement']:.3f}"
+        )
+        for name in ("val_loss", "val_kl", "val_top1_agreement", "val_perplexity"):
+            self.writer.add_scalar(f"eval/{name}", metrics[name], step)
+        self.eval_csv.write(
+            f"{step},{metrics['val_loss']:.6f},{metrics['val_kl']:.6f},{metrics['val_top1_agreement']:.6f}\n"
+        )
+        self.eval_csv.flush()
+
+    def close(self, params: Params, metrics: dict, hparam_keys: Sequence[str]) -> None:
+        """HParams summaries written into this run's own directory (one row per run in
+        TensorBoard), then everything flushed and closed."""
+        from torch.utils.tensorboard.summary import hparams
+
+        final = {
+            f"hparam/{k}": float(metrics[k])
+            for k in ("val_loss", "best_val_loss", "val_kl", "val_top1_agreement")
+            if metrics.get(k) is not None
+        }
+        exp, ssi, sei = hparams(hparams_of(params, hparam_keys), final)
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+        for k, v in final.items():
+            self.writer.add_scalar(k, v, metrics["steps"])
+        self.writer.close()
+        self.train_csv.close()
+        self.eval_csv.close()
 
 
-def _finite_or_none(metrics: dict) -> dict:
-    """NaN and inf become null, so the file stays strict JSON (DVC and other readers)."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+_MISSING = object()
 
 
-def _lookup(tree, dotted: str):
-    """``tree["a"]["b"][0]`` for ``"a.b.0"``; KeyError if absent."""
-    node = tree
-    for part in dotted.split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            raise KeyError(dotted)
-    return node
-
-
-def hparams_of(params: Params) -> dict:
+def hparams_of(params: Params, keys: Sequence[str] = ()) -> dict:
     """The swept knobs, flattened for TensorBoard's HParams tab.
 
-    A fixed set (alpha, temperature, mode, LR, the stage layout, every LR multiplier) plus
-    every dotted key listed in ``KDSWEEP_HPARAM_KEYS`` (set by the sweep runner to the keys
-    it samples); values that are not numbers, strings or booleans are written as JSON.
+    A fixed set (alpha, temperature, mode, LR, the phase layout, every LR multiplier) plus
+    every dotted params key in ``keys`` (a sweep passes the keys it samples; blanks and
+    surrounding spaces are ignored); values that are not numbers, strings or booleans are
+    written as JSON.
     """
     hp = {
         "loss.alpha": params.loss.alpha,
@@ -623,27 +659,10 @@ def hparams_of(params: Params) -> dict:
     for rule in params.parameter_lr_multipliers:
         hp[f"lr_multiplier[{rule.pattern}]"] = rule.lr_multiplier
     dumped = params.model_dump(mode="json")
-    for key in filter(None, (k.strip() for k in os.environ.get("KDSWEEP_HPARAM_KEYS", "").split(","))):
-        try:
-            value = _lookup(dumped, key)
-        except KeyError:
-            tqdm.write(f"distill: warning: KDSWEEP_HPARAM_KEYS names {key!r}, which is not a params key; not logged")
+    for key in filter(None, (k.strip() for k in keys)):
+        value = get_or(dumped, key, _MISSING)
+        if value is _MISSING:
+            tqdm.write(f"distill: warning: --hparam-keys names {key!r}, which is not a params key; not logged")
             continue
         hp[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
     return hp
-
-
-def _log_hparams(writer: SummaryWriter, params: Params, metrics: dict) -> None:
-    """HParams summaries written into this run's own directory: one row per run in TensorBoard."""
-    from torch.utils.tensorboard.summary import hparams
-
-    final = {
-        f"hparam/{k}": float(metrics[k])
-        for k in ("val_loss", "best_val_loss", "val_kl", "val_top1_agreement")
-        if metrics.get(k) is not None
-    }
-    exp, ssi, sei = hparams(hparams_of(params), final)
-    for summary in (exp, ssi, sei):
-        writer.file_writer.add_summary(summary)
-    for k, v in final.items():
-        writer.add_scalar(k, v, metrics["steps"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from kdsweep.cache.fingerprint import expected_fingerprint
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import Params
 from kdsweep.data import Prepared, load_prepared
@@ -24,9 +25,7 @@ from kdsweep.evaluation import evaluate
 from kdsweep.fsio import write_json
 from kdsweep.losses import LossSpec
 from kdsweep.models import default_device, load_causal_lm, load_teacher
-from kdsweep.stages.distill import validation_batches
-from kdsweep.stages.teacher_logits import expected_fingerprint
-from kdsweep.teachers import cached_teacher_fn, live_teacher_fn
+from kdsweep.teachers import cached_teacher_fn, live_teacher_fn, validation_batches
 
 EVAL_SPLITS = ("validation", "test")
 

@@ -8,8 +8,6 @@ select real parameters. ``kind: copy`` starts from the teacher's own architectur
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,8 +16,8 @@ from kdsweep.compress import compress_from_teacher, count_parameters
 from kdsweep.config import Params
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
-from kdsweep.models import load_teacher
-from kdsweep.stages.teacher import evaluate_ce
+from kdsweep.fsio import atomic_path, write_json
+from kdsweep.models import evaluate_ce, load_teacher
 
 
 def main(
@@ -91,13 +89,9 @@ def main(
         "expert_parameter_ratio": round(s_count["expert"] / max(t_count["expert"], 1), 4),
         "reconstruction": report,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    with atomic_path(out, directory=True) as tmp:
+        student.save_pretrained(tmp)
+    write_json(metrics_path, metrics)
     print(
         f"student: {s_count['total']:,} parameters ({s_count['active_per_token']:,} active per token), "
         f"teacher {t_count['total']:,}; expert parameters {metrics['expert_parameter_ratio']:.1%} of the teacher's"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from tqdm import tqdm
 
 from kdsweep.config import Params
 from kdsweep.data import load_prepared
-from kdsweep.models import POINTER, default_device, embedded_teacher_config
+from kdsweep.fsio import atomic_path, write_json
+from kdsweep.models import POINTER, default_device, embedded_teacher_config, evaluate_ce
 from kdsweep.schedule import lr_factor
 
 
@@ -33,18 +33,13 @@ def main(
 ) -> dict:
     """Write the teacher (or a pointer to it) to ``out`` and its training metrics."""
     cfg = params.teacher
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if cfg.model:
-        (tmp / POINTER).write_text(json.dumps({"model": cfg.model, "revision": cfg.revision}, indent=2))
-        metrics = {"source": cfg.model}
-    else:
-        metrics = train_embedded(params, prepared_dir, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    with atomic_path(out, directory=True) as tmp:
+        if cfg.model:
+            (tmp / POINTER).write_text(json.dumps({"model": cfg.model, "revision": cfg.revision}, indent=2))
+            metrics = {"source": cfg.model}
+        else:
+            metrics = train_embedded(params, prepared_dir, tmp)
+    write_json(metrics_path, metrics)
     return metrics
 
 
@@ -92,18 +87,3 @@ def train_embedded(params: Params, prepared_dir: Path, out: Path) -> dict:
         "steps": tr.max_steps,
         "seconds": round(time.perf_counter() - start, 1),
     }
-
-
-@torch.no_grad()
-def evaluate_ce(model, sequences: np.ndarray, batch_size: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy over all validation tokens."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(sequences), batch_size):
-        ids = torch.as_tensor(sequences[i : i + batch_size], dtype=torch.long, device=device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += ids[:, 1:].numel()
-    return total / count
