@@ -25,6 +25,8 @@ Importing this module registers the model with ``AutoConfig`` / ``AutoModelForCa
 a saved student loads with plain ``AutoModelForCausalLM.from_pretrained(path)``.
 """
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
@@ -44,6 +46,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
 )
 
 from kdsweep.errors import UserError
+from kdsweep.models import load_causal_lm
 
 MODEL_TYPE = "kdsweep_compressed_moe"
 
@@ -333,6 +336,11 @@ def register() -> None:
 register()
 
 
+def load_student(path: str | Path, **kwargs) -> PreTrainedModel:
+    """A saved student (compressed or plain) through ``AutoModelForCausalLM``, its class registered above."""
+    return load_causal_lm(path, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------
 # Initialising a student from a teacher
 # ----------------------------------------------------------------------------------------
@@ -594,6 +602,22 @@ def _copy_from_teacher(student, teacher, *, copy_attention: bool, copy_embedding
             target.load_state_dict(source.state_dict())
 
 
+def _fit_compressed_layers(teacher, student, calibration_input_ids, seed: int, *, fit: bool) -> list[dict]:
+    """Fit each compressed layer's core and wrappers to the teacher's experts (if ``fit``); one report per layer."""
+    layers = student.config.compressed_layers
+    generator = torch.Generator().manual_seed(seed)
+    samples = _sample_expert_inputs(teacher, layers, calibration_input_ids, generator)
+    source = "gaussian" if calibration_input_ids is None else "calibration"
+    report = []
+    for i in layers:
+        teacher_block = teacher.model.layers[i].mlp
+        student_experts = student.model.layers[i].mlp.experts
+        if fit:
+            _fit_from_teacher(teacher_block.experts, student_experts, samples[i])
+        report.append(_reconstruction_report(i, teacher_block, student_experts, samples[i], source))
+    return report
+
+
 def compress_from_teacher(
     teacher: Qwen3MoeForCausalLM,
     *,
@@ -671,17 +695,7 @@ def compress_from_teacher(
         copy_uncompressed=init == "teacher",
     )
 
-    generator = torch.Generator().manual_seed(seed)
-    samples = _sample_expert_inputs(teacher, config.compressed_layers, calibration_input_ids, generator)
-    source = "gaussian" if calibration_input_ids is None else "calibration"
-    report = []
-    for i in config.compressed_layers:
-        teacher_block = teacher.model.layers[i].mlp
-        student_experts = student.model.layers[i].mlp.experts
-        if init == "teacher":
-            _fit_from_teacher(teacher_block.experts, student_experts, samples[i])
-        report.append(_reconstruction_report(i, teacher_block, student_experts, samples[i], source))
-    return student, report
+    return student, _fit_compressed_layers(teacher, student, calibration_input_ids, seed, fit=init == "teacher")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

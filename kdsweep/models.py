@@ -65,10 +65,12 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
 ):
-    """``AutoModelForCausalLM.from_pretrained`` with kdsweep's own model classes registered."""
-    from transformers import AutoModelForCausalLM
+    """``AutoModelForCausalLM.from_pretrained``; a missing or unreadable model is a :class:`UserError`.
 
-    import kdsweep.compress  # noqa: F401  (registers the compressed student with the Auto classes)
+    A saved compressed student needs its model class registered first: load it with
+    :func:`kdsweep.compress.load_student`.
+    """
+    from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -19,11 +19,12 @@ from helpers import REPO, TINY, deep_merge, tiny_params_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.compress import load_student
 from kdsweep.config import validate
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.losses import LossSpec, student_loss
-from kdsweep.models import load_causal_lm, load_teacher, resolve_dtype
+from kdsweep.models import load_teacher, resolve_dtype
 from kdsweep.schedule import lr_factor
 from kdsweep.teachers import batch_to_tensors, cached_teacher_fn
 
@@ -61,7 +62,7 @@ def distill(root: Path, overrides: dict | None = None, **kwargs) -> dict:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in load_causal_lm(path).state_dict().items()}
+    return {k: v.clone() for k, v in load_student(path).state_dict().items()}
 
 
 def rows(path: Path) -> list[dict[str, float]]:
@@ -79,7 +80,7 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 def perturbed_copy(pipeline_copy) -> Path:
     """The tiny pipeline with the student pushed away from the teacher (the fitted tiny student
     is almost the teacher, KL ~ 1e-7), so that the KD term weighs in the checks (KL ~ 0.2)."""
-    student = load_causal_lm(pipeline_copy / "models/student_init")
+    student = load_student(pipeline_copy / "models/student_init")
     with torch.no_grad():
         student.lm_head.weight.mul_(3.0)
     student.save_pretrained(pipeline_copy / "models/student_init")
@@ -295,7 +296,7 @@ def test_gradient_checkpointing_takes_effect_and_gives_the_same_loss(tiny_pipeli
     from kdsweep.stages.distill import enable_gradient_checkpointing
 
     torch.manual_seed(0)
-    student = load_causal_lm(tiny_pipeline / "models/student_init").train()
+    student = load_student(tiny_pipeline / "models/student_init").train()
     # Frozen embeddings: the inputs of the first checkpointed layer do not require grad,
     # where a reentrant checkpoint would silently give the layers no gradient.
     student.get_input_embeddings().weight.requires_grad_(False)
@@ -372,7 +373,7 @@ def test_bf16_autocast_keeps_fp32_master_weights(pipeline_copy):
     bf16_rows = rows(pipeline_copy / "plots/distill/train.csv")
     assert bf16_rows[0]["loss"] != fp32_rows[0]["loss"]  # autocast did run in bf16
     assert bf16_rows[0]["loss"] == pytest.approx(fp32_rows[0]["loss"], rel=2e-2)
-    student = load_causal_lm(pipeline_copy / "models/student")
+    student = load_student(pipeline_copy / "models/student")
     assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
@@ -388,7 +389,7 @@ def test_deterministic_mode_runs_and_is_restored_after(pipeline_copy):
 
 # --------------------------------------------------------------------------- non-finite losses
 def test_nan_weights_stop_the_run_with_a_state_the_sweep_can_read(pipeline_copy):
-    student = load_causal_lm(pipeline_copy / "models/student_init")
+    student = load_student(pipeline_copy / "models/student_init")
     with torch.no_grad():
         student.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
     student.save_pretrained(pipeline_copy / "models/student_init")
@@ -506,7 +507,7 @@ def test_reference_starting_point_stops_before_training_a_student_without_shared
     copy_student = validate(tiny_params_dict(student={"kind": "copy"}))
     with chdir(pipeline_copy):
         student.main(copy_student)
-    names = [n for n, _ in load_causal_lm(pipeline_copy / "models/student_init").named_parameters()]
+    names = [n for n, _ in load_student(pipeline_copy / "models/student_init").named_parameters()]
     assert not any("shared_core" in n or "wrapper" in n for n in names)
 
     params = validate(_reference_on_tiny(student={"kind": "copy"}))

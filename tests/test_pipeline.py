@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kdsweep.cache.format import log_normalizer
 from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.compress import load_student
 from kdsweep.config import validate
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
@@ -80,7 +81,7 @@ def test_student_is_compressed_and_reported(tiny_pipeline):
     metrics = json.loads((tiny_pipeline / "metrics/student.json").read_text())
     assert metrics["student"]["total"] < metrics["teacher"]["total"]
     assert metrics["expert_parameter_ratio"] <= 0.5
-    student = load_causal_lm(tiny_pipeline / "models/student_init")
+    student = load_student(tiny_pipeline / "models/student_init")
     names = [n for n, _ in student.named_parameters()]
     assert any("shared_core" in n for n in names) and any("wrapper" in n for n in names)
 
@@ -97,7 +98,7 @@ def test_distill_writes_student_metrics_plots_and_tensorboard(pipeline_copy):
     metrics = _distill(pipeline_copy)
     assert metrics["state"] == "complete" and metrics["steps"] == 6
     assert json.loads((pipeline_copy / "metrics/distill.json").read_text()) == metrics
-    student = load_causal_lm(pipeline_copy / "models/student")
+    student = load_student(pipeline_copy / "models/student")
     assert student.config.model_type == "kdsweep_compressed_moe"
     train_csv = (pipeline_copy / "plots/distill/train.csv").read_text().splitlines()
     assert train_csv[0] == "step,loss,ce,kl,grad_norm,tokens_per_s" and len(train_csv) == 4
@@ -139,7 +140,7 @@ def test_resume_continues_exactly(pipeline_copy, tmp_path):
     from kdsweep.stages import distill
 
     _distill(pipeline_copy)
-    uninterrupted = load_causal_lm(pipeline_copy / "models/student").state_dict()
+    uninterrupted = load_student(pipeline_copy / "models/student").state_dict()
 
     params = validate(tiny_params_dict(training={"save_steps": 3}))
 
@@ -156,7 +157,7 @@ def test_resume_continues_exactly(pipeline_copy, tmp_path):
         )
         resumed_metrics = distill.main(params, run_dir=tmp_path / "tb", resume=True)
     assert resumed_metrics["steps"] == 6
-    resumed = load_causal_lm(pipeline_copy / "models/student").state_dict()
+    resumed = load_student(pipeline_copy / "models/student").state_dict()
     for name, value in uninterrupted.items():
         assert torch.allclose(value, resumed[name], atol=1e-6, rtol=0), name
 

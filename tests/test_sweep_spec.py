@@ -81,9 +81,9 @@ VALID = {
 @pytest.fixture(scope="module")
 def names(tiny_pipeline) -> list[str]:
     """The tiny student's parameter names, as the training loop sees them."""
-    from kdsweep.models import load_causal_lm
+    from kdsweep.compress import load_student
 
-    return [n for n, _ in load_causal_lm(tiny_pipeline / "models/student_init").named_parameters()]
+    return [n for n, _ in load_student(tiny_pipeline / "models/student_init").named_parameters()]
 
 
 def plan(spec=None, params=None, names=None, **kw):

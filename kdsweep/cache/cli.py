@@ -81,9 +81,6 @@ def cache_generate(
 
     An interrupted run resumes where it stopped when run again.
     """
-    from kdsweep.config import load_params
-    from kdsweep.stages import teacher_logits as stage
-
     options = dict(
         teacher_model=teacher_model,
         dataset=dataset,
@@ -92,11 +89,21 @@ def cache_generate(
         batch_size=batch_size,
         max_samples=max_samples,
     )
-    if output_dir is None and all(v is None for v in options.values()):
-        stage.main(load_params(params), shard=_parse_shard(shard))
+    if output_dir is not None or any(v is not None for v in options.values()):
+        _generate_standalone(params, output_dir or Path("teacher_logits"), options, _parse_shard(shard))
         return
-    p = stage.standalone_params(params, **options)
-    stage.standalone(p, output_dir or Path("teacher_logits"), shard=_parse_shard(shard))
+    # The DVC stage `teacher_logits`: its dvc.yaml deps are the import closure of this path.
+    from kdsweep.config import load_params
+    from kdsweep.stages import teacher_logits as stage
+
+    stage.main(load_params(params), shard=_parse_shard(shard))
+
+
+def _generate_standalone(params: Path, output_dir: Path, options: dict, shard: tuple[int, int] | None) -> None:
+    """Standalone mode (outside DVC): prepare, teacher and cache under ``output_dir``."""
+    from kdsweep.cache.standalone import standalone, standalone_params
+
+    standalone(standalone_params(params, **options), output_dir, shard=shard)
 
 
 @cache_app.command("merge")

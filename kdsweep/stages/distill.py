@@ -38,6 +38,7 @@ from tqdm import tqdm
 from kdsweep import checkpoint
 from kdsweep.cache.fingerprint import expected_fingerprint
 from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.compress import load_student
 from kdsweep.config import LossConfig, LRMultiplier, Params, TrainingConfig
 from kdsweep.data import load_prepared
 from kdsweep.dotted import get_or
@@ -45,7 +46,7 @@ from kdsweep.errors import UserError
 from kdsweep.evaluation import evaluate
 from kdsweep.fsio import atomic_path, write_json, write_text
 from kdsweep.losses import LossSpec, student_loss
-from kdsweep.models import default_device, load_causal_lm, load_teacher
+from kdsweep.models import default_device, load_teacher
 from kdsweep.param_groups import Plan, build_param_groups, format_plan, plan_groups
 from kdsweep.schedule import lr_factor
 from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn, validation_batches
@@ -341,7 +342,7 @@ def _setup(params: Params, paths: _Paths) -> _Run:
     tr = params.training
     device = default_device()
     data = load_prepared(paths.prepared)
-    student = load_causal_lm(paths.student_init).to(device)
+    student = load_student(paths.student_init).to(device)
     student.train()
     if tr.gradient_checkpointing:
         enable_gradient_checkpointing(student)

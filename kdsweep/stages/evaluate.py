@@ -19,12 +19,13 @@ from pathlib import Path
 
 from kdsweep.cache.fingerprint import expected_fingerprint
 from kdsweep.cache.reader import TeacherLogitCache
+from kdsweep.compress import load_student
 from kdsweep.config import Params
 from kdsweep.data import Prepared, load_prepared
 from kdsweep.evaluation import evaluate
 from kdsweep.fsio import write_json
 from kdsweep.losses import LossSpec
-from kdsweep.models import default_device, load_causal_lm, load_teacher
+from kdsweep.models import default_device, load_teacher
 from kdsweep.teachers import cached_teacher_fn, live_teacher_fn, validation_batches
 
 EVAL_SPLITS = ("validation", "test")
@@ -79,7 +80,7 @@ def main(
     caches, teacher_fns, spec = _teacher_fns(params, data, teacher_dir, cache_dir, device)
     results = {}
     for name, path in (("initial", init_dir), ("distilled", student_dir)):
-        model = load_causal_lm(path).to(device)
+        model = load_student(path).to(device)
         results[name] = {}
         for split in EVAL_SPLITS:
             sequences = data.split(split)
