@@ -41,37 +41,61 @@ def _status_mb(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def run_variant(variant: str, tokens: int, vocab: int, hidden: int, k: int, repeats: int, threads: int) -> dict:
+ALPHA, TEMPERATURE, TAIL = 0.5, 2.0, 0.3
+
+
+def sparse_teacher(tokens: int, vocab: int, k: int, device="cpu"):
+    """A top-k teacher at temperature T with 30% tail mass and distinct ids per row: (tokens, k) each."""
+    import torch
+
+    from kdsweep.losses import SparseTeacher
+
+    ids = (torch.randint(0, vocab, (tokens, 1), device=device) + torch.arange(k, device=device) * (vocab // k)) % vocab
+    log_probs = torch.log_softmax(torch.randn(tokens, k, device=device) * 2, -1) + torch.log(torch.tensor(1 - TAIL))
+    return SparseTeacher(ids, log_probs)
+
+
+def loss_inputs(tokens: int, vocab: int, hidden: int, k: int, device="cpu") -> tuple:
+    """(hidden states (N, H), head weight (V, H), targets (N,), teacher): what a variant's loss takes."""
+    import torch
+
+    h = (torch.randn(tokens, hidden, device=device) * 0.5).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device) * 0.02).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    return h, w, targets, sparse_teacher(tokens, vocab, k, device)
+
+
+def variant_loss(variant: str, h, w, targets, teacher):
+    """The loss of one variant (``naive_dense``, ``naive_topk`` or ``chunked_C``) on :func:`loss_inputs`."""
     import torch
     import torch.nn.functional as F
 
     from kdsweep.losses import LossSpec, SparseTeacher, distillation_loss, loss_sums
 
+    tokens, vocab, (ids, log_probs) = h.shape[0], w.shape[0], (teacher.ids, teacher.log_probs)
+    if variant == "naive_dense":
+        logits = h @ w.t()
+        full = torch.full((tokens, vocab), TAIL / (vocab - ids.shape[1]), device=h.device)
+        full.scatter_(-1, ids, log_probs.exp())
+        kl = F.kl_div(F.log_softmax(logits / TEMPERATURE, -1), full, reduction="sum") / tokens
+        return (1 - ALPHA) * F.cross_entropy(logits, targets) + ALPHA * TEMPERATURE**2 * kl
+    chunk = int(variant.split("_")[1]) if "chunked" in variant else tokens
+    spec = LossSpec(alpha=ALPHA, temperature=TEMPERATURE, chunk_size=chunk)
+    if variant == "naive_topk":
+        return loss_sums(h @ w.t(), targets, teacher, spec).total(tokens)
+    fn = lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])  # noqa: E731
+    return distillation_loss(h, w, targets, fn, spec).total(tokens)
+
+
+def run_variant(variant: str, tokens: int, vocab: int, hidden: int, k: int, repeats: int, threads: int) -> dict:
+    import torch
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    t, alpha, tail = 2.0, 0.5, 0.3
-    h = (torch.randn(tokens, hidden) * 0.5).requires_grad_()
-    w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,))
-    # A top-k teacher at temperature T with 30% tail mass; distinct ids per row.
-    ids = (torch.randint(0, vocab, (tokens, 1)) + torch.arange(k) * (vocab // k)) % vocab
-    log_probs = torch.log_softmax(torch.randn(tokens, k) * 2, -1) + torch.log(torch.tensor(1 - tail))
-    teacher = SparseTeacher(ids, log_probs)
+    h, w, targets, teacher = loss_inputs(tokens, vocab, hidden, k)
 
     def loss_once() -> torch.Tensor:
-        if variant == "naive_dense":
-            logits = h @ w.t()
-            full = torch.full((tokens, vocab), tail / (vocab - k))
-            full.scatter_(-1, ids, log_probs.exp())
-            kl = F.kl_div(F.log_softmax(logits / t, -1), full, reduction="sum") / tokens
-            return (1 - alpha) * F.cross_entropy(logits, targets) + alpha * t**2 * kl
-        spec = LossSpec(
-            alpha=alpha, temperature=t, chunk_size=int(variant.split("_")[1]) if "chunked" in variant else tokens
-        )
-        if variant == "naive_topk":
-            return loss_sums(h @ w.t(), targets, teacher, spec).total(tokens)
-        fn = lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])  # noqa: E731
-        return distillation_loss(h, w, targets, fn, spec).total(tokens)
+        return variant_loss(variant, h, w, targets, teacher)
 
     times, peaks = [], []
     for _ in range(repeats):

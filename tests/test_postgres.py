@@ -1,0 +1,134 @@
+"""Optuna studies on a real PostgreSQL server (``pgserver``): kdsweep's storage glue and ``kdsweep status``.
+
+One server is started for the module; each test uses its own study. The role's password is
+random, so any output that contains it is a leak.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from pgserver import PostgresServer, postgres_server
+
+from kdsweep.optuna_io import display, open_storage
+
+BIN = Path(sys.executable).parent
+TS = optuna.trial.TrialState
+ENV = {
+    **os.environ,
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
+WORKER = """
+import os, optuna
+from kdsweep.optuna_io import open_storage
+study = optuna.load_study(study_name=os.environ["STUDY"], storage=open_storage(os.environ["STORAGE"]))
+study.optimize(lambda t: (t.suggest_float("x", -1.0, 1.0) - 0.25) ** 2, n_trials=int(os.environ["N"]))
+print("done", len(study.trials))
+"""
+
+
+@pytest.fixture(scope="module")
+def pg() -> PostgresServer:
+    with postgres_server() as server:
+        yield server
+
+
+def test_the_role_needs_its_password(pg):
+    import psycopg
+
+    with psycopg.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=pg.database) as c:
+        assert c.execute("SELECT current_user").fetchone() == (pg.user,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host=pg.host, port=pg.port, user=pg.user, password="not-it", dbname=pg.database)
+
+
+def test_two_processes_add_trials_to_one_study(pg):
+    storage = open_storage(pg.url)
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    optuna.create_study(study_name="concurrent", storage=storage)  # created before the workers start
+    env = {**os.environ, "STUDY": "concurrent", "STORAGE": pg.url, "N": "6", "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [w.communicate(timeout=120)[0].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = optuna.load_study(study_name="concurrent", storage=open_storage(pg.url)).trials
+    assert sorted(t.number for t in trials) == list(range(12))
+    assert {t.state for t in trials} == {TS.COMPLETE}
+    assert not any(pg.password in out for out in outputs)
+
+
+def test_display_names_the_server_without_the_password(pg, tmp_path):
+    shown = display(pg.url, tmp_path)
+    assert pg.password not in shown
+    assert shown == f"{pg.host}:{pg.port}/{pg.database}"
+
+
+def _repo_with_spec(root: Path, study: str, storage: str, n_trials: int) -> str:
+    """A git + DVC repository whose study spec's storage is ``storage``: what ``status``, ``best``, ``report`` read."""
+    (root / "experiments").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    spec = {"study": study, "storage": storage, "budget": {"n_trials": n_trials}, "workers": 2}
+    (root / "experiments" / f"{study}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "s"]):
+        subprocess.run(cmd, cwd=root, env=ENV, check=True, capture_output=True)
+    return f"experiments/{study}.yaml"
+
+
+def _kdsweep(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "kdsweep"), *args], cwd=repo, env=env or ENV, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def status_study(pg) -> optuna.Study:
+    """Two finished trials and one running at step 3, written by Optuna directly."""
+    study = optuna.create_study(study_name="status", storage=open_storage(pg.url))
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=2)
+    study.ask().report(0.5, step=3)
+    return study
+
+
+def test_status_reads_a_postgres_study_without_showing_the_password(pg, status_study, tmp_path):
+    proc = _kdsweep(tmp_path, "status", _repo_with_spec(tmp_path, "status", pg.url, n_trials=4))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"study status ({pg.host}:{pg.port}/{pg.database}): 2 of 4 finished" in proc.stdout
+    assert "running: trial 2" in proc.stdout and "step 3" in proc.stdout
+    assert pg.password not in proc.stdout + proc.stderr
+
+
+def test_best_and_report_read_a_postgres_study_without_writing_the_password(pg, status_study, tmp_path):
+    spec = _repo_with_spec(tmp_path, "status", pg.url, n_trials=4)
+    best, report = _kdsweep(tmp_path, "best", spec), _kdsweep(tmp_path, "report", spec, "--out", "out")
+    for proc in (best, report):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert pg.password not in proc.stdout + proc.stderr
+    first_row = best.stdout.splitlines()[3].split()  # title, header, rule, then rank 1
+    assert first_row[:2] == ["1", str(status_study.best_trial.number)]
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written
+    assert not [p for p in written if pg.password.encode() in p.read_bytes()]
+
+
+def test_a_url_without_password_takes_it_from_pgpassword(pg, status_study, tmp_path):
+    """libpq's own PGPASSWORD (or ~/.pgpass) keeps the password out of the spec, which git records."""
+    url = f"postgresql+psycopg://{pg.user}@{pg.host}:{pg.port}/{pg.database}"
+    spec = _repo_with_spec(tmp_path, "status", url, n_trials=4)
+    assert _kdsweep(tmp_path, "status", spec, env={**ENV, "PGPASSWORD": "not-it"}).returncode != 0
+    proc = _kdsweep(tmp_path, "status", spec, env={**ENV, "PGPASSWORD": pg.password})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 of 4 finished" in proc.stdout
+    assert pg.password not in proc.stdout + proc.stderr
