@@ -41,11 +41,7 @@ from pathlib import Path
 
 import torch
 
-# The cache's summarising function is moving into the package kdsweep/cache/ (format.py).
-try:
-    from kdsweep.cache.format import summarize_logits, temperature_grid
-except ImportError:
-    from kdsweep.cache import summarize_logits, temperature_grid
+from kdsweep.cache.format import summarize_logits, temperature_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss import loss_inputs, sparse_teacher, variant_loss
