@@ -471,7 +471,8 @@ class Runner:
     def _exec(self, trial, cmd: list[str], env: dict, attempt: int) -> TrialRun:
         """Run ``dvc exp run``; log its output with timestamps; keep the trial's heartbeat."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = (self.logs / f"{trial.number}.log").open("a")
+        # Line-buffered: a SIGKILLed runner leaves every line the trial printed so far.
+        log = (self.logs / f"{trial.number}.log").open("a", buffering=1)
         log.write(f"# attempt {attempt + 1}: {' '.join(cmd)}\n")
         t0 = time.monotonic()
         proc = subprocess.Popen(
