@@ -38,7 +38,7 @@ from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
 from kdsweep.optuna_io import display, make_pruner, open_storage
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.plan import Plan, build_plan
+from kdsweep.sweep.plan import StudyPlan, build_plan
 from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
 from kdsweep.sweep.spec import StudySpec, load_spec
 from kdsweep.sweep.study import (
@@ -178,7 +178,7 @@ class Runner:
         self._locks_by_sha: dict[str, dict] = {}
 
     # ----------------------------------------------------------------- setup
-    def prepare(self) -> Plan:
+    def prepare(self) -> StudyPlan:
         """Validate, bring the upstream stages up to date, validate again with the student."""
         static = build_plan(self.spec, self.params_data, self.dvc_yaml, None, source=str(self.spec_path))
         if not self.check_only:
