@@ -57,3 +57,18 @@ def test_a_sigkilled_runner_leaves_the_trial_log_written_so_far(sweep_repo):  # 
     text = (sweep_repo / "studies" / "logged" / "logs" / "0.log").read_text()
     assert "Running stage 'distill'" in text
     assert "kdsweep: trial 0 of study 'logged' reports val_loss at every evaluation" in text
+
+
+def test_trial_timings_come_from_the_metrics_file_not_the_console():
+    from kdsweep.sweep.exprun import TrialRun, timings
+
+    run = TrialRun(rc=0, output="Running stage 'distill'\n", wall=20.0, launched_at=1000.0)
+    metrics = {"train_seconds": 12.5, "started_at": 1003.25, "seconds": {"startup": 2.5, "train": 12.5, "save": 0.4}}
+    assert timings(run, metrics) == {
+        "wall_seconds": 20.0,
+        "train_seconds": 12.5,
+        "overhead_seconds": 7.5,
+        "dvc_setup_seconds": 3.25,
+        "distill_import_seconds": 2.5,
+    }
+    assert "dvc_setup_seconds" not in timings(run, {"train_seconds": 12.5})  # an older metrics file
