@@ -20,7 +20,7 @@ from helpers import REPO, tiny_params_dict
 
 from kdsweep.config import validate
 from kdsweep.errors import UserError
-from kdsweep.sweep import dvcexp
+from kdsweep.sweep import dvcexp, exprun
 from kdsweep.sweep.plan import build_plan, key_problem, upstream_stages
 from kdsweep.sweep.space import LAYOUT, apply_overrides, dimensions, knob_name, lr_name, resolve, sample
 from kdsweep.sweep.spec import parse_spec
@@ -549,7 +549,7 @@ def test_cli_spec_error_exits_2_without_traceback(spec_repo):
     ],
 )
 def test_lock_errors_are_retried_and_trial_errors_are_not(output, transient):
-    assert bool(dvcexp.TRANSIENT.search(output)) is transient
+    assert bool(exprun.TRANSIENT.search(output)) is transient
 
 
 def test_a_rebuilt_upstream_stage_is_detected_from_the_output_or_the_lock():

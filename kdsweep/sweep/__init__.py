@@ -8,8 +8,11 @@ The pieces, in the order a sweep uses them:
                     sampled values into ``params.yaml`` overrides
 ``plan.py``         validation of a spec against ``params.yaml``, ``dvc.yaml`` and
                     the student's parameter names, before any trial runs
-``dvcexp.py``       I/O with DVC and git: ``dvc exp run`` arguments, experiment refs,
-                    upstream checks, cache objects of dropped trials
+``dvcexp.py``       I/O with DVC and git: ``-S`` values, experiment refs, upstream checks
+``prepare.py``      before the first trial: ``dvc repro`` upstream, the student's names
+``exprun.py``       one trial's ``dvc exp run``: started, logged, heartbeat, stopped
+``outcome.py``      a trial's end in the study: tell, fail, requeue; resume's recovery
+``retention.py``    keep the best trials' outputs, free the others' DVC cache objects
 ``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``
 ``cli.py``          the typer commands

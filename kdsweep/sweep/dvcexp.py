@@ -1,26 +1,18 @@
-"""Everything the sweep asks of DVC and git: how a trial becomes one DVC experiment.
+"""Everything the sweep asks of DVC and git, except running a trial (that is :mod:`kdsweep.sweep.exprun`).
 
-A trial runs as::
-
-    dvc exp run --temp --force --single-item -n <study>-<number> \\
-        -S 'params.yaml:++loss.alpha=0.5' -S 'params.yaml:++parameter_lr_multipliers=[{...}]' ... distill
-
-- ``--temp``: in a temporary copy of the repository, so several trials run at once and the
-  workspace is untouched;
-- ``--single-item distill``: only the stages a trial runs; upstream stages (prepare,
-  teacher, teacher_logits, student) are checked out from the cache, never reproduced;
-- ``--force``: always train, even when DVC's run-cache holds a run with the same params (a
-  restored run would report nothing to the pruner and write no TensorBoard events).
-- ``-S`` values are written in Hydra's override grammar (what DVC parses); before any trial
-  the runner applies them with DVC's own code to a copy of ``params.yaml`` and checks that the
-  result validates to exactly the intended params (:func:`roundtrip_problem`).
-
-After a trial, the experiment's files are read straight from its git ref
-(``refs/exps/<baseline>/<name>``) rather than through ``dvc exp show`` (2.5 s on this machine).
+- ``-S`` values: a trial's params overrides in Hydra's override grammar (what ``dvc exp run -S``
+  parses); before any trial the runner applies them with DVC's own code to a copy of
+  ``params.yaml`` and checks that the result validates to exactly the intended params
+  (:func:`roundtrip_problem`);
+- experiment refs: after a trial, the experiment's files are read straight from its git ref
+  (``refs/exps/<baseline>/<name>``) rather than through ``dvc exp show`` (2.5 s on this machine);
+- ``dvc.lock``: did a trial rebuild an upstream stage;
+- failed trials recorded as experiments, and what a killed ``dvc exp run --temp`` left behind.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,13 +27,6 @@ import yaml
 
 from kdsweep.errors import UserError
 
-# Lock contention between concurrent `dvc exp run --temp` processes (git index, refs, DVC's
-# repo lock): worth retrying. Anything else is the trial's own failure.
-TRANSIENT = re.compile(
-    r"Unable to acquire lock|Lock is already held|index\.lock|cannot lock ref|unable to create .*\.lock"
-    r"|LockError|is locked|Resource temporarily unavailable|database is locked",
-    re.IGNORECASE,
-)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -118,6 +103,7 @@ def roundtrip_problem(params_text: str, overrides: dict[str, Any], expected) -> 
 
 # --------------------------------------------------------------------------- git
 def git(root: Path, *args: str, check: bool = True, env: dict | None = None, input: str | None = None) -> str:
+    """``git <args>`` in ``root``; its stdout (raises RuntimeError with git's message when ``check``)."""
     r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=env, input=input)
     if check and r.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)}: {r.stderr.strip()}")
@@ -144,6 +130,7 @@ def repo_root(start: Path) -> Path:
 
 
 def is_untracked(root: Path, path: str) -> bool:
+    """Whether ``path`` exists but git does not track it (a trial's temporary copy would miss it)."""
     return (root / path).exists() and subprocess.run(
         ["git", "ls-files", "--error-unmatch", path], cwd=root, capture_output=True
     ).returncode != 0
@@ -161,6 +148,7 @@ def exp_refs(root: Path) -> dict[str, tuple[str, str]]:
 
 
 def show(root: Path, rev: str, path: str) -> str | None:
+    """The text of ``path`` at commit ``rev``, or None if it has none."""
     r = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True)
     return r.stdout if r.returncode == 0 else None
 
@@ -174,6 +162,7 @@ def remove_experiment(root: Path, name: str) -> None:
 
 # --------------------------------------------------------------------------- dvc.lock
 def lock_stages(text: str | None) -> dict[str, Any]:
+    """The ``stages`` mapping of a ``dvc.lock`` text (empty for None)."""
     if not text:
         return {}
     return (yaml.safe_load(text) or {}).get("stages") or {}
@@ -190,49 +179,14 @@ def upstream_problems(trial_lock: dict, before: dict, upstream: list[str], outpu
     return found
 
 
-def cached_outs(lock: dict, stages: list[str]) -> list[str]:
-    """The md5 hashes of the cached outputs of ``stages`` (``.dir`` hashes for directories)."""
-    out = []
-    for stage in stages:
-        for entry in (lock.get(stage) or {}).get("outs") or []:
-            if entry.get("md5"):
-                out.append(entry["md5"])
-    return out
-
-
-def _object_path(cache: Path, md5: str) -> Path:
-    return cache / md5[:2] / md5[2:]
-
-
-def objects(cache: Path, hashes: list[str]) -> set[str]:
-    """Every cache object the hashes stand for (a ``.dir`` hash: itself and its files)."""
-    found = set()
-    for h in hashes:
-        found.add(h)
-        if h.endswith(".dir"):
-            p = _object_path(cache, h)
-            try:
-                entries = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            found.update(e["md5"] for e in entries if isinstance(e, dict) and "md5" in e)
-    return found
-
-
-def delete_objects(cache: Path, hashes: set[str]) -> int:
-    """Remove objects from the DVC cache; returns the bytes freed."""
-    freed = 0
-    for h in hashes:
-        p = _object_path(cache, h)
-        try:
-            freed += p.stat().st_size
-            p.unlink()
-        except FileNotFoundError:
-            pass
-    return freed
+@functools.lru_cache(maxsize=4096)
+def exp_lock(root: Path, sha: str) -> dict[str, Any]:
+    """The ``dvc.lock`` stages of an experiment commit (cached: a commit never changes; do not mutate)."""
+    return lock_stages(show(root, sha, "dvc.lock"))
 
 
 def dir_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
@@ -293,10 +247,3 @@ def clean_tempdirs(root: Path, name: str) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(info.parent, ignore_errors=True)
     return freed
-
-
-def exp_run_command(name: str, overrides: dict[str, Any], stages: list[str], copy_paths: list[str]) -> list[str]:
-    cmd = ["dvc", "exp", "run", "--temp", "--force", "--single-item", "-n", name]
-    for path in copy_paths:
-        cmd += ["-C", path]
-    return cmd + set_param_args(overrides) + list(stages)

@@ -1,6 +1,6 @@
 """Check a study spec against ``params.yaml``, ``dvc.yaml`` and the student, before any trial runs.
 
-:func:`build_plan` either returns a :class:`Plan` (the validated spec, its dimensions, the
+:func:`build_plan` either returns a :class:`StudyPlan` (the validated spec, its dimensions, the
 upstream stages a trial must reuse, and example trials whose ``params.yaml`` validated) or
 raises one :class:`UserError` listing every problem with its dotted path in the spec:
 
@@ -34,7 +34,7 @@ from kdsweep.sweep.spec import CategoricalDist, IntDist, StudySpec, parse_spec
 
 
 @dataclass
-class Plan:
+class StudyPlan:
     """What ``kdsweep run`` will do, checked."""
 
     spec: StudySpec
@@ -236,10 +236,162 @@ def _in_layout(line: str, layout: str | None) -> str:
     return re.sub(r"^stages\.configs\.(\d+)", lambda m: f"stage_layouts.{layout}.{m.group(1)}", line)
 
 
-# --------------------------------------------------------------------------- the plan
+# --------------------------------------------------------------------------- the checks
 EncodingCheck = Callable[[dict[str, Any], Params], "str | None"]
+TrialCheck = tuple[dict[str, Any], "Params | None", list[str]]  # overrides, validated params or None, problems
 
 
+def _placement_problem(
+    key: str, scalar: bool, readers: dict[str, list[str]], run_stages: list[str], upstream: list[str]
+) -> str | None:
+    """Why a trial cannot set ``key``: not a params key, read upstream, or read by no stage a trial runs."""
+    why = key_problem(key, scalar=scalar)
+    if why is not None:
+        return why
+    by = [s for s, declared in readers.items() if any(_overlaps(key, d) for d in declared)]
+    if any(s in upstream for s in by):
+        stage = next(s for s in by if s in upstream)
+        return (
+            f"read by upstream stage '{stage}': every trial would rebuild it. Set it in params.yaml "
+            f"and run `dvc repro` before the study"
+        )
+    if not any(s in run_stages for s in by):
+        return f"no stage a trial runs ({', '.join(run_stages)}) reads it" + (
+            f"; '{by[0]}' does (add it to execution.stages)" if by else ""
+        )
+    return None
+
+
+def _key_problems(spec: StudySpec, dvc_yaml: dict, run_stages: list[str], upstream: list[str]) -> list[tuple]:
+    """``(section, key, problem)`` for each key of ``fixed`` and ``space`` that a trial cannot set."""
+    readers = stage_params(dvc_yaml)
+    out = []
+    for where, keys, scalar in (("fixed", spec.fixed, False), ("space", spec.space, True)):
+        for key in keys:
+            why = _placement_problem(key, scalar, readers, run_stages, upstream)
+            if why:
+                out.append((where, key, why))
+    return out
+
+
+def _conflict_problems(spec: StudySpec) -> list[str]:
+    """Keys the spec sets twice: in ``fixed`` and ``space``, or besides ``stage_layouts``/``lr_multipliers``."""
+    problems = []
+    for key in spec.space:
+        if key in spec.fixed or any(_overlaps(key, f) for f in spec.fixed):
+            problems.append(
+                f"  space.{key}: also set by fixed.{next(f for f in spec.fixed if _overlaps(key, f))}; "
+                f"a key is either fixed or searched"
+            )
+    if spec.stage_layouts:
+        for key in list(spec.fixed) + list(spec.space):
+            if _overlaps(key, "stages"):
+                problems.append(f"  {key}: `stages` comes from stage_layouts in this spec; set it inside a layout")
+    if spec.lr_multipliers and "parameter_lr_multipliers" in spec.space:
+        problems.append("  space.parameter_lr_multipliers: use lr_multipliers")
+    return problems
+
+
+def _sampler_problems(spec: StudySpec) -> list[str]:
+    """A sampler whose package is not installed."""
+    if spec.sampler.type == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        return ["  sampler.type: cmaes needs the `cmaes` package (pip install cmaes), or use tpe, gp or random"]
+    if spec.sampler.type == "gp" and importlib.util.find_spec("scipy") is None:
+        return ["  sampler.type: gp needs scipy (pip install scipy)"]
+    return []
+
+
+def _trial_params(spec: StudySpec, base: dict, values: dict[str, Any]) -> TrialCheck:
+    """A trial's overrides for sampled ``values``, and its params.yaml validated (or the problems)."""
+    overrides = resolve(spec, base, values)
+    try:
+        data = apply_overrides(base, overrides)
+    except KeyError as e:
+        return overrides, None, [f"{e.args[0]}"]
+    try:
+        return overrides, validate(data, Params, "trial params"), []
+    except UserError as e:
+        return overrides, None, [line.strip() for line in str(e).splitlines()[1:]]
+
+
+def _edge_problems(spec: StudySpec, space: Space, base: dict, seen: set[str]) -> list[str]:
+    """Each end of each range, with only what makes it sampled besides, must give valid params.
+
+    Adds every problem line found to ``seen``, so later checks do not repeat them.
+    """
+    problems = []
+    # Knobs inside stage layouts first: their problems name the layout's own path.
+    for d in sorted(space.dims, key=lambda d: not d.name.startswith("stages[")):
+        for edge in d.edges():
+            values = _probe(space, d.name, edge)
+            if values is None:
+                continue
+            for line in _trial_params(spec, base, values)[2]:
+                if line not in seen:
+                    seen.add(line)
+                    named = _in_layout(line, values.get(LAYOUT))
+                    problems.append(f"  {named}" if named != line else f"  {d.path} = {edge!r}: {line}")
+    return problems
+
+
+def _baseline_problems(k: int, baseline: dict[str, Any], spec: StudySpec, space: Space) -> list[str]:
+    """Baseline ``k`` as written: names of the space, values inside it, ``when`` conditions it meets."""
+    problems = []
+    names = space.names()
+    for name, value in baseline.items():
+        d = space.get(name)
+        if d is None:
+            close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+            hint = (
+                f"did you mean `{close[0]}`?"
+                if close
+                else f"the parameters are: {', '.join(names)}"
+                if names
+                else "the space is empty"
+            )
+            extra = (
+                " (a value held in every trial goes under `fixed`)"
+                if name in spec.fixed or key_problem(str(name), scalar=False) is None
+                else ""
+            )
+            problems.append(f"  baselines.{k}.{name}: not a parameter of this study{extra}; {hint}")
+        elif not d.contains(value):
+            problems.append(f"  baselines.{k}.{name}: {value!r} is outside {_describe(d)}")
+        else:
+            problems += [
+                f"  baselines.{k}.{name}: never used: {parent} is {baseline[parent]!r}, "
+                f"and {name} is sampled only when {parent} is one of {list(allowed)}"
+                for parent, allowed in d.when
+                if parent in baseline and baseline[parent] not in allowed
+            ]
+    return problems
+
+
+def _sampled_trials(
+    spec: StudySpec, space: Space, base: dict, samples: int, seed: int, seen: set[str]
+) -> tuple[list[str], list[tuple[dict[str, Any], Params]]]:
+    """``samples`` random trials: their new problems, and the ``(overrides, params)`` of those that validated."""
+    rng = random.Random(seed)
+    problems, examples = [], []
+    for _ in range(samples if space.dims else 0):
+        values = sample(random_suggest(rng), space.dims)
+        overrides, params, lines = _trial_params(spec, base, values)
+        problems += [f"  a sampled trial {values}: {line}" for line in lines if line not in seen]
+        if params is not None:
+            examples.append((overrides, params))
+    return problems, examples
+
+
+def _encoding_problems(examples: list[tuple[dict[str, Any], Params]], check_encoding: EncodingCheck) -> list[str]:
+    """The first example whose overrides ``dvc exp run -S`` would not reproduce exactly."""
+    for overrides, params in examples:
+        why = check_encoding(overrides, params)
+        if why:
+            return [f"  {why}"]
+    return []
+
+
+# --------------------------------------------------------------------------- the plan
 def build_plan(
     spec_data: Any,
     params_data: Any,
@@ -250,7 +402,7 @@ def build_plan(
     samples: int = 3,
     seed: int = 0,
     check_encoding: EncodingCheck | None = None,
-) -> Plan:
+) -> StudyPlan:
     """Validate a spec and params.yaml together; raise one :class:`UserError` listing every problem.
 
     Args:
@@ -264,158 +416,56 @@ def build_plan(
     """
     base_params = validate(params_data, Params, "params.yaml")  # its own errors, as the stages print them
     spec = spec_data if isinstance(spec_data, StudySpec) else parse_spec(spec_data, source)
-    problems: list[str] = []
     space = dimensions(spec)
-    problems += space.problems
-
-    # Which keys exist, and which stage reads them.
-    readers = stage_params(dvc_yaml)
     run_stages = list(spec.execution.stages)
-    missing = [s for s in run_stages if s not in readers]
+    missing = [s for s in run_stages if s not in stage_params(dvc_yaml)]
     if missing:
         raise UserError(f"{source}: execution.stages: dvc.yaml has no stage {missing[0]!r}")
     upstream = upstream_stages(dvc_yaml, run_stages)
-    bad_keys = set()
-    for where, keys, scalar in (("fixed", spec.fixed, False), ("space", spec.space, True)):
-        for key in keys:
-            why = key_problem(key, scalar=scalar)
-            if why is None:
-                by = [s for s, declared in readers.items() if any(_overlaps(key, d) for d in declared)]
-                if any(s in upstream for s in by):
-                    stage = next(s for s in by if s in upstream)
-                    why = (
-                        f"read by upstream stage '{stage}': every trial would rebuild it. Set it in params.yaml "
-                        f"and run `dvc repro` before the study"
-                    )
-                elif not any(s in run_stages for s in by):
-                    why = f"no stage a trial runs ({', '.join(run_stages)}) reads it" + (
-                        f"; '{by[0]}' does (add it to execution.stages)" if by else ""
-                    )
-            if why:
-                problems.append(f"  {where}.{key}: {why}")
-                bad_keys.add((where, key))
-    for key in spec.space:
-        if key in spec.fixed or any(_overlaps(key, f) for f in spec.fixed):
-            problems.append(
-                f"  space.{key}: also set by fixed.{next(f for f in spec.fixed if _overlaps(key, f))}; "
-                f"a key is either fixed or searched"
-            )
-    if spec.stage_layouts:
-        for key in list(spec.fixed) + list(spec.space):
-            if _overlaps(key, "stages"):
-                problems.append(f"  {key}: `stages` comes from stage_layouts in this spec; set it inside a layout")
-    if spec.lr_multipliers and "parameter_lr_multipliers" in spec.space:
-        problems.append("  space.parameter_lr_multipliers: use lr_multipliers")
-    if spec.sampler.type == "cmaes" and importlib.util.find_spec("cmaes") is None:
-        problems.append("  sampler.type: cmaes needs the `cmaes` package (pip install cmaes), or use tpe, gp or random")
-    if spec.sampler.type == "gp" and importlib.util.find_spec("scipy") is None:
-        problems.append("  sampler.type: gp needs scipy (pip install scipy)")
+    bad_keys = _key_problems(spec, dvc_yaml, run_stages, upstream)
+    problems = list(space.problems) + [f"  {where}.{key}: {why}" for where, key, why in bad_keys]
+    problems += _conflict_problems(spec) + _sampler_problems(spec)
 
     # Keep checking the rest with the bad keys left out, so one run reports everything.
+    bad = {(where, key) for where, key, _ in bad_keys}
     good = spec.model_copy(
         update={
-            "fixed": {k: v for k, v in spec.fixed.items() if ("fixed", k) not in bad_keys},
-            "space": {k: v for k, v in spec.space.items() if ("space", k) not in bad_keys},
+            "fixed": {k: v for k, v in spec.fixed.items() if ("fixed", k) not in bad},
+            "space": {k: v for k, v in spec.space.items() if ("space", k) not in bad},
         }
     )
     space_ok = dimensions(good) if len(good.space) != len(spec.space) else space
     base = params_data if isinstance(params_data, dict) else {}
-
-    def trial_params(values: dict[str, Any]) -> tuple[dict[str, Any], Params | None, list[str]]:
-        overrides = resolve(good, base, values)
-        try:
-            data = apply_overrides(base, overrides)
-        except KeyError as e:
-            return overrides, None, [f"{e.args[0]}"]
-        try:
-            return overrides, validate(data, Params, "trial params"), []
-        except UserError as e:
-            return overrides, None, [line.strip() for line in str(e).splitlines()[1:]]
-
-    # `fixed` alone, then each end of each range (with only what makes it sampled besides).
-    _, _, default_lines = trial_params({})
+    default_lines = _trial_params(good, base, {})[2]  # `fixed` alone
     problems += [f"  fixed: {line}" for line in default_lines]
     seen = set(default_lines)
-    # Knobs inside stage layouts first: their problems name the layout's own path.
-    for d in sorted(space_ok.dims, key=lambda d: not d.name.startswith("stages[")):
-        for edge in d.edges():
-            values = _probe(space_ok, d.name, edge)
-            if values is None:
-                continue
-            _, _, lines = trial_params(values)
-            for line in lines:
-                if line not in seen:
-                    seen.add(line)
-                    named = _in_layout(line, values.get(LAYOUT))
-                    problems.append(f"  {named}" if named != line else f"  {d.path} = {edge!r}: {line}")
-
-    # Patterns must select something in this student.
+    problems += _edge_problems(good, space_ok, base, seen)
     if student_names is not None:
         problems += _pattern_problems(spec, base_params, student_names)
 
-    # Baselines: known names, values inside the space, and a valid params.yaml.
     examples, baselines = [], []
-    names = space.names()
     for k, b in enumerate(spec.baselines):
-        ok = True
-        for name, value in b.items():
-            d = space.get(name)
-            if d is None:
-                close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
-                hint = (
-                    f"did you mean `{close[0]}`?"
-                    if close
-                    else f"the parameters are: {', '.join(names)}"
-                    if names
-                    else "the space is empty"
-                )
-                extra = (
-                    " (a value held in every trial goes under `fixed`)"
-                    if name in spec.fixed or key_problem(str(name), scalar=False) is None
-                    else ""
-                )
-                problems.append(f"  baselines.{k}.{name}: not a parameter of this study{extra}; {hint}")
-                ok = False
-            elif not d.contains(value):
-                problems.append(f"  baselines.{k}.{name}: {value!r} is outside {_describe(d)}")
-                ok = False
-            else:
-                for parent, allowed in d.when:
-                    if parent in b and b[parent] not in allowed:
-                        problems.append(
-                            f"  baselines.{k}.{name}: never used: {parent} is {b[parent]!r}, "
-                            f"and {name} is sampled only when {parent} is one of {list(allowed)}"
-                        )
-                        ok = False
-        if ok:
-            overrides, params, lines = trial_params(sample(_with(space_ok, b), space_ok.dims))
+        found = _baseline_problems(k, b, spec, space)
+        problems += found
+        if not found:
+            overrides, params, lines = _trial_params(good, base, sample(_with(space_ok, b), space_ok.dims))
             problems += [f"  baselines.{k}: {line}" for line in lines if line not in seen]
             baselines.append(dict(b))
             if params is not None:
                 examples.append((overrides, params))
     # A few random trials too; their problems matter only if nothing above explains them.
-    rng = random.Random(seed)
-    sampled_problems = []
-    for _ in range(samples if space_ok.dims else 0):
-        values = sample(random_suggest(rng), space_ok.dims)
-        overrides, params, lines = trial_params(values)
-        sampled_problems += [f"  a sampled trial {values}: {line}" for line in lines if line not in seen]
-        if params is not None:
-            examples.append((overrides, params))
+    sampled_problems, sampled = _sampled_trials(good, space_ok, base, samples, seed, seen)
+    examples += sampled
     if not problems:
         problems += sampled_problems[:3]
     if check_encoding is not None and not problems:
-        for overrides, params in examples[: 1 + samples]:
-            why = check_encoding(overrides, params)
-            if why:
-                problems.append(f"  {why}")
-                break
+        problems += _encoding_problems(examples[: 1 + samples], check_encoding)
 
     problems = list(dict.fromkeys(problems))
     if problems:
         n = len(problems)
         raise UserError(f"{source}: {n} problem{'s' if n > 1 else ''}:\n" + "\n".join(problems))
-    return Plan(spec, space, base, run_stages, upstream, baselines, [o for o, _ in examples])
+    return StudyPlan(spec, space, base, run_stages, upstream, baselines, [o for o, _ in examples])
 
 
 def _pattern_problems(spec: StudySpec, base_params: Params, names: list[str]) -> list[str]:
@@ -460,4 +510,4 @@ def _pattern_problems(spec: StudySpec, base_params: Params, names: list[str]) ->
     return out
 
 
-__all__ = ["Plan", "build_plan", "stage_params", "upstream_stages", "key_problem", "LAYOUT", "lr_name"]
+__all__ = ["StudyPlan", "build_plan", "stage_params", "upstream_stages", "key_problem", "LAYOUT", "lr_name"]
