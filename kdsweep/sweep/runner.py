@@ -36,7 +36,7 @@ from tqdm import tqdm
 from kdsweep.config import Params, validate
 from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
-from kdsweep.optuna_io import display, make_pruner, open_storage
+from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage
 from kdsweep.sweep import dvcexp
 from kdsweep.sweep.plan import Plan, build_plan
 from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
@@ -312,6 +312,8 @@ class Runner:
         plan = self.prepare()
         print(plan.summary())
         if self.check_only:
+            if problems := check_storage(storage_url(self.spec, self.root)):
+                raise UserError("\n".join(problems))
             print("spec OK: nothing run (--check)")
             return 0
         self.copy_paths = [p for p in ("dvc.lock",) if dvcexp.is_untracked(self.root, p)]
