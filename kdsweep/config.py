@@ -473,11 +473,14 @@ def validate(data: Any, model: type[BaseModel] = Params, source: str = "params.y
     return obj
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file with the safe loader; a missing or malformed file is a :class:`UserError`."""
+def read_yaml(path: str | Path, missing: str = "run from the repository root, or pass --params PATH") -> Any:
+    """Parse a YAML file with the safe loader; a missing or malformed file is a :class:`UserError`.
+
+    ``missing`` is the hint shown when the file does not exist: the caller knows the fix.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found (run from the repository root, or pass --params PATH)")
+        raise UserError(f"{path}: file not found ({missing})")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -465,7 +465,7 @@ def parse_spec(data: Any, source: str = "study spec") -> StudySpec:
 def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
     """Read and shape-check a study spec; returns the spec (with its name filled in) and the raw mapping."""
     path = Path(path)
-    data = read_yaml(path)
+    data = read_yaml(path, _specs_beside(path))
     spec = parse_spec(data, str(path))
     if spec.study is None:
         stem = path.stem
@@ -473,3 +473,10 @@ def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
             raise UserError(f"{path}: the file name {stem!r} cannot name a study; set `study:` in the spec")
         spec = spec.model_copy(update={"study": stem})
     return spec, data
+
+
+def _specs_beside(path: Path) -> str:
+    """The hint for a spec that does not exist: the specs in its directory."""
+    specs = sorted(str(p) for p in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
+    listed = f"the specs in {path.parent}: {', '.join(specs)}" if specs else f"{path.parent} holds no spec"
+    return f"{listed}; docs/study-spec.md describes the format"
