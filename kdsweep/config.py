@@ -26,8 +26,10 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -35,6 +37,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -439,54 +442,92 @@ class Params(_Section):
 
 
 # --------------------------------------------------------------------------- loading
-def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the model reached by following ``loc`` (to suggest close keys)."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        ann = fields[part].annotation
-        current = submodel_of(ann)
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def submodel_of(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside a field annotation (``X``, ``X | None``, ``list[X]``...), if any."""
+def shape_of(annotation: Any) -> tuple[str, Any]:
+    """What a field annotation holds: ``("model", M)``, ``("list", item)``, ``("dict", value)``,
+    ``("union", members)`` or ``("value", annotation)``. ``Annotated`` and ``| None`` are looked through."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = submodel_of(arg)
-        if found is not None:
-            return found
-    return None
+        return "model", annotation
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (list, tuple, set):
+        return "list", args[0] if args else Any
+    if origin is dict:
+        return "dict", args[1] if args else Any
+    if origin in (Union, UnionType):
+        members = [a for a in args if a is not type(None)]
+        return shape_of(members[0]) if len(members) == 1 else ("union", members)
+    return "value", annotation
 
 
-def problem_lines(err: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One line per problem, each starting with its dotted path."""
+def _union_tags(member: Any) -> set[Any]:
+    """The tags pydantic names a union member by in error locations: its ``Tag``, else its Literal fields' values."""
+    if get_origin(member) is Annotated:
+        tags = {m.tag for m in get_args(member)[1:] if isinstance(m, Tag)}
+        if tags:
+            return tags
+    kind, model = shape_of(member)
+    if kind != "model":
+        return set()
+    return {
+        v for f in model.model_fields.values() if get_origin(f.annotation) is Literal for v in get_args(f.annotation)
+    }
+
+
+def annotation_at(root: Any, loc: Iterable[Any]) -> tuple[Any, list[str]]:
+    """Follow ``loc`` (a pydantic error location, or the parts of a dotted key) from the type ``root``.
+
+    Returns the annotation reached (None once the path leaves the types) and the parts a user
+    wrote: the tags pydantic adds for a union member (``sampler.tpe.seed``) are left out.
+    """
+    annotation, written = root, []
+    for part in loc:
+        kind, inner = shape_of(annotation) if annotation is not None else ("value", None)
+        if kind == "union":  # pydantic's error location names the member here, the user did not
+            annotation = next((m for m in inner if part in _union_tags(m)), None)
+            continue
+        written.append(str(part))
+        if kind == "model":
+            annotation = inner.model_fields[part].annotation if part in inner.model_fields else None
+        else:
+            annotation = inner if kind in ("list", "dict") else None
+    return annotation, written
+
+
+def problem_lines(err: ValidationError, root: Any, prefix: str = "") -> list[str]:
+    """One line per problem, each starting with its dotted path (below ``prefix``) in the file
+    that ``root`` (a model, or any annotation) describes; unknown keys get a "did you mean"."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            known = _known_keys(model, loc[:-1])
+        path = ".".join([prefix] * bool(prefix) + annotation_at(root, loc)[1])
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            where = shape_of(annotation_at(root, loc[:-1])[0])
+            known = list(where[1].model_fields) if where[0] == "model" else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
             hint = f"; did you mean `{close[0]}`?" if close else (f"; known keys: {', '.join(known)}" if known else "")
             lines.append(f"  {path}: unknown key{hint}")
-        elif e["type"] == "missing":
+        elif kind == "missing":
             lines.append(f"  {path}: required key is missing")
+        elif kind == "union_tag_not_found":
+            union = shape_of(annotation_at(root, loc)[0])
+            tags = [str(t) for m in union[1] for t in _union_tags(m)] if union[0] == "union" else []
+            field = str(e.get("ctx", {}).get("discriminator", "type")).strip("'")
+            lines.append(f"  {path}: needs `{field}:`" + (f" (one of {', '.join(tags)})" if tags else ""))
+        elif kind == "union_tag_invalid":
+            expected = re.findall(r"'([a-z_]+)'", e["ctx"].get("expected_tags", "")) if e.get("ctx") else []
+            tag = str(e.get("ctx", {}).get("tag", ""))
+            close = difflib.get_close_matches(tag, expected, n=1, cutoff=0.5)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; known: {', '.join(expected)}"
+            lines.append(f"  {path}.type: unknown type {tag!r}{hint}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             hide = isinstance(got, (dict, list)) or "got" in msg or repr(got) in msg
-            shown = "" if hide else f" (got {got!r})"
-            # Cross-field checks on the whole file already start with the dotted key.
-            lines.append(f"  {msg}" if not loc else f"  {path}: {msg}{shown}")
-    return lines
+            # Checks on a whole file already start with the dotted key.
+            lines.append(f"  {path}: {msg}" + ("" if hide else f" (got {got!r})") if path else f"  {msg}")
+    return list(dict.fromkeys(lines))
 
 
 def _without(data: dict, locs: list[tuple]) -> dict:
@@ -533,11 +574,14 @@ def validate(data: Any, model: type[BaseModel] = Params, source: str = "params.y
     return obj
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file with the safe loader; a missing or malformed file is a :class:`UserError`."""
+def read_yaml(path: str | Path, missing: str = "run from the repository root, or pass --params PATH") -> Any:
+    """Parse a YAML file with the safe loader; a missing or malformed file is a :class:`UserError`.
+
+    ``missing`` is the hint shown when the file does not exist: the caller knows the fix.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found (run from the repository root, or pass --params PATH)")
+        raise UserError(f"{path}: file not found ({missing})")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

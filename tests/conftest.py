@@ -7,13 +7,15 @@ Qwen3-MoE teacher trained for a few steps, an HDF5 cache and a compressed studen
 from __future__ import annotations
 
 import shutil
+import subprocess
 from contextlib import chdir
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import tiny_params_dict
+from helpers import REPO, tiny_params_dict
+from sweeprepo import kdsweep, sh, write_spec
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +48,41 @@ def pipeline_copy(tiny_pipeline, tmp_path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(tiny_pipeline, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def sweep_template(tmp_path_factory) -> Path:
+    """A git + DVC repository with the tiny config whose upstream stages `dvc repro` ran once.
+
+    dvc.lock is left uncommitted, as after `make demo`'s `dvc repro` in a fresh clone.
+    """
+    repo = tmp_path_factory.mktemp("sweep") / "repo"
+    shutil.copytree(REPO / "kdsweep", repo / "kdsweep", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.name", "t")
+    sh(repo, "git", "config", "user.email", "t@t")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "tiny pipeline")
+    sh(repo, "dvc", "repro", "student", "teacher_logits")
+    kdsweep(repo, "run", write_spec(repo, "warmup"), "--check")  # caches the student's parameter names
+    return repo
+
+
+@pytest.fixture
+def sweep_repo(sweep_template, tmp_path) -> Path:
+    dst = tmp_path / "repo"
+    shutil.copytree(sweep_template, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_study(sweep_template, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-trial study (the baseline, then one TPE trial) run once per session; tests that write copy it."""
+    repo = tmp_path_factory.mktemp("small") / "repo"
+    shutil.copytree(sweep_template, repo, symlinks=True)
+    proc = kdsweep(repo, "run", write_spec(repo, "small"))
+    return repo, proc

@@ -1,6 +1,6 @@
 """The sweep runner's supervision of a trial's process: what a killed runner leaves behind.
 
-The repository fixtures come from test_sweep.py (a git + DVC repository whose upstream stages ran once).
+The repository fixtures come from conftest.py (a git + DVC repository whose upstream stages ran once).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from test_sweep import BIN, ENV, SPEC, sweep_repo, sweep_template, write_spec  # noqa: F401 (fixtures)
+from sweeprepo import BIN, ENV, SPEC, write_spec
 
 
 def _kill_groups(pids: list[int]) -> None:
@@ -23,7 +23,7 @@ def _kill_groups(pids: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_a_sigkilled_runner_leaves_the_trial_log_written_so_far(sweep_repo):  # noqa: F811 (a fixture)
+def test_a_sigkilled_runner_leaves_the_trial_log_written_so_far(sweep_repo):
     spec = write_spec(
         sweep_repo,
         "logged",

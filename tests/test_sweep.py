@@ -9,134 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import optuna
 import pytest
 import yaml
-from helpers import REPO, tiny_params_dict
-
-BIN = Path(sys.executable).parent
-UPSTREAM = ["prepare", "teacher", "teacher_logits", "student"]
-ENV = {
-    **os.environ,
-    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@t",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@t",
-}
-
-SPEC = {
-    "fixed": {"training.max_steps": 6, "training.eval_steps": 3, "training.logging_steps": 3, "training.threads": 1},
-    "space": {
-        "loss.alpha": {"type": "float", "low": 0.1, "high": 0.9},
-        "loss.temperature": {"type": "float", "low": 1.0, "high": 4.0},
-    },
-    "baselines": [{"loss.alpha": 0.5, "loss.temperature": 2.0}],
-    "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 2},
-    "pruner": {"type": "none"},
-    "budget": {"n_trials": 2},
-    "workers": 1,
-    "retention": {"keep_best": 1},
-}
-TS = optuna.trial.TrialState
-
-
-def sh(repo: Path, *cmd: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=repo, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def kdsweep(repo: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    return sh(repo, str(BIN / "kdsweep"), *args, **kw)
-
-
-def write_spec(repo: Path, name: str, **changes) -> str:
-    spec = {**json.loads(json.dumps(SPEC)), **changes, "study": name}
-    path = repo / "experiments" / f"{name}.yaml"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return f"experiments/{name}.yaml"
-
-
-def study(repo: Path, name: str) -> optuna.Study:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.load_study(
-        study_name=name, storage=JournalStorage(JournalFileBackend(str(repo / "studies" / f"{name}.journal")))
-    )
-
-
-def experiments(repo: Path) -> dict[str, dict]:
-    """`dvc exp show --json`: experiment name -> {"params": params.yaml, "metrics": metrics/distill.json}."""
-    out = {}
-    for baseline in json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout):
-        for exp in baseline.get("experiments") or []:
-            rev = exp["revs"][0]
-            data = rev.get("data") or {}
-            out[exp.get("name") or rev.get("name")] = {
-                "params": data["params"]["params.yaml"]["data"],
-                "metrics": data["metrics"]["metrics/distill.json"]["data"],
-                "rev": rev["rev"],
-            }
-    return out
-
-
-def lock(repo: Path, rev: str | None = None) -> dict:
-    text = (repo / "dvc.lock").read_text() if rev is None else sh(repo, "git", "show", f"{rev}:dvc.lock").stdout
-    return yaml.safe_load(text)["stages"]
-
-
-@pytest.fixture(scope="session")
-def sweep_template(tmp_path_factory) -> Path:
-    """A git + DVC repository with the tiny config whose upstream stages `dvc repro` ran once.
-
-    dvc.lock is left uncommitted, as after `make demo`'s `dvc repro` in a fresh clone.
-    """
-    repo = tmp_path_factory.mktemp("sweep") / "repo"
-    shutil.copytree(REPO / "kdsweep", repo / "kdsweep", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / name, repo / name)
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.name", "t")
-    sh(repo, "git", "config", "user.email", "t@t")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "tiny pipeline")
-    sh(repo, "dvc", "repro", "student", "teacher_logits")
-    kdsweep(repo, "run", write_spec(repo, "warmup"), "--check")  # caches the student's parameter names
-    return repo
-
-
-@pytest.fixture
-def sweep_repo(sweep_template, tmp_path) -> Path:
-    dst = tmp_path / "repo"
-    shutil.copytree(sweep_template, dst, symlinks=True)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def small_study(sweep_template, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 2-trial study (the baseline, then one TPE trial) run once for the tests below."""
-    repo = tmp_path_factory.mktemp("small") / "repo"
-    shutil.copytree(sweep_template, repo, symlinks=True)
-    proc = kdsweep(repo, "run", write_spec(repo, "small"))
-    return repo, proc
+from sweeprepo import BIN, ENV, SPEC, TS, UPSTREAM, experiments, kdsweep, lock, sh, study, write_spec
 
 
 # --------------------------------------------------------------------------- the default suite

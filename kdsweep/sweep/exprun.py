@@ -43,8 +43,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kdsweep.sweep import dvcexp
-
-HEARTBEAT_S = 30.0  # a RUNNING trial's owner refreshes its heartbeat this often
+from kdsweep.sweep.study import HEARTBEAT_S
 
 # Lock contention between concurrent `dvc exp run --temp` processes (git index, refs, DVC's
 # repo lock): worth retrying. Anything else is the trial's own failure.
@@ -74,18 +73,6 @@ def process_identity(pid: int | None = None) -> dict[str, Any]:
     except psutil.Error:
         started = None
     return {"host": socket.gethostname(), "pid": pid, "started": started}
-
-
-def alive(pid: int | None, started: float | None) -> bool:
-    """Whether process ``pid`` runs and is the one that started at ``started`` (None: any)."""
-    import psutil
-
-    if pid is None:
-        return False
-    try:
-        return started is None or abs(psutil.Process(pid).create_time() - started) < 1.0
-    except psutil.Error:
-        return False
 
 
 def kill_group(pid: int, proc: subprocess.Popen | None = None, grace: float = 10.0) -> None:

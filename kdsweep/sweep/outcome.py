@@ -22,11 +22,18 @@ from typing import Any
 from tqdm import tqdm
 
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.exprun import alive, kill_group
+from kdsweep.sweep.exprun import kill_group
 from kdsweep.sweep.spec import StudySpec
-from kdsweep.sweep.study import EXPERIMENT, FAIL_REASON, INTERRUPTED, OUTPUTS, RETRY_OF, headline
-
-STALE_AFTER_S = 300.0  # a trial owned by another machine is stale after this long without a heartbeat
+from kdsweep.sweep.study import (
+    EXPERIMENT,
+    FAIL_REASON,
+    INTERRUPTED,
+    OUTPUTS,
+    RETRY_OF,
+    headline,
+    owner_gone,
+    process_alive,
+)
 
 
 class Outcomes:
@@ -102,7 +109,7 @@ class Outcomes:
             if not self._orphaned(t, owner, me):
                 continue
             child = t.user_attrs.get("child") or {}
-            if owner.get("host") == me["host"] and alive(child.get("pid"), child.get("started")):
+            if owner.get("host") == me["host"] and process_alive(child.get("pid"), child.get("started")):
                 kill_group(child["pid"])
             name = t.user_attrs.get(EXPERIMENT, f"{self.name}-{t.number}")
             if self._adopt(t, name):
@@ -118,10 +125,8 @@ class Outcomes:
 
     @staticmethod
     def _orphaned(t, owner: dict, me: dict) -> bool:
-        if owner.get("host") == me["host"]:
-            # another live runner on this machine owns it
-            return not (alive(owner.get("pid"), owner.get("started")) and owner.get("pid") != me["pid"])
-        return time.time() - t.user_attrs.get("heartbeat", 0) >= STALE_AFTER_S  # another machine's, gone quiet
+        # A live runner (on this machine: its process; on another: a fresh heartbeat) keeps its trial.
+        return (owner.get("host"), owner.get("pid")) == (me["host"], me["pid"]) or owner_gone(t.user_attrs, time.time())
 
     def _adopt(self, t, name: str) -> bool:
         """A killed runner's trial whose experiment DVC did record: keep its result."""

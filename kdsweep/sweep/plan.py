@@ -23,11 +23,9 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, get_origin
+from typing import Any
 
-from pydantic import BaseModel
-
-from kdsweep.config import Params, validate
+from kdsweep.config import Params, annotation_at, shape_of, validate
 from kdsweep.errors import UserError
 from kdsweep.sweep.space import LAYOUT, Dim, Space, apply_overrides, dimensions, lr_name, resolve, sample
 from kdsweep.sweep.spec import CategoricalDist, IntDist, StudySpec, parse_spec
@@ -134,48 +132,28 @@ def _overlaps(key: str, declared: str) -> bool:
 
 
 # --------------------------------------------------------------------------- params keys
-def _field_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
-    """(the model inside an annotation, whether it is a list/tuple of it or of scalars)."""
-    is_seq = get_origin(annotation) in (list, tuple)
-    for arg in (annotation, *(getattr(annotation, "__args__", ()) or ())):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg, is_seq
-        if get_origin(arg) in (list, tuple):
-            is_seq = True
-            for inner in getattr(arg, "__args__", ()):
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    return inner, True
-    return None, is_seq
-
-
 def key_problem(key: str, *, scalar: bool) -> str | None:
     """Why ``key`` is not a ``params.yaml`` key (or, with ``scalar``, not one a distribution can set)."""
     if not isinstance(key, str) or not key:
         return "a key is a dotted params.yaml path like loss.alpha"
-    model: type[BaseModel] | None = Params
     parts = key.split(".")
-    i = 0
-    is_seq = False
-    while i < len(parts):
-        part = parts[i]
-        if model is None:
-            return f"`{'.'.join(parts[:i])}` is a value, not a section; `{key}` goes too deep"
-        fields = model.model_fields
-        if part not in fields:
-            close = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.6)
-            where = ".".join(parts[:i]) or "params.yaml"
+    for i, part in enumerate(parts):
+        kind, inner = shape_of(annotation_at(Params, parts[:i])[0])
+        here = ".".join(parts[:i])
+        if kind == "model" and part not in inner.model_fields:
+            fields = list(inner.model_fields)
+            close = difflib.get_close_matches(part, fields, n=1, cutoff=0.6)
             hint = (
-                f"did you mean `{'.'.join(parts[:i] + [close[0]])}`?" if close else f"{where} has: {', '.join(fields)}"
+                f"did you mean `{'.'.join(parts[:i] + [close[0]])}`?"
+                if close
+                else f"{here or 'params.yaml'} has: {', '.join(fields)}"
             )
             return f"unknown params.yaml key; {hint}"
-        model, is_seq = _field_model(fields[part].annotation)
-        i += 1
-        if is_seq and i < len(parts):
-            if not parts[i].isdigit():
-                return f"`{'.'.join(parts[:i])}` is a list: index it with a number (`{'.'.join(parts[:i])}.0...`)"
-            i += 1
-            is_seq = False
-    if scalar and (model is not None or is_seq):
+        if kind == "list" and not part.isdigit():
+            return f"`{here}` is a list: index it with a number (`{here}.0...`)"
+        if kind not in ("model", "list"):
+            return f"`{here}` is a value, not a section; `{key}` goes too deep"
+    if scalar and shape_of(annotation_at(Params, parts)[0])[0] in ("model", "list"):
         hint = (
             " (sweep its multipliers with `lr_multipliers`)"
             if key == "parameter_lr_multipliers"

@@ -6,17 +6,22 @@ wrote); ``best --apply`` and ``report`` also talk to DVC (``dvc exp apply``, ``d
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
+import shlex
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from kdsweep.dotted import get_or
 from kdsweep.errors import UserError
+from kdsweep.fsio import write_text
 from kdsweep.optuna_io import display, open_storage
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.spec import load_spec
+from kdsweep.sweep.spec import load_spec, parse_spec
 from kdsweep.sweep.study import (
     EXPERIMENT,
     FAIL_REASON,
@@ -25,9 +30,12 @@ from kdsweep.sweep.study import (
     REMOVED,
     headline,
     last_value,
+    owner_gone,
     ranked,
     storage_url,
 )
+
+DISTILL_METRICS = "metrics/distill.json"  # the metrics file every trial writes (dvc.yaml's distill stage)
 
 
 class StudyHandle:
@@ -38,16 +46,14 @@ class StudyHandle:
 
         self.root = dvcexp.repo_root(Path.cwd())
         path = Path(study)
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            spec, _ = load_spec(path)
+        if path.suffix in (".yaml", ".yml") or "/" in study:
+            spec, _ = load_spec(path)  # a spec that does not exist is a UserError listing those that do
         elif (self.root / "experiments" / f"{study}.yaml").is_file():
             spec, _ = load_spec(self.root / "experiments" / f"{study}.yaml")
             if spec.study != study:
                 spec = spec.model_copy(update={"study": study, "storage": None})
         else:
-            from kdsweep.sweep.spec import StudySpec
-
-            spec = StudySpec(study=study)
+            spec = parse_spec({"study": study}, f"study name {study!r}")
         if storage:
             spec = spec.model_copy(update={"storage": storage})
         self.name = spec.study
@@ -138,6 +144,7 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
     for t in failed:
         why = headline(t.user_attrs.get(FAIL_REASON) or "")
         print(f"failed: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {why}")
+    print(f"the trials in DVC, best first: {_exp_show(h.spec)}")
     if not (apply or branch):
         return 0
     complete = [t for t in order if t.state == optuna.trial.TrialState.COMPLETE]
@@ -150,10 +157,12 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
     if h.outputs(winner) == "removed":
         print(f"warning: trial {winner.number}'s outputs were removed by retention; `dvc repro` rebuilds them")
     if apply:
+        before = (h.root / "params.yaml").read_text()
         _dvc(h.root, "exp", "apply", name)
+        _keep_layout(h.root / "params.yaml", before)
         print(
             f"applied {name} (trial {winner.number}, {h.metric} {winner.value:.4f}): params.yaml, dvc.lock, "
-            f"metrics and models/student now hold it; `git diff params.yaml` shows the change"
+            f"metrics and models/student now hold it; `git diff params.yaml` shows the values it changed"
         )
     if branch:
         _dvc(h.root, "exp", "branch", name, branch)
@@ -166,6 +175,115 @@ def _dvc(root: Path, *args: str) -> str:
     if r.returncode != 0:
         raise UserError(f"dvc {' '.join(args)} failed:\n{(r.stderr or r.stdout).strip()[-1500:]}")
     return r.stdout
+
+
+# --------------------------------------------------------------------------- dvc exp show, params.yaml
+def exp_show_command(study: str, storage: str | None = None) -> str:
+    """One ``dvc exp show`` command that lists the study's trials one per row, best first.
+
+    Its columns are the experiment, distill's ``state`` and ``val_loss`` (and the objective, if
+    another metric), the params the spec's ``space`` sweeps and, with stage layouts,
+    ``stages.enabled``; everything else is dropped, so the table fits a 120-column terminal.
+    Trials of other studies from the same commit are listed too: DVC has no filter by name.
+    """
+    return _exp_show(StudyHandle(study, storage).spec)
+
+
+def _exp_show(spec: dict[str, Any]) -> str:
+    objective = spec["objective"]
+    metrics = dict.fromkeys(["state", "val_loss", objective["metric"]])
+    # DVC names a column `file:name` only when two files have the name (teacher.json has val_loss).
+    columns = ["Experiment"] + [f"({re.escape(DISTILL_METRICS)}:)?{m}" for m in metrics]
+    columns += [re.escape(key) for key in spec.get("space") or {}]
+    if spec.get("stage_layouts"):
+        columns.append(r"stages\.enabled")  # which layout; the layouts themselves are lists, too wide to show
+    order = "asc" if objective["direction"] == "minimize" else "desc"
+    return shlex.join(
+        ["dvc", "exp", "show", "--hide-workspace", "--sort-by", f"{DISTILL_METRICS}:{objective['metric']}"]
+        + ["--sort-order", order, "--drop", ".*", "--keep", "^(" + "|".join(columns) + ")$"]
+    )
+
+
+def _keep_layout(path: Path, before: str) -> None:
+    """Rewrite ``path``, as ``dvc exp apply`` left it, as the text ``before`` with only the values that
+    differ edited: DVC writes the whole file anew, dropping comments and spelling ``null`` as nothing."""
+    import yaml
+
+    applied = yaml.safe_load(path.read_text())
+    text = _edit_yaml(before, applied)
+    if yaml.safe_load(text) != applied:
+        print(f"note: {path.name} is as `dvc exp apply` wrote it (its layout could not be kept)")
+        return
+    write_text(path, text)
+
+
+def _edit_yaml(text: str, data: Any) -> str:
+    """``text`` (YAML) edited to hold ``data``: comments, quotes and layout of unchanged values stay."""
+    import yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class Representer(RoundTripRepresenter):
+        """Writes None as ``null`` (ruamel's default writes nothing) and floats as PyYAML reads them
+        (``1.0e-05``: PyYAML, which the stages use, reads ruamel's ``1e-05`` as a string)."""
+
+    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    pyyaml = yaml.representer.SafeRepresenter()
+    Representer.add_representer(
+        float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", pyyaml.represent_float(v).value)
+    )
+    rt = YAML()
+    rt.Representer = Representer
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a long line
+    mapping, offset = _indents(text)
+    rt.indent(mapping=mapping, sequence=offset + 2, offset=offset)
+    doc = rt.load(text)
+    _merge(doc, data)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    return out.getvalue()
+
+
+def _indents(text: str) -> tuple[int, int]:
+    """(mapping indent, offset of a block list's dash) as ``text`` writes them; (2, 0) where it shows none."""
+    mapping = offset = None
+    lines = [re.sub(r"\s+#.*$", "", line) for line in text.splitlines() if line.strip() and line.lstrip()[0] != "#"]
+    for parent, line in zip(lines, lines[1:]):
+        depth = (len(line) - len(line.lstrip())) - (len(parent) - len(parent.lstrip()))
+        if parent.endswith(":") and depth >= 0:
+            if line.lstrip().startswith("- "):
+                offset = depth if offset is None else offset
+            elif depth > 0:
+                mapping = depth if mapping is None else mapping
+    return mapping or 2, offset or 0
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same YAML type (``1`` is not ``1.0``, ``true`` is not ``1``)."""
+    kinds = (bool, int, float, str, type(None))
+    kind = next((k for k in kinds if isinstance(a, k)), None)
+    return kind is not None and isinstance(b, kind) and (kind is not int or not isinstance(b, bool)) and a == b
+
+
+def _merge(node: Any, new: Any) -> None:
+    """Make ``node`` (a ruamel mapping or list) hold ``new``, assigning only the values that differ
+    (a list keeps its common head item by item, so the comments on those items stay)."""
+    if isinstance(node, dict):
+        for key in [k for k in node if k not in new]:
+            del node[key]
+        items = [(k, v, k in node) for k, v in new.items()]
+    else:
+        del node[len(new) :]
+        items = [(i, v, i < len(node)) for i, v in enumerate(new)]
+    for key, value, present in items:
+        old = node[key] if present else None
+        if present and any(isinstance(old, kind) and isinstance(value, kind) for kind in (dict, list)):
+            _merge(old, value)
+        elif not present and isinstance(node, list):
+            node.append(value)  # the missing indices are the tail, in order
+        elif not (present and _same(old, value)):
+            node[key] = value
 
 
 def status(study: str, storage: str | None = None) -> int:
@@ -199,7 +317,8 @@ def status(study: str, storage: str | None = None) -> int:
             if step is not None
             else "starting"
         )
-        print(f"running: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {at}, {since:.0f} s")
+        gone = "; owner gone; resumes on the next run" if owner_gone(t.user_attrs, now) else ""
+        print(f"running: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {at}, {since:.0f} s{gone}")
     durations = [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in h.trials
@@ -212,6 +331,7 @@ def status(study: str, storage: str | None = None) -> int:
             f"about {left / 60:.1f} min left ({n - finished} trials of ~{sum(durations) / len(durations):.0f} s, "
             f"{workers} worker(s))"
         )
+    print(f"the trials in DVC, best first: {_exp_show(h.spec)}")
     return 0
 
 
@@ -229,30 +349,19 @@ def _exp_show_rows(h: StudyHandle) -> tuple[list[str], list[list[Any]]]:
                 continue
             d = rev.get("data") or {}
             params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-            metrics = ((d.get("metrics") or {}).get("metrics/distill.json") or {}).get("data") or {}
+            metrics = ((d.get("metrics") or {}).get(DISTILL_METRICS) or {}).get("data") or {}
             rows.append((int(name[len(prefix) :]), name, params, metrics))
     rows.sort()
     keys: list[str] = []
     for t in h.trials:
         keys += [k for k in (t.user_attrs.get("overrides") or {}) if k not in keys]
-    scalar = [k for k in keys if all(not isinstance(_get(p, k), (dict, list)) for _, _, p, _ in rows)]
+    scalar = [k for k in keys if all(not isinstance(get_or(p, k), (dict, list)) for _, _, p, _ in rows)]
     header = ["Experiment", "state", "val_loss", "best_val_loss", "steps"] + scalar
     return header, [
-        [name, m.get("state"), m.get("val_loss"), m.get("best_val_loss"), m.get("steps")] + [_get(p, k) for k in scalar]
+        [name, m.get("state"), m.get("val_loss"), m.get("best_val_loss"), m.get("steps")]
+        + [get_or(p, k) for k in scalar]
         for _, name, p, m in rows
     ]
-
-
-def _get(d: dict, key: str) -> Any:
-    node: Any = d
-    for part in key.split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.get(part)
-        else:
-            return None
-    return node
 
 
 def report(study: str, storage: str | None = None, out_dir: Path | None = None) -> Path:
@@ -300,6 +409,22 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
     save("Parallel coordinates", "parallel_coordinates.png", lambda: vis.plot_parallel_coordinate(h.study))
     save("alpha x temperature", "alpha_temperature.png", lambda: _alpha_temperature(h, plt))
 
+    lines = _report_lines(h, plots)
+    path = out / "report.md"
+    write_text(path, "\n".join(lines))
+    print(
+        f"wrote {path.relative_to(h.root) if h.root in path.parents else path} "
+        f"({sum(bool(f) for _, f, _ in plots)} plots)"
+    )
+    return path
+
+
+def _report_lines(h: StudyHandle, plots: list[tuple[str, str, str]]) -> list[str]:
+    """report.md's lines: the summary, the best trial, the plots, the ranked, failed and DVC tables."""
+    import optuna
+
+    TS = optuna.trial.TrialState
+    complete = [t for t in h.trials if t.state == TS.COMPLETE]
     header, rows, _ = ranked_rows(h)
     exp_header, exp_rows = _exp_show_rows(h)
     failed = [t for t in h.trials if t.state == TS.FAIL]
@@ -339,13 +464,7 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
         table(exp_header, exp_rows, markdown=True),
         "",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    print(
-        f"wrote {path.relative_to(h.root) if h.root in path.parents else path} "
-        f"({sum(bool(f) for _, f, _ in plots)} plots)"
-    )
-    return path
+    return lines
 
 
 def _alpha_temperature(h: StudyHandle, plt):

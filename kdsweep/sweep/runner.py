@@ -28,11 +28,12 @@ from tqdm import tqdm
 from kdsweep.config import Params, validate
 from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
-from kdsweep.optuna_io import display, make_pruner, open_storage
+from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage
 from kdsweep.sweep import dvcexp, exprun
 from kdsweep.sweep.outcome import Outcomes
 from kdsweep.sweep.plan import StudyPlan
 from kdsweep.sweep.prepare import Workspace, prepare
+from kdsweep.sweep.results import exp_show_command
 from kdsweep.sweep.retention import Retention
 from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
 from kdsweep.sweep.spec import StudySpec, load_spec
@@ -98,6 +99,8 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
     ws = Workspace.read(root)
     plan, before = prepare(spec, spec_path, ws, check_only=check)
     print(plan.summary())
+    if problems := check_storage(storage_url(spec, root)):
+        raise UserError("\n".join(problems))
     if check:
         print("spec OK: nothing run (--check)")
         return 0
@@ -314,9 +317,9 @@ class Runner:
             best = self.study.best_trial
             print(
                 f"best: trial {best.number} ({best.user_attrs.get(EXPERIMENT)}) "
-                f"{self.spec.objective.metric} {best.value:.4f}; `kdsweep best {self.name}` ranks them, "
-                f"`dvc exp show` lists them"
+                f"{self.spec.objective.metric} {best.value:.4f}; `kdsweep best {self.name}` ranks them"
             )
+            print(f"the trials in DVC, best first: {exp_show_command(self.name, self.spec.storage)}")
         except ValueError:
             print("no complete trial yet")
         if self.stop and self.stop != "interrupt":

@@ -26,7 +26,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from kdsweep.sweep.spec import CategoricalDist, Dist, FloatDist, IntDist, StudySpec, spec_problems
+from kdsweep.config import problem_lines
+from kdsweep.sweep.spec import CategoricalDist, Dist, FloatDist, IntDist, StudySpec
 
 LAYOUT = "stages.layout"
 _DIST = TypeAdapter(Dist)
@@ -123,7 +124,7 @@ def _layout_dims(spec: StudySpec, problems: list[str]) -> list[Dim]:
                 try:
                     dist = _DIST.validate_python(value)
                 except ValidationError as err:
-                    problems += spec_problems(err, prefix=path)
+                    problems += problem_lines(err, Dist, prefix=path)
                     continue
                 if dist.when:
                     problems.append(

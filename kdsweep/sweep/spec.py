@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from kdsweep.config import RegexPattern, read_yaml, submodel_of
+from kdsweep.config import RegexPattern, problem_lines, read_yaml
 from kdsweep.errors import UserError
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -387,69 +387,6 @@ class StudySpec(_Strict):
         return v
 
 
-# --------------------------------------------------------------------------- errors
-# Pydantic puts the tag of a discriminated union into the error location; users never wrote it.
-_TAG_MODELS: dict[str, type[BaseModel] | None] = {
-    "float": FloatDist,
-    "int": IntDist,
-    "categorical": CategoricalDist,
-    "dist": None,
-    "value": None,
-    "tpe": TPESamplerSpec,
-    "random": RandomSamplerSpec,
-    "gp": GPSamplerSpec,
-    "cmaes": CmaEsSamplerSpec,
-    "median": MedianPrunerSpec,
-    "successive_halving": SuccessiveHalvingPrunerSpec,
-    "hyperband": HyperbandPrunerSpec,
-    "none": NoPrunerSpec,
-}
-
-
-def _model_at(raw_loc: tuple, root: type[BaseModel] | None) -> type[BaseModel] | None:
-    """The spec model whose fields apply at a (tagged) pydantic error location, to suggest close keys."""
-    model = root
-    for part in raw_loc:
-        if part in _TAG_MODELS:
-            model = _TAG_MODELS[part] or model
-        elif model is not None and part in model.model_fields:
-            model = submodel_of(model.model_fields[part].annotation)
-        # else: a list index or a dict key (a space key); the model is the container's item model
-    return model
-
-
-def spec_problems(err: ValidationError, prefix: str = "") -> list[str]:
-    """One line per problem, each starting with its dotted path in the spec file (below ``prefix``)."""
-    lines = []
-    root = StudySpec if not prefix else None
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in _TAG_MODELS)
-        path = ".".join([prefix] * bool(prefix) + [str(p) for p in loc]) or "(top level)"
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            model = _model_at(tuple(e["loc"])[:-1], root)
-            known = list(model.model_fields) if model else []
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-            hint = f"; did you mean `{close[0]}`?" if close else (f"; known keys: {', '.join(known)}" if known else "")
-            lines.append(f"  {path}: unknown key{hint}")
-        elif kind == "missing":
-            lines.append(f"  {path}: required key is missing")
-        elif kind == "union_tag_not_found":
-            lines.append(f"  {path}: needs `type:` (float, int or categorical)")
-        elif kind == "union_tag_invalid":
-            expected = re.findall(r"'([a-z_]+)'", e["ctx"].get("expected_tags", "")) if e.get("ctx") else []
-            tag = str(e.get("ctx", {}).get("tag", ""))
-            close = difflib.get_close_matches(tag, expected, n=1, cutoff=0.5)
-            hint = f"; did you mean `{close[0]}`?" if close else f"; known: {', '.join(expected)}"
-            lines.append(f"  {path}.type: unknown type {tag!r}{hint}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e.get("input")
-            hide = isinstance(got, (dict, list)) or "got" in msg or repr(got) in msg
-            lines.append(f"  {path}: {msg}" + ("" if hide else f" (got {got!r})"))
-    return list(dict.fromkeys(lines))
-
-
 def parse_spec(data: Any, source: str = "study spec") -> StudySpec:
     """Validate a parsed YAML mapping; raise :class:`UserError` listing every problem."""
     if not isinstance(data, dict):
@@ -457,7 +394,7 @@ def parse_spec(data: Any, source: str = "study spec") -> StudySpec:
     try:
         return StudySpec.model_validate(data)
     except ValidationError as err:
-        lines = spec_problems(err)
+        lines = problem_lines(err, StudySpec)
         n = len(lines)
         raise UserError(f"{source}: {n} problem{'s' if n > 1 else ''}:\n" + "\n".join(lines)) from None
 
@@ -465,7 +402,7 @@ def parse_spec(data: Any, source: str = "study spec") -> StudySpec:
 def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
     """Read and shape-check a study spec; returns the spec (with its name filled in) and the raw mapping."""
     path = Path(path)
-    data = read_yaml(path)
+    data = read_yaml(path, _specs_beside(path))
     spec = parse_spec(data, str(path))
     if spec.study is None:
         stem = path.stem
@@ -473,3 +410,10 @@ def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
             raise UserError(f"{path}: the file name {stem!r} cannot name a study; set `study:` in the spec")
         spec = spec.model_copy(update={"study": stem})
     return spec, data
+
+
+def _specs_beside(path: Path) -> str:
+    """The hint for a spec that does not exist: the specs in its directory."""
+    specs = sorted(str(p) for p in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
+    listed = f"the specs in {path.parent}: {', '.join(specs)}" if specs else f"{path.parent} holds no spec"
+    return f"{listed}; docs/study-spec.md describes the format"

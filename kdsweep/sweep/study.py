@@ -10,6 +10,7 @@ machines. Relative paths are made absolute against the repository root.
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ INTERRUPTED = "interrupted"  # the runner stopped during the trial; it was retri
 RETRY_OF = "retry_of"  # the trial number this one retries
 OUTPUTS = "outputs"  # "kept": the trial's experiment holds outputs in the DVC cache
 REMOVED = "outputs_removed"  # study attribute: trial numbers whose outputs retention removed
+RUNNER = "runner"  # the runner that owns a RUNNING trial: {host, pid, started}
+HEARTBEAT = "heartbeat"  # when that runner last said it is alive (time.time())
+
+HEARTBEAT_S = 30.0  # a RUNNING trial's owner refreshes its heartbeat this often
+STALE_AFTER_S = 300.0  # a trial owned by another machine is stale after this long without one
 
 
 def storage_url(spec: StudySpec, root: Path) -> str:
@@ -34,6 +40,33 @@ def storage_url(spec: StudySpec, root: Path) -> str:
     if s.startswith("sqlite:///") and not s.startswith("sqlite:////"):
         return "sqlite:///" + str(root / s[len("sqlite:///") :])
     return s
+
+
+def process_alive(pid: int | None, started: float | None) -> bool:
+    """Whether process ``pid`` on this machine runs and is the one that started at ``started``
+    (a reused pid belongs to another process)."""
+    import psutil
+
+    if pid is None:
+        return False
+    try:
+        return started is None or abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+def owner_gone(attrs: dict[str, Any], now: float) -> bool:
+    """Whether the runner that owns a RUNNING trial (its ``runner`` and ``heartbeat`` attributes) is gone.
+
+    On this machine its process is checked; on another, its heartbeat must be younger than
+    :data:`STALE_AFTER_S`. A trial with no owner recorded yet is not called gone.
+    """
+    owner = attrs.get(RUNNER)
+    if not owner:
+        return False
+    if owner.get("host") == socket.gethostname():
+        return not process_alive(owner.get("pid"), owner.get("started"))
+    return now - attrs.get(HEARTBEAT, 0) >= STALE_AFTER_S
 
 
 def make_sampler(spec: dict[str, Any], offset: int = 0):
