@@ -13,7 +13,9 @@ from typing import Annotated
 
 import typer
 
+from kdsweep.cache.cli import cache_app
 from kdsweep.errors import UserError
+from kdsweep.sweep.cli import sweep_app
 
 app = typer.Typer(
     help="Declarative experiment sweeps for knowledge distillation of language models (DVC + Optuna).\n\n"
@@ -112,17 +114,9 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     stage.main(_params(params))
 
 
-def _register_groups() -> None:
-    from kdsweep.cache.cli import cache_app
-
-    app.add_typer(cache_app, name="cache")
-
-    from kdsweep.sweep.cli import register
-
-    register(app)  # run, best, report, status
-
-
-_register_groups()
+# Every command module has its own typer app; they are joined here, one way for all.
+app.add_typer(cache_app, name="cache")  # kdsweep cache generate | merge | inspect | verify
+app.add_typer(sweep_app)  # kdsweep run | best | report | status
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ section                   read by stage               what it controls
 ``evaluate``              evaluate                    the final evaluation
 ========================  ==========================  =============================
 
-Every field's description is the documentation users see in ``kdsweep params``.
+Every field's ``description`` documents it (README.md's params section is the users' copy).
 Defaults live here *and* in the shipped ``params.yaml``; a test keeps them in sync.
 """
 
