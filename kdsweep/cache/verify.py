@@ -144,6 +144,17 @@ def _dataset_lines(c: TeacherLogitCache, tokens: int) -> list[str]:
     return lines
 
 
+def _kept(c: TeacherLogitCache) -> str:
+    if c.mode == "topk":
+        return f"top-{c.top_k}"
+    return f"the unique ids of {int(c.attrs['sample_draws'])} draws at T = {c.sample_temperature:g}"
+
+
+def _mean_unique(c: TeacherLogitCache, idx: list[int]) -> float:
+    """Sampled caches: the mean number of unique ids per position over sequences ``idx``."""
+    return float((c.read(idx)["sample_counts"] > 0).sum(-1).mean())
+
+
 def inspect_cache(path: Path, sample: int = 256) -> str:
     """The report of ``kdsweep cache inspect``."""
     c = TeacherLogitCache(path)
@@ -151,25 +162,33 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
     tokens = n * length
     size = _file_bytes(c)
     lines = [
-        f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete",
-        f"  {n} sequences x {length} tokens = {tokens:,} tokens; top-{k} of {c.vocab_size:,} tokens; "
+        f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete; "
+        f"mode {c.mode}, {c.values} values",
+        f"  {n} sequences x {length} tokens = {tokens:,} tokens; {_kept(c)} of {c.vocab_size:,} tokens; "
         f"{len(c.betas)} temperature grid points",
     ]
     if c.shards:
         lines.append(f"  merged (virtual datasets) over {len(c.shards)} shards: {', '.join(c.shards)}")
-    lines += [
-        f"  file size {size:,} bytes: {size / tokens:.1f} bytes per token, {size / tokens / k:.3f} bytes per "
-        "stored logit (ids, values and per-token extras all counted)",
-        "",
-        *_dataset_lines(c, tokens),
-    ]
+    if c.mode == "topk":
+        size_line = (
+            f"  file size {size:,} bytes: {size / tokens / k:.3f} bytes per logit, {size / tokens:.1f} bytes per "
+            "token (ids, values and per-token extras all counted)"
+        )
+    else:
+        unique = _mean_unique(c, _sample_indices(n, sample))
+        size_line = (
+            f"  file size {size:,} bytes: {size / tokens:.1f} bytes per token (everything counted); "
+            f"{unique:.1f} unique sampled ids per position on average: {size / tokens / unique:.3f} bytes per id"
+        )
+    lines += [size_line, "", *_dataset_lines(c, tokens)]
     lo, hi = c.temperature_range
     t_hist = _display_temperature(c)
     idx = _sample_indices(n, sample)
     mass = teacher_topk_probs(c.read(idx), c.betas, t_hist)[0].sum(-1).reshape(-1).numpy()
     lines += [
         "",
-        f"  top-{k} probability mass at T={t_hist:g} ({len(idx)} sequences, {mass.size:,} positions): "
+        f"  {'top-k' if c.mode == 'topk' else 'sampled ids'} probability mass at T={t_hist:g} "
+        f"({len(idx)} sequences, {mass.size:,} positions): "
         f"mean {mass.mean():.3f}, median {np.median(mass):.3f}, min {mass.min():.3f}",
         *_histogram(mass),
         "",
@@ -177,6 +196,11 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
         f"  log-normaliser interpolation error bound (measured by the writer, log space): "
         f"{float(c.attrs['log_normalizer_max_error']):.2e}; "
         f"quantum {float(c.attrs['log_normalizer_quantum']):.2e}",
+        *(
+            [f"  probability error bound (measured by the writer, any bucket): {float(c.attrs['value_max_error']):.2e}"]
+            if "value_max_error" in c.attrs
+            else []
+        ),
         f"  teacher ran in {c.attrs.get('teacher_dtype', '?')} on {c.attrs.get('device', '?')}",
         "",
         "  fingerprint:",
