@@ -163,7 +163,7 @@ def sampled_divergence(lq: torch.Tensor, teacher: SampledTeacher) -> torch.Tenso
 def sampled_chunk_loss_and_grad(
     z: torch.Tensor, targets: torch.Tensor, teacher: SampledTeacher, spec: LossSpec, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`chunk_loss_and_grad` for loss mode ``sampled``, with the gradient in closed form.
+    """What :func:`chunk_loss_and_grad` is for the other modes, for loss mode ``sampled`` (the gradient in closed form).
 
     d(KL^)/dz = (W q_T - w) / T with W = sum_u w_u, w scattered onto the sampled ids;
     dCE/dz = softmax(z) - onehot(y). ``z`` (C, V) float32 is **overwritten**.
@@ -421,8 +421,6 @@ def chunk_loss_and_grad(
         ``[weighted_sum, ce_sum, kl_sum, top1_matches, num_tokens]`` as a (5,) float64
         tensor, and d(weighted_sum)/dz (C, V) or None.
     """
-    if spec.mode == "sampled":
-        return sampled_chunk_loss_and_grad(z, targets, teacher, spec, need_grad)
     t, vocab = spec.temperature, z.shape[-1]
     real = targets != IGNORE_INDEX
     y = targets.clamp(min=0).unsqueeze(-1)
@@ -506,7 +504,8 @@ def _chunked(
             if not bool((tgt != IGNORE_INDEX).any()):
                 continue
             h = hidden[start:end].detach().to(dtype)
-            chunk_sums, g = chunk_loss_and_grad((h @ w.t()).float(), tgt, teacher_fn(start, end), spec, need_grad)
+            loss_and_grad = sampled_chunk_loss_and_grad if spec.mode == "sampled" else chunk_loss_and_grad
+            chunk_sums, g = loss_and_grad((h @ w.t()).float(), tgt, teacher_fn(start, end), spec, need_grad)
             sums += chunk_sums
             if g is None:
                 continue

@@ -614,7 +614,7 @@ def test_verify_and_inspect_report_every_check(tiny_pipeline):
     report = inspect_cache(path)
     for expected in (
         "bytes per token",
-        "bytes per stored logit",
+        "bytes per logit",
         "topk_id_deltas",
         "gzip(4)+shuffle+fletcher32",
         "top-16 probability mass at T=1",

@@ -15,7 +15,14 @@ from helpers import REPO, tiny_params_dict
 from kdsweep.cache.format import sample_ids
 from kdsweep.config import validate
 from kdsweep.errors import UserError
-from kdsweep.losses import LossSpec, chunk_loss_and_grad, loss_sums, sampled_divergence, sampled_teacher
+from kdsweep.losses import (
+    LossSpec,
+    distillation_loss,
+    loss_sums,
+    sampled_chunk_loss_and_grad,
+    sampled_divergence,
+    sampled_teacher,
+)
 
 V, DRAWS, ROUNDS = 40, 12, 4000
 
@@ -79,7 +86,7 @@ def test_renormalising_the_sample_would_be_biased():
 
 
 def test_fused_gradient_equals_autograd():
-    """chunk_loss_and_grad (closed form) against autograd through loss_sums, with ignored targets."""
+    """sampled_chunk_loss_and_grad (closed form) against autograd through loss_sums, with ignored targets."""
     teacher, student = logits_pair(seed=5)
     teacher, student = teacher.repeat(3, 1), student.repeat(3, 1).float()
     t = draw_teacher(teacher, 2.0, 1.0, torch.Generator().manual_seed(2))
@@ -89,10 +96,32 @@ def test_fused_gradient_equals_autograd():
     z = student.clone().requires_grad_(True)
     out = loss_sums(z, targets, t, spec)
     (ref,) = torch.autograd.grad(out.weighted_sum, z)
-    sums, grad = chunk_loss_and_grad(student.clone(), targets, t, spec, need_grad=True)
+    sums, grad = sampled_chunk_loss_and_grad(student.clone(), targets, t, spec, need_grad=True)
     torch.testing.assert_close(sums[2].float(), out.kl_sum.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sums[0].float(), out.weighted_sum.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_loss_runs_the_sampled_mode_chunk_by_chunk():
+    """The public chunked path (LM head + loss per chunk) gives autograd's gradient of the head weight."""
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(6, 8, generator=g), torch.randn(V, 8, generator=g)
+    teacher, _ = logits_pair(seed=6)
+    t = draw_teacher(teacher.repeat(3, 1), 1.0, 1.0, torch.Generator().manual_seed(3))
+    t = type(t)(t.ids, t.log_probs.float(), t.weights.float())
+    targets = torch.tensor([1, 2, -100, 4, 5, 6])
+    spec = LossSpec(alpha=0.5, temperature=1.0, mode="sampled", chunk_size=4)
+
+    def teacher_fn(a, b):
+        return type(t)(t.ids[a:b], t.log_probs[a:b], t.weights[a:b])
+
+    w = weight.clone().requires_grad_(True)
+    out = distillation_loss(hidden, w, targets, teacher_fn, spec)
+    (fused,) = torch.autograd.grad(out.weighted_sum, w)
+    w_ref = weight.clone().requires_grad_(True)
+    ref = loss_sums(hidden @ w_ref.t(), targets, t, spec)
+    (expected,) = torch.autograd.grad(ref.weighted_sum, w_ref)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- config pairing
