@@ -187,7 +187,7 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
     mass = teacher_topk_probs(c.read(idx), c.betas, t_hist)[0].sum(-1).reshape(-1).numpy()
     lines += [
         "",
-        f"  {'top-k' if c.mode == 'topk' else 'sampled ids'} probability mass at T={t_hist:g} "
+        f"  {f'top-{k}' if c.mode == 'topk' else 'sampled ids'} probability mass at T={t_hist:g} "
         f"({len(idx)} sequences, {mass.size:,} positions): "
         f"mean {mass.mean():.3f}, median {np.median(mass):.3f}, min {mass.min():.3f}",
         *_histogram(mass),
