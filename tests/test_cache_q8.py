@@ -123,3 +123,23 @@ def test_cached_teacher_fn_weights_a_sampled_batch(caches):
     other = cached_teacher_fn(batch, cache.betas, 1.0)(0, 10)
     assert not torch.allclose(other.weights, same.weights)
     assert (other.weights[counts[:10] == 0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "teacher",
+    [{"cache_values": "q8"}, {"cache_mode": "sampled", "sample_draws": 16, "sample_temperature": 1.5}],
+)
+def test_distill_and_evaluate_read_the_new_caches(pipeline_copy, teacher):
+    """The stages run unchanged on a q8 and on a sampled cache (loss.mode sampled at T = 2, proposal 1.5)."""
+    from contextlib import chdir
+
+    from kdsweep.stages import distill, evaluate, teacher_logits
+
+    loss = {"mode": "sampled"} if teacher.get("cache_mode") == "sampled" else {}
+    params = validate(tiny_params_dict(teacher=teacher, loss=loss, training={"max_steps": 2, "eval_steps": 2}))
+    with chdir(pipeline_copy):
+        teacher_logits.main(params)
+        distill.main(params)
+        scores = evaluate.main(params)
+    assert np.isfinite(scores["val_loss"])
+    assert np.isfinite(scores["test_ce"]) and np.isfinite(scores["test_kl"]) and scores["test_kl"] >= 0
