@@ -100,6 +100,20 @@ def test_verify_fails_on_a_tampered_bound(caches, tmp_path, kind):
     assert run.returncode == 2 and "value_max_error" in run.stderr + run.stdout
 
 
+def test_verify_with_the_teacher_fails_on_a_bound_lowered_below_the_real_error(caches, tiny_pipeline, tmp_path):
+    """The stored data cap the bound from above only; the teacher itself shows a bound lowered to flatter."""
+    teacher = str(tiny_pipeline / "models/teacher")
+    lines = []
+    verify_cache(caches["q8"], teacher=teacher, report=lines.append)  # the writer's own bound holds
+    assert lines[-1].endswith(": ok")
+    path = tmp_path / "lowered.h5"
+    path.write_bytes(caches["q8"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f.attrs["value_max_error"] = 1e-7
+    with pytest.raises(UserError, match="below the error measured against a fresh forward"):
+        verify_cache(path, teacher=teacher, report=lambda *_: None)
+
+
 def test_q8_reads_close_to_fp16_and_sampled_counts_sum_to_the_draws(caches):
     fp16, q8 = TeacherLogitCache(caches["fp16"]), TeacherLogitCache(caches["q8"])
     assert int(fp16.attrs["format_version"]) == 2 and int(q8.attrs["format_version"]) == 3

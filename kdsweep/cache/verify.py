@@ -35,6 +35,7 @@ from kdsweep.models import POINTER, default_device, load_causal_lm, resolve_dtyp
 
 TOP1_TIE = 0.05  # logits this close to the max count as a tie for the top-1 agreement check
 MIN_TOP1_AGREEMENT = 0.99
+FRESH_SLACK_FACTOR, FRESH_SLACK = 1.5, 1e-5  # a stored bound vs a fresh forward (see _bound_against_fresh)
 SAMPLED_AGREEMENT = 1e-2  # sampled caches: |p_cache - p_fresh| at every sampled id within this
 MASS_TOLERANCE = 2e-3  # top-k mass may exceed 1 by this much (float16 logits, interpolation)
 MAX_INTERPOLATION_ERROR = 1e-3  # the stated bound; a cache above it needs a finer temperature grid
@@ -426,11 +427,35 @@ def _check_top1(c: TeacherLogitCache, teacher: str | None, sample: int, scan: Sc
         f"  top-1 agreement with a fresh forward of {source}: {agreement.fraction:.2%} of {agreement.positions:,} "
         f"positions (max |p_cache - p_fresh| {agreement.max_dp:.1e}) " + ("ok" if ok else "FAILED")
     )
-    if ok:
+    problems = (
+        []
+        if ok
+        else [
+            f"top-1 agreement: {agreement.fraction:.2%} < {MIN_TOP1_AGREEMENT:.0%} with a fresh forward of "
+            f"{source}; the cache was not made by this teacher (or is corrupt)"
+        ]
+    )
+    return problems + _bound_against_fresh(c, agreement, report)
+
+
+def _bound_against_fresh(c: TeacherLogitCache, agreement: Agreement, report: Report) -> list[str]:
+    """A stored probability error bound must cover the error measured against the teacher itself.
+
+    The stored data alone only caps the bound from above (``_check_bound``); a bound altered to
+    claim more precision than the cache has shows here. The slack covers a forward that differs
+    in the last bits and a display temperature between the writer's measured points.
+    """
+    if "value_max_error" not in c.attrs or c.mode == "sampled":
         return []
+    stored = float(c.attrs["value_max_error"])
+    if agreement.max_dp <= FRESH_SLACK_FACTOR * stored + FRESH_SLACK:
+        return []
+    report(
+        f"  probability error bound: stored {stored:.2e}, measured against the teacher {agreement.max_dp:.2e}: FAILED"
+    )
     return [
-        f"top-1 agreement: {agreement.fraction:.2%} < {MIN_TOP1_AGREEMENT:.0%} with a fresh forward of "
-        f"{source}; the cache was not made by this teacher (or is corrupt)"
+        f"probability error bound: the stored value_max_error {stored:.3e} is below the error measured against a "
+        f"fresh forward of the teacher ({agreement.max_dp:.3e}): the attribute was altered; regenerate the cache"
     ]
 
 
