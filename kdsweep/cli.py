@@ -129,3 +129,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":  # `python -m kdsweep.cli`, as torchrun launches it: `torchrun ... -m kdsweep.cli distill`
+    main()

@@ -183,6 +183,12 @@ class TeacherConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the teacher runs in; auto = bfloat16 on a GPU that supports it, else float32."
     )
+    device_map: Literal["auto"] | None = Field(
+        None,
+        description="null: the teacher on one device; auto: spread over every visible device (transformers / "
+        "Accelerate big-model loading) for a teacher bigger than one device, when writing the cache and for a "
+        "live teacher in a one-process distill.",
+    )
     arch: TeacherArchConfig = Field(default_factory=TeacherArchConfig)
     train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
     use_cached_logits: bool = Field(
@@ -321,8 +327,20 @@ class LossConfig(_Section):
 class TrainingConfig(_Section):
     num_train_epochs: float = Field(2, gt=0, description="Passes over the training sequences (if max_steps is null).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_train_epochs.")
-    per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Effective batch = batch size x accumulation.")
+    per_device_train_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Sequences per micro-batch on each rank: a micro-batch holds this x the number of torchrun "
+        "processes (1 without torchrun).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Effective batch = per_device_train_batch_size x processes x accumulation."
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp = a whole student on each device, gradients averaged; fsdp = FSDP2 "
+        "fully_shard per decoder layer, for students that do not fit on one device. Ignored in one process.",
+    )
     learning_rate: float = Field(5e-4, gt=0, description="Base learning rate; each group gets base x multiplier.")
     warmup_steps: int = Field(10, ge=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")

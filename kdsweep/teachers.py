@@ -9,7 +9,7 @@ token t + 1, and only positions 0..L-2 (those with a next token) are used, flatt
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,14 +36,19 @@ def validation_batches(
     batch_size: int,
     max_batches: int | None,
     device: torch.device,
+    part: Callable[[np.ndarray], tuple[np.ndarray, float]] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The validation split in order, ``batch_size`` sequences a batch (at most ``max_batches``),
-    with the cached teacher arrays when there is a cache, as tensors on ``device``."""
+    with the cached teacher arrays when there is a cache, as tensors on ``device``. ``part``
+    (several ranks: :func:`kdsweep.distributed.part`) cuts each batch's indices to this rank's
+    part and its ``weight``."""
     n = math.ceil(len(sequences) / batch_size)
     for b in range(n if max_batches is None else min(n, max_batches)):
-        idx = list(range(b * batch_size, min(len(sequences), (b + 1) * batch_size)))
+        idx = np.arange(b * batch_size, min(len(sequences), (b + 1) * batch_size))
+        idx, weight = part(idx) if part is not None else (idx, 1.0)
         batch = cache.read(idx) if cache is not None else {}
         batch["input_ids"] = sequences[idx]
+        batch["weight"] = np.float32(weight)
         yield batch_to_tensors(batch, device)
 
 
@@ -94,7 +99,8 @@ def live_teacher_fn(
 
     @torch.no_grad()
     def teacher_fn(a: int, b: int):
-        logits = head(hidden[a:b])[:, :vocab_size].float()
+        # .to: a teacher spread over devices (teacher.device_map: auto) leaves its logits on the head's
+        logits = head(hidden[a:b])[:, :vocab_size].float().to(input_ids.device)
         if mode == "dense":
             return logits
         return sparse_teacher_from_logits(logits, top_k, temperature)
