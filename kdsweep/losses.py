@@ -341,19 +341,6 @@ def _sparse_teacher(teacher: TeacherChunk, vocab_size: int):
     return teacher, valid, teacher.log_probs.float().masked_fill(~valid, _LOG_ZERO)
 
 
-def kl_per_token(
-    student_logits: torch.Tensor,
-    teacher: TeacherChunk,
-    temperature: float,
-    mode: str,
-    direction: str,
-    jsd_beta: float = 0.5,
-) -> torch.Tensor:
-    """:func:`divergence_per_token` from the student's raw logits (C, V)."""
-    lq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return divergence_per_token(lq, teacher, temperature, mode, direction, jsd_beta)
-
-
 def teacher_top1(teacher: TeacherChunk) -> torch.Tensor:
     """(C,) the teacher's most likely token at each position."""
     if torch.is_tensor(teacher):
