@@ -96,17 +96,17 @@ def _evaluate_trial(root: Path, rev: str) -> HeldOut:
     from kdsweep.config import validate
     from kdsweep.sweep.retention import cache_dir
 
-    try:
-        params_text = dvcexp.show(root, rev, "params.yaml")
-        if params_text is None:
-            raise Unavailable("its commit has no params.yaml")
-        params = validate(yaml.safe_load(params_text), source=f"params.yaml of {rev[:7]}")
-        with tempfile.TemporaryDirectory(prefix="kdsweep-test-") as tmp:
-            work = Path(tmp)
-            _link_outputs(cache_dir(root), dvcexp.exp_lock(root, rev), NEEDED, work)
-            metrics = _evaluate_test(params, work)
-    except (Unavailable, UserError, OSError) as e:
-        return HeldOut(why=f"not evaluated: {e}")
+    with tempfile.TemporaryDirectory(prefix="kdsweep-test-") as tmp:
+        try:
+            params_text = dvcexp.show(root, rev, "params.yaml")
+            if params_text is None:
+                raise Unavailable("its commit has no params.yaml")
+            params = validate(yaml.safe_load(params_text), source=f"params.yaml of {rev[:7]}")
+            _link_outputs(cache_dir(root), dvcexp.exp_lock(root, rev), NEEDED, Path(tmp))
+            metrics = _evaluate_test(params, Path(tmp))
+        except (Unavailable, UserError, OSError) as e:
+            # Paths in the temporary directory read as the repository's own (data/teacher_logits/test.h5).
+            return HeldOut(why=f"not evaluated: {str(e).replace(tmp + '/', '')}")
     if not all(math.isfinite(v) for v in metrics.values()):
         return HeldOut(why=f"not finite: {metrics}")
     return HeldOut(metrics)
