@@ -236,7 +236,7 @@ def test_report_has_all_trials_curves_test_metrics_and_the_best_against_baseline
     line = next(line for line in text.splitlines() if line.startswith("**Best against baseline** (test CE"))
     base = next(t for t in s.trials if t.user_attrs.get("baseline") == 0)
     if winner.number == base.number:
-        assert f"the best trial is trial {base.number}, the baseline itself (test CE {test_ce})" in line
+        assert f"the best trial is trial {base.number} (the baseline) itself, test CE {test_ce}" in line
     else:
         assert f"trial {winner.number} (`small-{winner.number}`) {test_ce} against trial {base.number}" in line
     assert "Selection used validation (val_loss); the test metrics are shown for information only." in text

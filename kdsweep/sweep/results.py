@@ -160,7 +160,7 @@ def _baseline(h: StudyHandle):
     by_number = {t.number: t for t in h.trials}
     base = next((t for t in h.trials if t.user_attrs.get("baseline") == 0), None)
     if base is None:
-        return by_number.get(0), "trial 0; the study has no baseline"
+        return by_number.get(0), "the first trial: the study has no baseline"
     retries = {t.user_attrs[RETRY_OF]: t for t in h.trials if t.user_attrs.get(RETRY_OF) is not None}
     while base.number in retries and base.value is None:
         base = retries[base.number]
@@ -175,8 +175,8 @@ def _against_baseline(h: StudyHandle, best_trial, scores: dict[int, HeldOut]) ->
         return f"{head} {NONE} (no {'complete trial' if best_trial is None else 'trial 0'})"
     if base.number == best_trial.number:
         ce = scores[base.number].metrics
-        return f"{head} the best trial is trial {base.number}, {what} itself" + (
-            f" (test CE {ce['test_ce']:.4f})" if ce else f" ({scores[base.number].why})"
+        return f"{head} the best trial is trial {base.number} ({what}) itself" + (
+            f", test CE {ce['test_ce']:.4f}" if ce else f"; {scores[base.number].why}"
         )
     missing = [(t, scores[t.number].why) for t in (best_trial, base) if not scores[t.number].metrics]
     if missing:
