@@ -60,12 +60,11 @@ def held_out(root: Path, study: str, trials: list, removed: set[int], keep_best:
     for t in trials:
         name = t.user_attrs.get(EXPERIMENT)
         rev = refs[name][1] if name in refs else None
-        recorded = _recorded(root, rev) if rev else None
         if rev is None:
             out[t.number] = HeldOut(why=f"experiment {name} is not in this repository")
         elif (stored.get(name) or {}).get("rev") == rev:
             out[t.number] = HeldOut({k: stored[name][k] for k in TEST_KEYS})
-        elif recorded:
+        elif recorded := _recorded(root, rev):
             out[t.number] = HeldOut(recorded)
         elif t.number in removed:
             out[t.number] = HeldOut(why=f"outputs removed by retention (keep_best {keep_best})")
