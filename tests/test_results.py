@@ -8,6 +8,8 @@ of tests/test_sweep.py.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import shutil
@@ -23,7 +25,7 @@ import yaml
 from helpers import REPO
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from sweeprepo import ENV, kdsweep, sh, write_spec
+from sweeprepo import ENV, kdsweep, sh, study, write_spec
 
 from kdsweep.sweep.dvcexp import exp_refs
 from kdsweep.sweep.results import exp_show_command
@@ -167,3 +169,95 @@ def test_the_exp_show_command_fits_120_columns_and_shows_val_loss(study_repo):
     assert values == sorted(values)  # sorted by val_loss, best first
     assert command in kdsweep(repo, "best", "small").stdout
     assert command in kdsweep(repo, "status", "small").stdout
+
+
+# --------------------------------------------------------------------------- test metrics, report
+@pytest.fixture
+def study_copy(study_repo, tmp_path) -> Path:
+    """A private copy of ``small_study`` with no test metrics stored yet (another test's `best` may have)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(study_repo, repo, symlinks=True)
+    (repo / "studies" / "small" / "test_metrics.json").unlink(missing_ok=True)
+    return repo
+
+
+def _test_table(out: str) -> dict[int, list[str]]:
+    """`best`'s test-metrics table: trial number -> its cells after the trial (experiment, val_loss, test_*...)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "trial"] and "test_ce" in line)
+    assert lines[start - 1] == "selection used validation (val_loss); the test metrics are shown for information only"
+    rows = {}
+    for line in lines[start + 2 :]:
+        cells = line.split()
+        if not cells or not cells[0].isdigit():
+            break
+        rows[int(cells[1])] = cells[2:]
+    return rows
+
+
+def test_best_shows_test_metrics_evaluated_once_and_as_the_evaluate_stage_measures_them(study_copy):
+    repo = study_copy
+    s = study(repo, "small")
+    winner = s.best_trial
+    (removed,) = s.user_attrs["outputs_removed"]  # keep_best 1: the other trial's student is gone
+
+    first = kdsweep(repo, "best", "small").stdout
+    assert f"test split: evaluating trial {winner.number} (small-{winner.number})" in first
+    rows = _test_table(first)
+    test_ce = float(rows[winner.number][2])
+    assert math.isfinite(test_ce) and 0 < test_ce < 20
+    assert rows[removed][2:6] == ["\u2014"] * 4 and "outputs removed by retention (keep_best 1)" in first
+    stored = json.loads((repo / "studies" / "small" / "test_metrics.json").read_text())
+    assert f"{stored[f'small-{winner.number}']['test_ce']:.4f}" == rows[winner.number][2]
+
+    second = kdsweep(repo, "best", "small").stdout
+    assert "test split: evaluating" not in second  # read back, not evaluated again
+    assert _test_table(second) == rows
+
+    # The evaluate stage on the applied best trial measures the same test CE.
+    kdsweep(repo, "best", "small", "--apply")
+    kdsweep(repo, "evaluate")
+    evaluated = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert evaluated["test_ce"] == pytest.approx(stored[f"small-{winner.number}"]["test_ce"], rel=1e-6)
+
+
+def test_report_has_all_trials_curves_test_metrics_and_the_best_against_baseline(study_copy):
+    repo = study_copy
+    s = study(repo, "small")
+    winner = s.best_trial
+    out = repo / "report"
+    kdsweep(repo, "report", "small", "--out", str(out))
+    text = (out / "report.md").read_text()
+    assert "![Learning curves of all trials](learning_curves.png)" in text
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    stored = json.loads((repo / "studies" / "small" / "test_metrics.json").read_text())
+    test_ce = f"{stored[f'small-{winner.number}']['test_ce']:.4f}"
+    assert "## Test metrics of the best trials" in text and f"| small-{winner.number} |" in text
+    line = next(line for line in text.splitlines() if line.startswith("**Best against baseline** (test CE"))
+    base = next(t for t in s.trials if t.user_attrs.get("baseline") == 0)
+    if winner.number == base.number:
+        assert f"the best trial is trial {base.number} (the baseline) itself, test CE {test_ce}" in line
+    else:
+        assert f"trial {winner.number} (`small-{winner.number}`) {test_ce} against trial {base.number}" in line
+    assert "Selection used validation (val_loss); the test metrics are shown for information only." in text
+
+
+def test_the_best_against_baseline_line_gives_the_relative_difference(study_copy):
+    """A hand-made study whose best trial (1) and baseline (0) name the kept experiment twice: the
+    line compares their test CE (equal here, so +0.00%) rather than naming the baseline as the best."""
+    repo = study_copy
+    kept = study(repo, "small").best_trial.user_attrs["experiment"]
+    storage = JournalStorage(JournalFileBackend(str(repo / "studies" / "pair.journal")))
+    pair = optuna.create_study(study_name="pair", storage=storage)
+    for value, attrs in ((5.0, {"baseline": 0}), (4.0, {})):
+        t = pair.ask()
+        t.suggest_float("loss.alpha", 0.1, 0.9)
+        for k, v in {"experiment": kept, "outputs": "kept", **attrs}.items():
+            t.set_user_attr(k, v)
+        pair.tell(t, value)
+    kdsweep(repo, "report", "pair", "--out", str(repo / "report"))
+    text = (repo / "report" / "report.md").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("**Best against baseline**"))
+    assert re.search(
+        rf"trial 1 \(`{kept}`\) (\d+\.\d{{4}}) against trial 0 \(`{kept}`, the baseline\) \1: \+0\.00%$", line
+    )

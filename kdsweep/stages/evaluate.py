@@ -40,12 +40,14 @@ TEST_NAMES = {
 }
 
 
-def _teacher_fns(params: Params, data: Prepared, teacher_dir: Path, cache_dir: Path, device):
+def teacher_fns(
+    params: Params, data: Prepared, teacher_dir: Path, cache_dir: Path, device, splits: tuple[str, ...] = EVAL_SPLITS
+):
     """Per split, the cache to read (None for a live teacher) and the batch -> teacher function; the loss spec."""
     chunk = params.loss.chunk_size
     if params.teacher.use_cached_logits:
         caches = {}
-        for split in EVAL_SPLITS:
+        for split in splits:
             caches[split] = TeacherLogitCache(cache_dir / f"{split}.h5")
             caches[split].check_fingerprint(expected_fingerprint(data, teacher_dir, params, split))
         fns = {split: (lambda b, c=c: cached_teacher_fn(b, c.betas, 1.0)) for split, c in caches.items()}
@@ -56,12 +58,27 @@ def _teacher_fns(params: Params, data: Prepared, teacher_dir: Path, cache_dir: P
     def live(b):
         return live_teacher_fn(teacher, b["input_ids"], 1.0, "dense", 1, vocab)
 
-    caches = dict.fromkeys(EVAL_SPLITS)
+    caches = dict.fromkeys(splits)
     return (
         caches,
-        dict.fromkeys(EVAL_SPLITS, live),
+        dict.fromkeys(splits, live),
         LossSpec(alpha=0.0, temperature=1.0, mode="dense", chunk_size=chunk),
     )
+
+
+def split_metrics(model, data: Prepared, split: str, cache, teacher_fn, spec: LossSpec, cfg, device) -> dict:
+    """``model`` on one split: validation under distill's names (``val_loss``...), test under :data:`TEST_NAMES`."""
+    sequences = data.split(split)
+    n_batches = math.ceil(len(sequences) / cfg.batch_size)
+    scores = evaluate(
+        model,
+        validation_batches(sequences, cache, cfg.batch_size, cfg.max_batches, device),
+        teacher_fn,
+        spec,
+        progress=True,
+        total=n_batches if cfg.max_batches is None else min(n_batches, cfg.max_batches),
+    )
+    return scores if split == "validation" else {TEST_NAMES[k]: v for k, v in scores.items()}
 
 
 def main(
@@ -77,23 +94,13 @@ def main(
     device = default_device()
     data = load_prepared(prepared_dir)
     cfg = params.evaluate
-    caches, teacher_fns, spec = _teacher_fns(params, data, teacher_dir, cache_dir, device)
+    caches, fns, spec = teacher_fns(params, data, teacher_dir, cache_dir, device)
     results = {}
     for name, path in (("initial", init_dir), ("distilled", student_dir)):
         model = load_student(path).to(device)
         results[name] = {}
         for split in EVAL_SPLITS:
-            sequences = data.split(split)
-            n_batches = math.ceil(len(sequences) / cfg.batch_size)
-            scores = evaluate(
-                model,
-                validation_batches(sequences, caches[split], cfg.batch_size, cfg.max_batches, device),
-                teacher_fns[split],
-                spec,
-                progress=True,
-                total=n_batches if cfg.max_batches is None else min(n_batches, cfg.max_batches),
-            )
-            results[name].update(scores if split == "validation" else {TEST_NAMES[k]: v for k, v in scores.items()})
+            results[name].update(split_metrics(model, data, split, caches[split], fns[split], spec, cfg, device))
     for cache in caches.values():
         if cache is not None:
             cache.close()

@@ -47,7 +47,7 @@ def best(
     ] = False,
     branch: Annotated[str | None, typer.Option(help="Make a git branch of the best trial (`dvc exp branch`).")] = None,
 ) -> None:
-    """Trials ranked by the objective (complete ones first, then pruned ones by their last value)."""
+    """Trials ranked by the objective (complete first, then pruned by last value), then their test metrics."""
     from kdsweep.sweep.results import best as show_best
 
     show_best(study, storage, top=top, apply=apply, branch=branch)
@@ -59,7 +59,8 @@ def report(
     storage: StorageOpt = None,
     out: Annotated[Path | None, typer.Option(help="Directory of the report (default reports/<study>).")] = None,
 ) -> None:
-    """Markdown report with PNG plots (history, importances, parallel coordinates, alpha x T) and dvc exp show."""
+    """Markdown report: PNG plots (history, all trials' curves, importances, parallel coordinates, alpha x T),
+    test metrics of the best trials, the best against the baseline, and dvc exp show."""
     from kdsweep.sweep.results import report as write_report
 
     write_report(study, storage, out)

@@ -2,6 +2,8 @@
 
 All three read the Optuna study (trial states, values, the user attributes the runner
 wrote); ``best --apply`` and ``report`` also talk to DVC (``dvc exp apply``, ``dvc exp show``).
+``best`` and ``report`` show the listed trials' test-split metrics beside the validation that
+selected them (:mod:`kdsweep.sweep.testeval` evaluates kept checkpoints once and stores the numbers).
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from kdsweep.sweep.study import (
     INTERRUPTED,
     OUTPUTS,
     REMOVED,
+    RETRY_OF,
     headline,
     last_value,
     owner_gone,
     ranked,
     storage_url,
 )
+from kdsweep.sweep.testeval import SELECTION_NOTE, TEST_KEYS, HeldOut, held_out
 
 DISTILL_METRICS = "metrics/distill.json"  # the metrics file every trial writes (dvc.yaml's distill stage)
+TEST_ROWS = 20  # trials whose test metrics `report` shows (as many as `kdsweep best` lists by default)
+NONE = "\u2014"  # a metric a trial does not have (an em dash)
 
 
 class StudyHandle:
@@ -82,6 +88,11 @@ class StudyHandle:
         if t.user_attrs.get(OUTPUTS) != "kept":
             return ""
         return "removed" if t.number in self.removed else "kept"
+
+    def held_out(self, trials: list) -> dict[int, HeldOut]:
+        """The test metrics of ``trials``, or why each has none (evaluated once, then read back)."""
+        keep_best = (self.spec.get("retention") or {}).get("keep_best")
+        return held_out(self.root, self.name, trials, self.removed, keep_best)
 
     def param_names(self) -> list[str]:
         names: list[str] = []
@@ -132,6 +143,51 @@ def ranked_rows(h: StudyHandle, top: int | None = None) -> tuple[list[str], list
     return header, rows, order
 
 
+def _test_rows(h: StudyHandle, order: list, scores: dict[int, HeldOut]) -> tuple[list[str], list[list[Any]]]:
+    """The test metrics of the trials ``order`` lists, beside the validation value that ranked them."""
+    header = ["rank", "trial", "experiment", h.metric, *TEST_KEYS, "note"]
+    rows = []
+    for i, t in enumerate(order):
+        s = scores[t.number]
+        values = [s.metrics[k] for k in TEST_KEYS] if s.metrics else [NONE] * len(TEST_KEYS)
+        rows.append([i + 1, t.number, t.user_attrs.get(EXPERIMENT), last_value(t), *values, s.why])
+    return header, rows
+
+
+def _baseline(h: StudyHandle):
+    """The trial the best is compared with: the first baseline's (its retry's, if it was interrupted),
+    else trial 0; and how to name it."""
+    by_number = {t.number: t for t in h.trials}
+    base = next((t for t in h.trials if t.user_attrs.get("baseline") == 0), None)
+    if base is None:
+        return by_number.get(0), "the first trial: the study has no baseline"
+    retries = {t.user_attrs[RETRY_OF]: t for t in h.trials if t.user_attrs.get(RETRY_OF) is not None}
+    while base.number in retries and base.value is None:
+        base = retries[base.number]
+    return base, "the baseline"
+
+
+def _against_baseline(h: StudyHandle, best_trial, scores: dict[int, HeldOut]) -> str:
+    """One line: test CE of the best trial against the baseline's, with the relative difference."""
+    head = "**Best against baseline** (test CE, lower is better):"
+    base, what = _baseline(h)
+    if best_trial is None or base is None:
+        return f"{head} {NONE} (no {'complete trial' if best_trial is None else 'trial 0'})"
+    if base.number == best_trial.number:
+        ce = scores[base.number].metrics
+        return f"{head} the best trial is trial {base.number} ({what}) itself" + (
+            f", test CE {ce['test_ce']:.4f}" if ce else f"; {scores[base.number].why}"
+        )
+    missing = [(t, scores[t.number].why) for t in (best_trial, base) if not scores[t.number].metrics]
+    if missing:
+        return f"{head} {NONE} (" + "; ".join(f"trial {t.number}: {why}" for t, why in missing) + ")"
+    b, r = scores[best_trial.number].metrics["test_ce"], scores[base.number].metrics["test_ce"]
+    return (
+        f"{head} trial {best_trial.number} (`{best_trial.user_attrs.get(EXPERIMENT)}`) {b:.4f} against trial "
+        f"{base.number} (`{base.user_attrs.get(EXPERIMENT)}`, {what}) {r:.4f}: {100 * (b - r) / r:+.2f}%"
+    )
+
+
 def best(study: str, storage: str | None = None, top: int = 20, apply: bool = False, branch: str | None = None) -> int:
     """Print the ranked trials; optionally apply the best to the workspace or branch it."""
     import optuna
@@ -144,6 +200,10 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
     for t in failed:
         why = headline(t.user_attrs.get(FAIL_REASON) or "")
         print(f"failed: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {why}")
+    if order:
+        test_header, test_rows = _test_rows(h, order, h.held_out(order))
+        print(SELECTION_NOTE.format(metric=h.metric))
+        print(table(test_header, test_rows))
     print(f"the trials in DVC, best first: {_exp_show(h.spec)}")
     if not (apply or branch):
         return 0
@@ -402,6 +462,7 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
 
     vis = optuna.visualization.matplotlib
     save("Optimisation history", "optimization_history.png", lambda: vis.plot_optimization_history(h.study))
+    save("Learning curves of all trials", "learning_curves.png", lambda: _learning_curves(h, plt))
     if len(complete) >= 2:
         save("Parameter importances", "param_importances.png", lambda: vis.plot_param_importances(h.study))
     else:
@@ -409,7 +470,10 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
     save("Parallel coordinates", "parallel_coordinates.png", lambda: vis.plot_parallel_coordinate(h.study))
     save("alpha x temperature", "alpha_temperature.png", lambda: _alpha_temperature(h, plt))
 
-    lines = _report_lines(h, plots)
+    order = ranked(h.trials, h.direction)[:TEST_ROWS]
+    compared = [t for t in (h.study.best_trial if complete else None, _baseline(h)[0]) if t is not None]
+    scores = h.held_out(list({t.number: t for t in order + compared}.values()))
+    lines = _report_lines(h, plots, order, scores)
     path = out / "report.md"
     write_text(path, "\n".join(lines))
     print(
@@ -419,8 +483,11 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
     return path
 
 
-def _report_lines(h: StudyHandle, plots: list[tuple[str, str, str]]) -> list[str]:
-    """report.md's lines: the summary, the best trial, the plots, the ranked, failed and DVC tables."""
+def _report_lines(
+    h: StudyHandle, plots: list[tuple[str, str, str]], order: list, scores: dict[int, HeldOut]
+) -> list[str]:
+    """report.md's lines: the summary, the best trial against the baseline, the plots, the test metrics
+    of the best trials (``order``), the ranked, failed and DVC tables."""
     import optuna
 
     TS = optuna.trial.TrialState
@@ -446,9 +513,13 @@ def _report_lines(h: StudyHandle, plots: list[tuple[str, str, str]]) -> list[str
             "",
         ]
     except ValueError:
-        pass
+        b = None
+    lines += [_against_baseline(h, b, scores), "", SELECTION_NOTE.format(metric=h.metric).capitalize() + ".", ""]
     for title, file, note in plots:
         lines += [f"## {title}", "", f"![{title}]({file})" if file else f"_{note}_", ""]
+    if order:
+        test_header, test_rows = _test_rows(h, order, scores)
+        lines += ["## Test metrics of the best trials", "", table(test_header, test_rows, markdown=True), ""]
     lines += ["## Trials, ranked", "", table(header, rows, markdown=True), ""]
     if failed:
         lines += ["## Failed trials", ""]
@@ -465,6 +536,50 @@ def _report_lines(h: StudyHandle, plots: list[tuple[str, str, str]]) -> list[str
         "",
     ]
     return lines
+
+
+def _learning_curves(h: StudyHandle, plt):
+    """Every trial's reported values by step (what the pruner saw), pruned and failed ones included."""
+    import optuna
+
+    TS = optuna.trial.TrialState
+    styles = {
+        TS.COMPLETE: ("tab:blue", "-", "complete"),
+        TS.PRUNED: ("tab:red", "--", "pruned"),
+        TS.FAIL: ("tab:gray", ":", "failed"),
+        TS.RUNNING: ("tab:green", "-.", "running"),
+    }
+    curves = [t for t in h.trials if t.intermediate_values and t.state in styles]
+    if not curves:
+        raise ValueError("no trial reported a value yet")
+    best_number = h.study.best_trial.number if any(t.state == TS.COMPLETE for t in h.trials) else None
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    labelled = set()
+    for t in curves:
+        steps = sorted(t.intermediate_values)
+        values = [t.intermediate_values[s] for s in steps]
+        color, style, label = styles[t.state]
+        is_best = t.number == best_number
+        ax.plot(
+            steps,
+            values,
+            color="black" if is_best else color,
+            linestyle=style,
+            linewidth=2.5 if is_best else 1.2,
+            marker="o",
+            markersize=3,
+            alpha=1.0 if is_best else 0.7,
+            zorder=3 if is_best else 2,
+            label=f"best (trial {t.number})" if is_best else (None if label in labelled else label),
+        )
+        labelled.add("best" if is_best else label)
+        ax.annotate(str(t.number), (steps[-1], values[-1]), textcoords="offset points", xytext=(4, 0), fontsize=7)
+    pruned = sum(t.state == TS.PRUNED for t in curves)
+    ax.set_xlabel("step")
+    ax.set_ylabel(h.spec["objective"].get("report") or "val_loss")
+    ax.set_title(f"{h.name}: learning curves of {len(curves)} trials ({pruned} pruned)")
+    ax.legend(loc="best")
+    return ax
 
 
 def _alpha_temperature(h: StudyHandle, plt):
