@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.study import EXPERIMENT, OUTPUTS, REMOVED, ranked
+from kdsweep.sweep.study import EXPERIMENT, OUTPUTS, REMOVED, RETRY_OF, ranked
 
 
 def cache_dir(root: Path) -> Path:
@@ -89,14 +89,17 @@ class Retention:
         self.lock = threading.Lock()  # workers finish trials concurrently
 
     def retain(self, study) -> None:
-        """Keep the best ``keep_best`` trials' outputs; drop the others' from the DVC cache."""
+        """Keep the best ``keep_best`` trials' outputs and the baselines'; drop the others' from the DVC cache."""
         if self.keep_best is None:
             return
         with self.lock:
             trials = ranked(study.get_trials(deepcopy=False), self.direction)
             removed = set(study.user_attrs.get(REMOVED, []))
+            keep = baselines(trials)
             drop = [
-                t for t in trials[self.keep_best :] if t.user_attrs.get(OUTPUTS) == "kept" and t.number not in removed
+                t
+                for t in trials[self.keep_best :]
+                if t.user_attrs.get(OUTPUTS) == "kept" and t.number not in removed | keep
             ]
             if not drop:
                 return
@@ -135,3 +138,12 @@ class Retention:
         ]
         locks += [dvcexp.exp_lock(self.root, sha) for name, (_ref, sha) in refs.items() if name not in dropped_names]
         return [h for lock in locks for h in cached_outs(lock, list(lock))]
+
+
+def baselines(trials: list) -> set[int]:
+    """The baseline trials and their retries: kept, so that the best can be compared with them on test."""
+    keep = {t.number for t in trials if "baseline" in t.user_attrs}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.user_attrs.get(RETRY_OF) in keep:
+            keep.add(t.number)
+    return keep
