@@ -23,9 +23,23 @@ from sweeprepo import BIN, ENV, TS, experiments, sh, study, write_spec
 pytestmark = pytest.mark.slow
 
 
+_runners: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_runners():
+    """A failed test leaves no runner behind (each is a process group of its own)."""
+    yield
+    while _runners:
+        proc = _runners.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _start(repo: Path, spec: str, env: dict | None = None) -> subprocess.Popen:
     """``kdsweep run <spec>`` in ``repo``, in its own process group (a test can kill the whole runner)."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [str(BIN / "kdsweep"), "run", spec],
         cwd=repo,
         env=env or ENV,
@@ -34,6 +48,8 @@ def _start(repo: Path, spec: str, env: dict | None = None) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+    _runners.append(proc)
+    return proc
 
 
 def _kdsweep(repo: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
@@ -100,8 +116,9 @@ class Machines:
 
 @pytest.fixture(scope="module")
 def machines(sweep_template, pg, tmp_path_factory) -> Machines:
-    """Machine A has run the upstream stages (the template did), commits dvc.lock and the study specs,
-    `dvc push`es and `git push`es; machine B `git clone`s and `dvc pull`s: the commands of docs/scale-out.md."""
+    """Machine A has run the upstream stages (the template did), commits dvc.lock, their metrics and the
+    study specs, `dvc push`es and `git push`es; machine B `git clone`s and `dvc pull`s the upstream
+    outputs: the commands of docs/scale-out.md."""
     top = tmp_path_factory.mktemp("machines")
     a, b, origin = top / "a" / "kdsweep", top / "b" / "kdsweep", top / "origin.git"
     shutil.copytree(sweep_template, a, symlinks=True)
@@ -111,7 +128,7 @@ def machines(sweep_template, pg, tmp_path_factory) -> Machines:
         write_spec(a, "pair-kill", storage=url, **{**SHARED, "execution": {"push": "origin", **STALE}}),
     ]
     out = [sh(a, "dvc", "remote", "add", "-d", "shared", str(top / "dvc-remote")).stdout]
-    sh(a, "git", "add", "dvc.lock", ".dvc/config", *specs)
+    sh(a, "git", "add", "dvc.lock", "metrics", ".dvc/config", *specs)  # metrics: not in the DVC cache
     sh(a, "git", "commit", "-q", "-m", "upstream outputs; studies pair and pair-kill")
     out.append(sh(a, "dvc", "push").stdout)
     sh(top, "git", "init", "-q", "--bare", str(origin))
@@ -119,7 +136,7 @@ def machines(sweep_template, pg, tmp_path_factory) -> Machines:
     branch = sh(a, "git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
     sh(a, "git", "push", "-q", "origin", branch)
     sh(top, "git", "clone", "-q", "--branch", branch, str(origin), str(b))
-    out.append(sh(b, "dvc", "pull").stdout)
+    out.append(sh(b, "dvc", "pull", "--with-deps", "student", "teacher_logits").stdout)
     return Machines(a, b, {**ENV, "PGPASSWORD": pg.password}, "\n".join(out))
 
 
@@ -154,7 +171,11 @@ def _running_on(storage: str, study_name: str, pid: int, timeout: float = 300):
     """The first trial of ``study_name`` that runner ``pid`` runs, once its `dvc exp run` has started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for t in optuna.load_study(study_name=study_name, storage=storage).trials:
+        try:
+            trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        except KeyError:  # the runners have not created the study yet
+            trials = []
+        for t in trials:
             if t.state == TS.RUNNING and t.user_attrs.get("runner", {}).get("pid") == pid and "child" in t.user_attrs:
                 return t
         time.sleep(0.5)

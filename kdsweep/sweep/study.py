@@ -28,8 +28,7 @@ STARTED = "started_at"  # study attribute: when its first runner started (unix t
 RUNNER = "runner"  # the runner that owns a RUNNING trial: {host, pid, started}
 HEARTBEAT = "heartbeat"  # when that runner last said it is alive (time.time())
 
-HEARTBEAT_S = 30.0  # a RUNNING trial's owner refreshes its heartbeat this often
-STALE_AFTER_S = 300.0  # a trial owned by another machine is stale after this long without one
+STALE_AFTER_S = 300.0  # journal storage: a trial owned by another machine is stale after this long without a heartbeat
 
 
 def storage_url(spec: StudySpec, root: Path) -> str:
