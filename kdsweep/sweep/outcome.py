@@ -195,7 +195,7 @@ class Outcomes:
             )
             freed = self.requeue(t, name, reason)
             tqdm.write(
-                f"trial {t.number} ({name}): its runner stopped during it; marked failed and enqueued again"
+                f"resume: trial {t.number} ({name}) was interrupted; marked failed and re-enqueued"
                 + (f" (removed its temporary copy, {freed / 2**20:.1f} MB)" if freed else "")
             )
 
