@@ -11,32 +11,58 @@ full disk, can leave the last line torn; Optuna then skips it, and the next appe
 it, after which no reader can parse the file. So opening a journal first checks its last
 line and, if it is torn, saves the file as ``<journal>.torn-<time>`` and cuts the torn bytes
 (or restores the line end of a record that lost only that), under the journal's own lock.
+
+Runners on several machines share one study, so some steps must not interleave (counting the
+budget, then asking for a trial; creating the study and Optuna's tables). :func:`storage_lock`
+is one lock per study for every process that reaches the storage: an ``flock`` on a file beside
+a journal or SQLite file (one machine), a session-level ``pg_advisory_lock`` on PostgreSQL (or
+``GET_LOCK`` on MySQL) held on a connection of its own, which the server releases if the holder
+dies. A database connection that drops (a server restart, a network blip) is retried with
+backoff by :func:`with_retries`; the runner's pool holds a connection per worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kdsweep.errors import UserError
 from kdsweep.fsio import atomic_path
 
 # Driver modules whose pip package has another name.
 _PIP_NAMES = {"MySQLdb": "mysqlclient", "psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'"}
+RETRY_DELAYS_S = (1, 2, 4, 8, 16, 30)  # a lost database connection is retried after each of these
+T = TypeVar("T")
 
 
-def open_storage(url: str):
+def open_storage(
+    url: str,
+    *,
+    connections: int | None = None,
+    heartbeat: tuple[int, int] | None = None,
+    on_stale: Callable | None = None,
+):
     """An Optuna storage object for a storage string.
 
     A torn journal is repaired first (see the module docstring); a journal that cannot be read,
     an RDB URL whose driver is not installed or whose database cannot be reached is a
     :class:`UserError` naming the storage (never its password) and the fix.
+
+    For a database server: ``connections`` sizes the pool (the threads that use it at once), and
+    ``heartbeat=(interval, grace_period)`` turns on Optuna's trial heartbeats, with
+    ``on_stale(study, trial)`` called once for each trial :func:`optuna.storages.fail_stale_trials`
+    fails. Journal storage has no heartbeats; the sweep keeps its own there.
     """
     import optuna
 
@@ -46,12 +72,123 @@ def open_storage(url: str):
     problem = _driver_problem(url)
     if problem:
         raise UserError(problem)
+    from sqlalchemy import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
+    kwargs: dict[str, Any] = {}
+    if make_url(url).get_backend_name() != "sqlite":
+        # pre_ping replaces a pooled connection the server dropped, instead of failing on it.
+        n = connections or 1
+        kwargs["engine_kwargs"] = {"pool_size": n + 2, "max_overflow": n + 2, "pool_pre_ping": True}
+    if heartbeat:
+        # Optuna marks heartbeats experimental and expects study.optimize; the runner drives them itself.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        kwargs.update(heartbeat_interval=heartbeat[0], grace_period=heartbeat[1])
+        kwargs["heartbeat_stale_trial_callback"] = on_stale
     try:
-        return optuna.storages.RDBStorage(url)
+        return optuna.storages.RDBStorage(url, **kwargs)
     except SQLAlchemyError as e:
         raise UserError(f"storage {safe_url(url)}: cannot open the database: {_first_line(e)}") from None
+
+
+def _connection_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a database connection failing (worth retrying), not a wrong query or a finished trial."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+
+    while e is not None:
+        if isinstance(e, (OperationalError, DisconnectionError)) or (
+            isinstance(e, DBAPIError) and e.connection_invalidated
+        ):
+            return True
+        if not isinstance(e, StorageInternalError):
+            return False
+        e = e.__cause__
+    return False
+
+
+def with_retries(call: Callable[[], T], url: str, what: str) -> T:
+    """``call()``, retried with backoff (:data:`RETRY_DELAYS_S`) while the database connection is lost.
+
+    Only calls that are safe to repeat belong here: reads, setting attributes, heartbeats. The
+    last failure is raised; each retry prints one line naming the storage without its password.
+    """
+    for delay in RETRY_DELAYS_S:
+        try:
+            return call()
+        except Exception as e:
+            if not _connection_lost(e):
+                raise
+            print(
+                f"warning: storage {safe_url(url)}: connection lost while {what} ({_first_line(e)}); "
+                f"retrying in {delay} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(delay)
+    return call()
+
+
+@contextlib.contextmanager
+def storage_lock(url: str, name: str) -> Iterator[None]:
+    """Hold the study ``name``'s lock, shared by every process on every machine that uses ``url``
+    (see the module docstring); blocks while another holds it."""
+    if url.startswith("journal:"):
+        with _file_lock(Path(url[len("journal:") :] + ".claim-lock")):
+            yield
+        return
+    from sqlalchemy import make_url
+
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database
+        with (
+            _file_lock(Path(database + ".claim-lock"))
+            if database and database != ":memory:"
+            else contextlib.nullcontext()
+        ):
+            yield
+        return
+    with _server_lock(url, backend, name):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    # Each call opens the file anew: flock then also excludes other threads of this process.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _server_lock(url: str, backend: str, name: str) -> Iterator[None]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    key = int.from_bytes(hashlib.sha256(f"kdsweep study {name}".encode()).digest()[:8], "big", signed=True)
+    take, give = {
+        "postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
+        "mysql": ("SELECT GET_LOCK(:key, -1)", "SELECT RELEASE_LOCK(:key)"),
+    }[backend]
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        conn = with_retries(engine.connect, url, f"taking study {name}'s lock")
+        try:
+            conn.execute(text(take), {"key": key if backend == "postgresql" else str(key)})
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # a dropped connection released the lock already
+                conn.execute(text(give), {"key": key if backend == "postgresql" else str(key)})
+            conn.close()
+    finally:
+        engine.dispose()
 
 
 def check_storage(url: str) -> list[str]:
@@ -220,10 +357,20 @@ def _damaged(path: Path, line: int) -> str:
 
 
 def display(url: str, root: Path) -> str:
-    """How the console names a storage: a journal by its path below ``root``, an RDB URL without its password."""
+    """How the console names a storage: a journal by its path below ``root``, a database server as
+    ``host:port/database`` (no user, no password), anything else as its URL without the password."""
     if url.startswith("journal:"):
         path = Path(url[len("journal:") :])
         return str(path.relative_to(root)) if root in path.parents else str(path)
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return safe_url(url)
+    if parsed.host:
+        return f"{parsed.host}" + (f":{parsed.port}" if parsed.port else "") + f"/{parsed.database or ''}"
     return safe_url(url)
 
 

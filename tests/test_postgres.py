@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -132,3 +134,93 @@ def test_a_url_without_password_takes_it_from_pgpassword(pg, status_study, tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 of 4 finished" in proc.stdout
     assert pg.password not in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------- study-wide budget, heartbeats, lost connections
+CLAIMER = """
+import os, sys, time, optuna
+from kdsweep.optuna_io import open_storage
+from kdsweep.sweep.budget import StudyBudget
+from kdsweep.sweep.spec import Budget
+study = optuna.load_study(study_name=os.environ["STUDY"], storage=open_storage(os.environ["STORAGE"]))
+budget = StudyBudget(study, os.environ["STORAGE"], Budget(n_trials=5), time.time(), reap=lambda: None,
+                     own=lambda trial: None, poll_s=0.1)
+while (trial := budget.claim(lambda: set(), lambda: False)) is not None:
+    time.sleep(0.05)  # the other process asks in between: without the lock both would take the last trial
+    study.tell(trial, trial.suggest_float("x", 0, 1))
+"""
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "journal"])
+def test_processes_that_claim_trials_together_run_exactly_the_budget(pg, tmp_path, kind):
+    url = pg.url if kind == "postgresql" else f"journal:{tmp_path / 'claims.journal'}"
+    study_name = f"claims-{kind}"
+    optuna.create_study(study_name=study_name, storage=open_storage(url))
+    env = {**os.environ, "STUDY": study_name, "STORAGE": url, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CLAIMER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    trials = optuna.load_study(study_name=study_name, storage=open_storage(url)).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
+    assert {t.state for t in trials} == {TS.COMPLETE}
+
+
+def test_a_trial_without_heartbeats_is_failed_and_enqueued_once_by_whichever_runner_looks_first(pg):
+    from kdsweep.sweep.outcome import retry_stale
+    from kdsweep.sweep.study import counts_toward_budget, retried
+
+    storage = open_storage(pg.url, connections=2, heartbeat=(1, 2), on_stale=retry_stale)
+    study = optuna.create_study(study_name="stale", storage=storage)
+    dead = study.ask()
+    dead.suggest_float("x", 0, 1)
+    storage.record_heartbeat(dead._trial_id)  # its runner's last heartbeat; then its machine dies
+    time.sleep(3)
+    # Two runners look at once, each with its own storage (their own connections).
+    lookers = [
+        optuna.load_study(study_name="stale", storage=open_storage(pg.url, heartbeat=(1, 2), on_stale=retry_stale))
+        for _ in range(2)
+    ]
+    threads = [threading.Thread(target=optuna.storages.fail_stale_trials, args=(s,)) for s in lookers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trials = study.trials
+    assert [t.state for t in trials] == [TS.FAIL, TS.WAITING]
+    assert trials[1].user_attrs == {"retry_of": 0} and trials[1].system_attrs["fixed_params"] == dead.params
+    assert retried(trials) == {0} and not counts_toward_budget(trials[0], retried(trials))
+
+
+def test_a_lost_connection_is_retried_until_the_database_takes_connections_again(pg, capfd):
+    import psycopg
+    from psycopg import sql
+
+    from kdsweep.optuna_io import with_retries
+
+    storage = open_storage(pg.url, connections=1)
+    optuna.create_study(study_name="reconnect", storage=storage)
+
+    def superuser(statement) -> None:
+        with psycopg.connect(
+            host=str(pg.socket_dir), port=pg.port, user="postgres", dbname="postgres", autocommit=True
+        ) as c:
+            c.execute(statement)
+
+    role = sql.Identifier(pg.user)
+    superuser(sql.SQL("ALTER ROLE {} NOLOGIN").format(role))  # the server is unreachable for this role ...
+    superuser(
+        sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {}").format(
+            sql.Literal(pg.user)
+        )
+    )
+    threading.Timer(2.5, superuser, args=(sql.SQL("ALTER ROLE {} LOGIN").format(role),)).start()  # ... for 2.5 s
+    t0 = time.monotonic()
+    studies = with_retries(storage.get_all_studies, pg.url, "listing studies")
+    assert time.monotonic() - t0 >= 2.5
+    assert "reconnect" in [s.study_name for s in studies]
+    err = capfd.readouterr().err
+    assert "connection lost while listing studies" in err and "retrying in 1 s" in err
+    assert pg.password not in err

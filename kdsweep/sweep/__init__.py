@@ -10,8 +10,9 @@ The pieces, in the order a sweep uses them:
                     the student's parameter names, before any trial runs
 ``dvcexp.py``       I/O with DVC and git: ``-S`` values, experiment refs, upstream checks
 ``prepare.py``      before the first trial: ``dvc repro`` upstream, the student's names
-``exprun.py``       one trial's ``dvc exp run``: started, logged, heartbeat, stopped
-``outcome.py``      a trial's end in the study: tell, fail, requeue; resume's recovery
+``budget.py``       the study's budget, shared by every runner; trial heartbeats
+``exprun.py``       one trial's ``dvc exp run``: started, logged, stopped
+``outcome.py``      a trial's end in the study: tell, fail, requeue, push; dead runners' trials
 ``retention.py``    keep the best trials' outputs, free the others' DVC cache objects
 ``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``

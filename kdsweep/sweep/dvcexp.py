@@ -7,7 +7,8 @@
 - experiment refs: after a trial, the experiment's files are read straight from its git ref
   (``refs/exps/<baseline>/<name>``) rather than through ``dvc exp show`` (2.5 s on this machine);
 - ``dvc.lock``: did a trial rebuild an upstream stage;
-- failed trials recorded as experiments, and what a killed ``dvc exp run --temp`` left behind.
+- failed trials recorded as experiments, and what a killed ``dvc exp run --temp`` left behind;
+- sharing experiments between clones: ``dvc exp push`` / ``dvc exp pull`` of one experiment.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,13 @@ import yaml
 from kdsweep.errors import UserError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Lock contention between concurrent `dvc exp run --temp` processes (git index, refs, DVC's
+# repo lock): worth retrying. Anything else is the trial's own failure.
+TRANSIENT = re.compile(
+    r"Unable to acquire lock|Lock is already held|index\.lock|cannot lock ref|unable to create .*\.lock"
+    r"|LockError|is locked|Resource temporarily unavailable|database is locked",
+    re.IGNORECASE,
+)
 
 
 # --------------------------------------------------------------------------- -S values
@@ -247,3 +256,33 @@ def clean_tempdirs(root: Path, name: str) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(info.parent, ignore_errors=True)
     return freed
+
+
+# --------------------------------------------------------------------------- sharing between clones
+def _dvc_exp(root: Path, verb: str, remote: str, name: str, tries: int = 4) -> str | None:
+    """``dvc exp <verb> <remote> <name>``, retried on lock contention; None when it worked, else why not.
+
+    ``--wait-for-lock``: a ``dvc exp run`` of another trial may hold the repository's lock for a moment.
+    """
+    for attempt in range(tries):
+        r = subprocess.run(
+            ["dvc", "--wait-for-lock", "exp", verb, remote, name], cwd=root, capture_output=True, text=True
+        )
+        output = (r.stderr or r.stdout).strip()
+        if r.returncode == 0:
+            return None
+        if not TRANSIENT.search(output) or attempt == tries - 1:
+            return output[-1000:] or f"dvc exp {verb} exited {r.returncode}"
+        time.sleep(1.0 + 2.0 * attempt)
+    return None
+
+
+def push_experiment(root: Path, remote: str, name: str) -> str | None:
+    """Push experiment ``name``: its git ref to the git remote ``remote``, its outputs to the default
+    DVC remote (``dvc exp push``). None when it worked, else DVC's message."""
+    return _dvc_exp(root, "push", remote, name)
+
+
+def pull_experiment(root: Path, remote: str, name: str) -> str | None:
+    """Fetch experiment ``name`` that another clone pushed (``dvc exp pull``): None when it worked, else why not."""
+    return _dvc_exp(root, "pull", remote, name)

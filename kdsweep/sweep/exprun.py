@@ -18,7 +18,6 @@ Supervision, per attempt::
 
     start the command in its own process group (so a stop reaches DVC and the stage it runs)
     every line it prints -> studies/<study>/logs/<number>.log, timestamped, flushed per line
-    every HEARTBEAT_S: beat()                    (a resumed runner on another machine sees it alive)
     stopping()? -> SIGINT the group (DVC removes its temporary copy), then SIGKILL
     a lock error between concurrent `dvc exp run`s -> remove the attempt's leftovers, retry
 
@@ -29,7 +28,6 @@ The command's timing (:func:`timings`) comes from what ``kdsweep distill`` write
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -43,15 +41,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.study import HEARTBEAT_S
-
-# Lock contention between concurrent `dvc exp run --temp` processes (git index, refs, DVC's
-# repo lock): worth retrying. Anything else is the trial's own failure.
-TRANSIENT = re.compile(
-    r"Unable to acquire lock|Lock is already held|index\.lock|cannot lock ref|unable to create .*\.lock"
-    r"|LockError|is locked|Resource temporarily unavailable|database is locked",
-    re.IGNORECASE,
-)
+from kdsweep.sweep.dvcexp import TRANSIENT
 
 
 def exp_run_command(name: str, overrides: dict[str, Any], stages: list[str], copy_paths: list[str]) -> list[str]:
@@ -119,12 +109,12 @@ class TrialRun:
 class Watch:
     """How the runner hears from a supervised attempt and stops it.
 
-    ``started(child)`` gets the child's :func:`process_identity` once it runs; ``beat()`` runs every
-    ``HEARTBEAT_S``; ``stopping()`` true makes the supervisor stop the attempt's processes.
+    ``started(child)`` gets the child's :func:`process_identity` once it runs; ``stopping()`` true
+    makes the supervisor stop the attempt's processes. (The trial's heartbeats come from the
+    runner's own thread, :class:`kdsweep.sweep.budget.Heartbeats`, for as long as it owns the trial.)
     """
 
     started: Callable[[dict[str, Any]], None]
-    beat: Callable[[], None]
     stopping: Callable[[], bool]
 
 
@@ -186,16 +176,12 @@ def _attempt(cmd: list[str], root: Path, env: dict[str, str], log_path: Path, at
 
 
 def _supervise(proc: subprocess.Popen, watch: Watch) -> int:
-    """Wait for ``proc``; beat every ``HEARTBEAT_S``; stop its process group when told to."""
-    last_beat = time.monotonic()
+    """Wait for ``proc``; stop its process group when told to."""
     while proc.poll() is None:
         if watch.stopping():
             kill_group(proc.pid, proc)
             break
         time.sleep(0.2)
-        if time.monotonic() - last_beat > HEARTBEAT_S:
-            watch.beat()
-            last_beat = time.monotonic()
     return proc.wait()
 
 

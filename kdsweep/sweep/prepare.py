@@ -70,7 +70,8 @@ def repro_upstream(root: Path, upstream: list[str]) -> None:
     """``dvc repro`` of the upstream stages in the workspace (a no-op when up to date)."""
     if not upstream:
         return
-    r = subprocess.run(["dvc", "repro", *upstream], cwd=root, capture_output=True, text=True)
+    # Another runner of this clone may be reproducing them right now: wait for its lock, then find them up to date.
+    r = subprocess.run(["dvc", "--wait-for-lock", "repro", *upstream], cwd=root, capture_output=True, text=True)
     ran = [line for line in r.stdout.splitlines() if line.startswith("Running stage")]
     if r.returncode != 0:
         raise UserError(f"dvc repro {' '.join(upstream)} failed before the study:\n{tail(r.stdout + r.stderr)}")

@@ -27,7 +27,6 @@ from kdsweep.sweep.spec import load_spec, parse_spec
 from kdsweep.sweep.study import (
     EXPERIMENT,
     FAIL_REASON,
-    INTERRUPTED,
     OUTPUTS,
     REMOVED,
     RETRY_OF,
@@ -35,6 +34,7 @@ from kdsweep.sweep.study import (
     last_value,
     owner_gone,
     ranked,
+    retried,
     storage_url,
 )
 from kdsweep.sweep.testeval import SELECTION_NOTE, TEST_KEYS, HeldOut, held_out
@@ -196,7 +196,8 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
     header, rows, order = ranked_rows(h, top)
     print(f"study {h.name}: {h.direction} {h.metric} ({display(h.url, h.root)})")
     print(table(header, rows) if rows else "no complete or pruned trial yet")
-    failed = [t for t in h.trials if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)]
+    again = retried(h.trials)
+    failed = [t for t in h.trials if t.state == optuna.trial.TrialState.FAIL and t.number not in again]
     for t in failed:
         why = headline(t.user_attrs.get(FAIL_REASON) or "")
         print(f"failed: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {why}")
@@ -212,8 +213,9 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
         raise UserError(f"study {h.name} has no complete trial to apply")
     winner = complete[0]
     name = winner.user_attrs.get(EXPERIMENT)
-    if name not in dvcexp.exp_refs(h.root):
-        raise UserError(f"experiment {name} of trial {winner.number} is not in this repository (`dvc exp list`)")
+    remote = (h.spec.get("execution") or {}).get("push") or "origin"
+    if name not in dvcexp.exp_refs(h.root) and (why := dvcexp.pull_experiment(h.root, remote, name)):
+        raise UserError(f"experiment {name} of trial {winner.number} is not in this repository, nor in {remote}: {why}")
     if h.outputs(winner) == "removed":
         print(f"warning: trial {winner.number}'s outputs were removed by retention; `dvc repro` rebuilds them")
     if apply:
@@ -354,7 +356,8 @@ def status(study: str, storage: str | None = None) -> int:
     h = StudyHandle(study, storage)
     n = (h.spec.get("budget") or {}).get("n_trials")
     by = {s: [t for t in h.trials if t.state == s] for s in TS}
-    interrupted = [t for t in by[TS.FAIL] if t.user_attrs.get(INTERRUPTED)]
+    again = retried(h.trials)
+    interrupted = [t for t in by[TS.FAIL] if t.number in again]
     failed = len(by[TS.FAIL]) - len(interrupted)
     finished = len(by[TS.COMPLETE]) + len(by[TS.PRUNED]) + failed
     print(

@@ -4,8 +4,11 @@
     reproduce the upstream stages once, in the workspace, if they are stale
     create or load the study before any worker starts                       (no racing creates)
     resume: trials a killed runner left RUNNING are adopted, or failed and re-enqueued   (outcome.py)
-    enqueue the baselines (first run of the study only)
-    `workers` threads, each: ask -> sample -> resolve overrides -> `dvc exp run --temp ...` -> tell
+    enqueue the baselines (first run of the study only)         (these three under the study's lock)
+    `workers` threads, each: claim a trial within the study's budget, shared by every runner (budget.py)
+        -> sample -> resolve overrides -> `dvc exp run --temp ...` -> tell -> push the experiment
+    a heartbeat thread keeps this runner's trials alive; runners on other machines fail and retry
+        a trial whose heartbeat stopped (its machine died)                          (budget.py, outcome.py)
     after each trial: upstream untouched? (else stop loudly); keep the best N trials' outputs (retention.py)
 
 How one trial's ``dvc exp run`` is started, logged and stopped is in :mod:`kdsweep.sweep.exprun`,
@@ -28,9 +31,10 @@ from tqdm import tqdm
 from kdsweep.config import Params, validate
 from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
-from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage
+from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage, storage_lock
 from kdsweep.sweep import dvcexp, exprun
-from kdsweep.sweep.outcome import Outcomes
+from kdsweep.sweep.budget import Heartbeats, StudyBudget, study_start
+from kdsweep.sweep.outcome import Outcomes, retry_stale
 from kdsweep.sweep.plan import StudyPlan
 from kdsweep.sweep.prepare import Workspace, prepare
 from kdsweep.sweep.results import exp_show_command
@@ -39,10 +43,10 @@ from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
 from kdsweep.sweep.spec import StudySpec, load_spec
 from kdsweep.sweep.study import (
     EXPERIMENT,
-    INTERRUPTED,
     OVERRIDES,
     counts_toward_budget,
     make_sampler,
+    retried,
     storage_url,
 )
 from kdsweep.trial_hook import ENV as TRIAL_ENV
@@ -53,10 +57,16 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def open_study(spec: StudySpec, root: Path, url: str):
-    """Create the study (or load it) before any worker exists; returns ``(study, storage)``."""
+    """Create the study (or load it) before any worker exists; returns ``(study, storage)``.
+
+    On a database server the storage has a connection per worker thread and Optuna's trial
+    heartbeats (``execution.heartbeat_interval``, ``execution.grace_period``).
+    """
     import optuna
 
-    storage = open_storage(url)
+    ex = spec.execution
+    heartbeat = None if url.startswith("journal:") else (ex.heartbeat_interval, ex.grace_period)
+    storage = open_storage(url, connections=spec.workers, heartbeat=heartbeat, on_stale=retry_stale)
     direction = spec.objective.direction
     try:
         study = optuna.create_study(
@@ -107,18 +117,23 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
     copy_paths = [p for p in ("dvc.lock",) if dvcexp.is_untracked(root, p)]
     me = exprun.process_identity()
     url = storage_url(spec, root)
-    study, storage = open_study(spec, root, url)
-    outcomes = Outcomes(study, storage, spec, root, ws.params_text, copy_paths)
-    outcomes.recover(me)
-    enqueue_baselines(study, plan)
-    done = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+    # Runners started together: one creates the study (and Optuna's tables), and baselines are enqueued once.
+    with storage_lock(url, spec.study):
+        study, storage = open_study(spec, root, url)
+        started = study_start(study)
+        outcomes = Outcomes(study, storage, url, spec, root, ws.params_text, copy_paths)
+        outcomes.recover(me)
+        enqueue_baselines(study, plan)
+        trials = study.get_trials(deepcopy=False)
+    again = retried(trials)
+    done = sum(counts_toward_budget(t, again) for t in trials)
     n = spec.budget.n_trials
     print(
         f"study {spec.study} ({display(url, root)}): {done} finished"
-        + (f", {max(0, n - done)} to run" if n else "")
-        + f", {spec.workers} worker(s)"
+        + (f", {max(0, n - done)} to run by this and any other runner" if n else "")
+        + f", {spec.workers} worker(s) here"
     )
-    return Runner(ws, plan, before, outcomes, url, me, copy_paths, done).run()
+    return Runner(ws, plan, before, outcomes, url, me, copy_paths, (started, done)).run()
 
 
 class Runner:
@@ -133,7 +148,7 @@ class Runner:
         url: str,
         me: dict,
         copy_paths: list[str],
-        done: int,
+        progress: tuple[float, int],
     ):
         self.ws, self.root, self.plan, self.spec = ws, ws.root, plan, plan.spec
         self.name = self.spec.study
@@ -147,13 +162,22 @@ class Runner:
         self.lock = threading.Lock()
         self.stop: str | None = None  # "interrupt", or why the study must stop
         self.in_flight: set[int] = set()  # trial numbers being run
-        self.done = done  # trials that count toward the budget
+        started, done = progress  # the study's start (unix time), trials that count toward the budget
         self.finished_here = 0
         self.recomputed = 0
         self.active = self.spec.workers  # worker threads still running
-        budget = self.spec.budget
-        self.deadline = time.monotonic() + budget.timeout if budget.timeout else None
-        n = budget.n_trials
+        execution = self.spec.execution
+        self.heartbeats = Heartbeats(outcomes.beat, execution.heartbeat_interval)
+        self.budget = StudyBudget(
+            self.study,
+            url,
+            self.spec.budget,
+            started,
+            reap=lambda: outcomes.reap(me),
+            own=self._own,
+            poll_s=min(execution.heartbeat_interval, 10),
+        )
+        n = self.spec.budget.n_trials
         self.bar = tqdm(
             total=n, initial=min(done, n or done), desc=self.name, unit="trial", dynamic_ncols=True, file=sys.stderr
         )
@@ -178,41 +202,54 @@ class Runner:
             raise
         finally:
             signal.signal(signal.SIGTERM, old_term)
+            self.heartbeats.close()
             self.bar.close()
         self.retention.retain(self.study)
         return self.summarise()
 
     def _worker(self) -> None:
+        import optuna
+
         try:
             while True:
-                with self.lock:
-                    n = self.spec.budget.n_trials
-                    left = float("inf") if n is None else n - self.done - len(self.in_flight)
-                    if self.stop or left <= 0 or (self.deadline and time.monotonic() > self.deadline):
-                        return
-                    trial = self.study.ask()
-                    self.in_flight.add(trial.number)
+                trial = self.budget.claim(self._mine, lambda: self.stop is not None)
+                if trial is None:
+                    return
+                self.bar.n = self.budget.counted
+                self.bar.refresh()
                 try:
                     self._run_trial(trial)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    tqdm.write(
+                        f"trial {trial.number}: another runner failed it (no heartbeat from this one for the grace "
+                        f"period) and runs its params again; this run's result is dropped"
+                    )
                 except Exception as e:  # a bug or an I/O error in the runner itself: fail the trial, stop the study
                     self._fail(trial, f"kdsweep runner error: {type(e).__name__}: {e}")
                     self.stop = self.stop or f"runner error in trial {trial.number}: {e}"
                 finally:
+                    self.heartbeats.discard(trial)
                     with self.lock:
                         self.in_flight.discard(trial.number)
         finally:
             with self.lock:
                 self.active -= 1
 
+    def _own(self, trial) -> None:
+        """A trial this runner just claimed: its owner and first heartbeat, then one every interval."""
+        with self.lock:
+            self.in_flight.add(trial.number)
+        self.outcomes.own(trial, self.me)
+        self.heartbeats.add(trial)
+
+    def _mine(self) -> set[int]:
+        with self.lock:
+            return set(self.in_flight)
+
     def _run_trial(self, trial) -> None:
         name = f"{self.name}-{trial.number}"
         overrides = resolve(self.spec, self.ws.params_data, sample(optuna_suggest(trial), self.plan.space.dims))
-        self.outcomes.set(
-            trial,
-            **{EXPERIMENT: name, OVERRIDES: json.loads(json.dumps(overrides, default=str))},
-            runner=self.me,
-            heartbeat=time.time(),
-        )
+        self.outcomes.set(trial, **{EXPERIMENT: name, OVERRIDES: json.loads(json.dumps(overrides, default=str))})
         try:
             params = validate(apply_overrides(self.ws.params_data, overrides), Params, f"trial {trial.number} params")
         except (UserError, KeyError) as e:
@@ -235,7 +272,6 @@ class Runner:
             retries=self.spec.execution.retries,
             watch=exprun.Watch(
                 started=lambda child: self.outcomes.set(trial, child=child),
-                beat=lambda: self.outcomes.set(trial, heartbeat=time.time()),
                 stopping=lambda: self.stop == "interrupt",
             ),
         )
@@ -290,7 +326,6 @@ class Runner:
 
     def _finished(self, trial, failed: bool = False) -> None:
         with self.lock:
-            self.done += 1
             self.finished_here += 1
         if not failed:
             tqdm.write(_result_line(self.storage.get_trial(trial._trial_id), self.spec.objective.metric))
@@ -306,7 +341,7 @@ class Runner:
         """Print the study's totals and its best trial; a stop other than Ctrl-C is an error."""
         trials = self.study.get_trials(deepcopy=False)
         by = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        interrupted = sum(bool(t.user_attrs.get(INTERRUPTED)) for t in trials)
+        interrupted = len(retried(trials) & {t.number for t in trials if t.state.name == "FAIL"})
         print(
             f"study {self.name}: {by['COMPLETE']} complete, {by['PRUNED']} pruned, {by['FAIL'] - interrupted} failed"
             + (f", {interrupted} interrupted and retried" if interrupted else "")

@@ -300,6 +300,20 @@ class Execution(_Strict):
     threads_per_trial: int | None = Field(
         None, ge=1, description="OMP_NUM_THREADS of each trial's process; null = inherit the environment."
     )
+    push: str | None = Field(
+        None,
+        description="A git remote (e.g. origin): push each finished trial's experiment there (`dvc exp push`), "
+        "its outputs to the default DVC remote; null = keep experiments in this clone.",
+    )
+    heartbeat_interval: int = Field(
+        30, ge=1, description="Seconds between a runner's heartbeats for each trial it runs."
+    )
+    grace_period: int = Field(
+        120,
+        ge=2,
+        description="Database storage: a running trial with no heartbeat for this many seconds is failed by "
+        "another runner and run again (its runner's machine died).",
+    )
 
     @field_validator("stages")
     @classmethod
@@ -307,6 +321,15 @@ class Execution(_Strict):
         if not v or v[0] != "distill" or len(set(v)) != len(v):
             raise ValueError(f"must be [distill] or [distill, evaluate], got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _grace(self) -> Execution:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period} s) must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval} s), or live trials are failed between two heartbeats"
+            )
+        return self
 
 
 class StudySpec(_Strict):

@@ -24,11 +24,11 @@ INTERRUPTED = "interrupted"  # the runner stopped during the trial; it was retri
 RETRY_OF = "retry_of"  # the trial number this one retries
 OUTPUTS = "outputs"  # "kept": the trial's experiment holds outputs in the DVC cache
 REMOVED = "outputs_removed"  # study attribute: trial numbers whose outputs retention removed
+STARTED = "started_at"  # study attribute: when its first runner started (unix time); budget.timeout runs from it
 RUNNER = "runner"  # the runner that owns a RUNNING trial: {host, pid, started}
 HEARTBEAT = "heartbeat"  # when that runner last said it is alive (time.time())
 
-HEARTBEAT_S = 30.0  # a RUNNING trial's owner refreshes its heartbeat this often
-STALE_AFTER_S = 300.0  # a trial owned by another machine is stale after this long without one
+STALE_AFTER_S = 300.0  # journal storage: a trial owned by another machine is stale after this long without a heartbeat
 
 
 def storage_url(spec: StudySpec, root: Path) -> str:
@@ -93,14 +93,22 @@ def make_sampler(spec: dict[str, Any], offset: int = 0):
     raise ValueError(f"unknown sampler {kind!r}")
 
 
-def counts_toward_budget(trial) -> bool:
-    """Complete, pruned and failed trials use the budget; trials interrupted by the runner
-    stopping do not (they are retried)."""
+def retried(trials) -> set[int]:
+    """Numbers of the trials that were retried: marked interrupted by their runner, or named by a
+    retry's ``retry_of`` (a trial Optuna failed for a stale heartbeat is finished before anyone can
+    mark it, so only its retry says so)."""
+    marked = {t.number for t in trials if t.user_attrs.get(INTERRUPTED)}
+    return marked | {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+
+
+def counts_toward_budget(trial, retried_numbers: set[int]) -> bool:
+    """Complete, pruned and failed trials use the budget; trials that were retried (the runner
+    stopped or died during them, see :func:`retried`) do not, their retry does."""
     import optuna
 
     s = trial.state
     return s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) or (
-        s == optuna.trial.TrialState.FAIL and not trial.user_attrs.get(INTERRUPTED)
+        s == optuna.trial.TrialState.FAIL and trial.number not in retried_numbers
     )
 
 
