@@ -30,6 +30,7 @@ from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
 from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage
 from kdsweep.sweep import dvcexp, exprun
+from kdsweep.sweep.devices import DevicePool, plan_devices
 from kdsweep.sweep.outcome import Outcomes
 from kdsweep.sweep.plan import StudyPlan
 from kdsweep.sweep.prepare import Workspace, prepare
@@ -96,8 +97,11 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
     if n_trials is not None:
         updates["budget"] = spec.budget.model_copy(update={"n_trials": n_trials})
     spec = spec.model_copy(update=updates)
+    devices = plan_devices(spec)
+    spec = spec.model_copy(update={"workers": devices.workers})
     ws = Workspace.read(root)
     plan, before = prepare(spec, spec_path, ws, check_only=check)
+    plan.devices = devices
     print(plan.summary())
     if problems := check_storage(storage_url(spec, root)):
         raise UserError("\n".join(problems))
@@ -151,6 +155,7 @@ class Runner:
         self.finished_here = 0
         self.recomputed = 0
         self.active = self.spec.workers  # worker threads still running
+        self.devices = DevicePool(plan.devices)  # at least one device set per worker (devices.plan_devices)
         budget = self.spec.budget
         self.deadline = time.monotonic() + budget.timeout if budget.timeout else None
         n = budget.n_trials
@@ -193,7 +198,8 @@ class Runner:
                     trial = self.study.ask()
                     self.in_flight.add(trial.number)
                 try:
-                    self._run_trial(trial)
+                    with self.devices.take(trial.number):
+                        self._run_trial(trial)
                 except Exception as e:  # a bug or an I/O error in the runner itself: fail the trial, stop the study
                     self._fail(trial, f"kdsweep runner error: {type(e).__name__}: {e}")
                     self.stop = self.stop or f"runner error in trial {trial.number}: {e}"
@@ -261,7 +267,7 @@ class Runner:
         return None
 
     def _trial_env(self, trial, expected: dict) -> dict[str, str]:
-        """The environment of a trial's ``dvc exp run``: its Optuna context and its own output directories."""
+        """The environment of a trial's ``dvc exp run``: its Optuna context, its own output directories and devices."""
         ctx = {
             "storage": self.url,
             "study": self.name,
@@ -282,7 +288,7 @@ class Runner:
         }
         if self.spec.execution.threads_per_trial:
             env["OMP_NUM_THREADS"] = str(self.spec.execution.threads_per_trial)
-        return env
+        return env | self.devices.env(trial.number)
 
     def _fail(self, trial, reason: str, *, overrides: dict | None = None, wall: float | None = None) -> None:
         self.outcomes.fail(trial, reason, overrides=overrides, wall=wall)
