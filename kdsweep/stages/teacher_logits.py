@@ -208,7 +208,9 @@ def _run_shards(command: list[str], n: int, gpus: list[str], logs: Path) -> None
 
 
 def _log_tail(log: Path, lines: int = 15) -> str:
-    """The last lines of a shard's log, progress-bar redraws dropped."""
-    text = log.read_text(errors="replace").replace("\r", "\n")
-    kept = [line for line in text.splitlines() if line.strip() and "batch/s" not in line and "it/s]" not in line]
-    return "\n".join(kept[-lines:])
+    """The last lines of a shard's log as a terminal shows them: of a progress bar's redraws, the last."""
+    shown = [
+        next((part for part in reversed(line.split("\r")) if part.strip()), "")
+        for line in log.read_bytes().decode(errors="replace").split("\n")
+    ]
+    return "\n".join([line for line in shown if line.strip()][-lines:])
