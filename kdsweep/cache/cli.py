@@ -78,7 +78,7 @@ def cache_generate(
         typer.Option(
             min=1,
             help="Run N shard processes at once, one per GPU (on a CPU machine: N processes), and merge them "
-            "(sets teacher.cache_devices).",
+            "(default: teacher.cache_devices).",
         ),
     ] = None,
 ) -> None:
