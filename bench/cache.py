@@ -2,6 +2,7 @@
 
     python bench/cache.py                                    # trains a small teacher first (~1-2 min)
     python bench/cache.py --teacher models/teacher --prepared data/prepared   # reuse the demo's
+    python bench/cache.py --codes                            # only: q8 and sampled caches against fp16
 
 Prints markdown tables. Everything runs on one CPU thread and is timed in CPU seconds of
 this process (best of 3). Logits are a real teacher's:
@@ -303,7 +304,7 @@ def write_file(arrays: dict[str, np.ndarray], like: Path, path: Path, compressio
             )
         for key, value in src.attrs.items():
             f.attrs[key] = value
-        if arrays["topk_id_deltas"].dtype == np.uint32:
+        if next(arr for key, arr in arrays.items() if key.endswith("_id_deltas")).dtype == np.uint32:
             f.attrs["vocab_size"] = BIG_VOCAB
     return path
 
@@ -430,6 +431,72 @@ def bench_grid(model, seqs: np.ndarray, vocab: int, k: int, t_range=(1.0, 4.0)) 
     )
 
 
+# --------------------------------------------------------------------------- value codes and sampled caches
+CODES = {  # name -> (cache_mode, cache_values, sample_draws)
+    "topk fp16 (k = 64)": ("topk", "fp16", 0),
+    "topk q8 (k = 64)": ("topk", "q8", 0),
+    "sampled fp16, 64 draws": ("sampled", "fp16", 64),
+    "sampled q8, 64 draws": ("sampled", "q8", 64),
+    "sampled q8, 16 draws": ("sampled", "q8", 16),
+}
+
+
+def injected(arrays: dict[str, np.ndarray], vocab: int, rng) -> dict[str, np.ndarray]:
+    """The same cache with its ids placed into a 151,936-id space by an order-preserving injection."""
+    inj = np.sort(rng.choice(BIG_VOCAB, vocab, replace=False)).astype(np.uint32)
+    out = dict(arrays)
+    for key in arrays:
+        if key.endswith("_id_deltas"):
+            out[key] = ids_to_deltas(inj[deltas_to_ids(arrays[key])])
+    return out
+
+
+def bench_codes(model, seqs: np.ndarray, args, work: Path) -> None:
+    """Per value code and mode: generation time, bytes per logit / per token at both vocabularies, read speed."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    betas = temperature_grid(1.0, 4.0, args.grid)
+    rng = np.random.default_rng(0)
+    tokens, repeat = seqs.size, max(1, -(-2048 // len(seqs)))
+    size_rows, gen_rows, files = [], [], {}
+    for name, (mode, values, draws) in CODES.items():
+        layout = CacheLayout(
+            draws or args.top_k, betas, vocab, seqs.shape[1], {"bench": name}, mode, values, draws, 1.0
+        )
+        path = work / f"code-{len(files)}.h5"
+
+        def run(path=path, layout=layout, name=name):
+            path.unlink(missing_ok=True)
+            generate(model, seqs, path, layout, batch_size=args.batch, device=torch.device("cpu"), desc=name)
+
+        seconds = best_of(run, repeat=2)
+        gen_rows.append([name, f"{seconds:.2f}", f"{tokens / seconds:,.0f}"])
+        c = TeacherLogitCache(path)
+        arrays = {key: ds[...] for key, ds in c.datasets().items()}
+        unique = float((arrays["sample_counts"] > 0).sum(-1).mean()) if mode == "sampled" else args.top_k
+        value_error = float(c.attrs.get("value_max_error", float("nan")))
+        c.close()
+        for label, case in ((f"{vocab:,}", arrays), (f"{BIG_VOCAB:,}", injected(arrays, vocab, rng))):
+            per_token = sum(dataset_bytes(case, 4).values()) / tokens
+            size_rows.append(
+                [name, label, f"{unique:.1f}", f"{per_token:.1f}", f"{per_token / unique:.2f}", f"{value_error:.1e}"]
+            )
+            files[f"{name}, vocab {label}"] = write_file(case, path, work / f"read-{len(files)}.h5", 4, repeat)
+    base = float(gen_rows[0][1])
+    for row in gen_rows:
+        row.append(f"{float(row[1]) / base:.2f}x")
+    print(
+        table(
+            ["cache", "vocab", "ids kept per position", "bytes/token", "bytes/kept id", "stored value_max_error"],
+            size_rows,
+        ),
+        "\n",
+    )
+    print(table([f"generation, {tokens:,} tokens, gzip 4", "seconds", "tokens/s", "vs topk fp16"], gen_rows), "\n")
+    step = training_step_tokens_per_s(vocab, seqs.shape[1], args.batch)
+    print(f"read files: {len(seqs) * repeat} sequences; training step {step:,.0f} tokens/s")
+    print(bench_read(files, args.batch, 200, step), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", help="a trained teacher directory (default: train one)")
@@ -439,6 +506,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--grid", type=int, default=8, help="temperature grid points")
     ap.add_argument("--batch", type=int, default=8, help="sequences per teacher forward and per read")
+    ap.add_argument("--codes", action="store_true", help="only the q8 / sampled comparison (bench_codes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(
@@ -448,6 +516,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, seqs = teacher_and_data(args, work)
+        if args.codes:
+            bench_codes(model, seqs, args, work)
+            return
         vocab = model.get_output_embeddings().weight.shape[0]
         betas = temperature_grid(1.0, 4.0, args.grid)
         layout = CacheLayout(args.top_k, betas, vocab, seqs.shape[1], {"bench": True})

@@ -13,6 +13,11 @@ phase) (``kdsweep.schedule``), and so is the data order (``MicroBatches``).
 
 It is written through :func:`kdsweep.fsio.atomic_path`, so a crash mid-save leaves the previous
 checkpoint intact. Everything is loaded with ``weights_only=True`` (no pickled code).
+
+Under torchrun every rank calls :func:`save` and :func:`restore`: a sharded (FSDP) model's
+weights and optimizer moments are gathered whole, and rank 0 alone writes them, so a checkpoint
+is the same files whatever the number of ranks, and any number of ranks (one included) resumes
+from it. The RNG states saved are rank 0's.
 """
 
 from __future__ import annotations
@@ -23,15 +28,36 @@ from pathlib import Path
 import torch
 import yaml
 
+from kdsweep import distributed
 from kdsweep.fsio import atomic_path
 
 
+def _whole_weights(model) -> dict | None:
+    """The model's whole state dict when it may be sharded over ranks (a collective), else None:
+    ``save_pretrained`` then reads the model itself."""
+    return distributed.full_state_dict(model) if distributed.world_size() > 1 else None
+
+
+def save_model(model, directory: Path) -> None:
+    """``save_pretrained`` of the whole model into ``directory``, atomically. Under torchrun every
+    rank calls it (a sharded model is gathered) and rank 0 writes."""
+    weights = _whole_weights(model)
+    if distributed.is_main():
+        with atomic_path(directory, directory=True) as tmp:
+            model.save_pretrained(tmp, state_dict=weights)
+
+
 def save(path: Path, model, optimizer, state: dict, params_dict: dict) -> None:
-    """Write a checkpoint to ``path`` atomically (``optimizer`` may be None: weights only)."""
+    """Write a checkpoint to ``path`` atomically (``optimizer`` may be None: weights only).
+    Under torchrun every rank calls it and rank 0 writes."""
+    weights = _whole_weights(model)
+    moments = None if optimizer is None else distributed.full_optimizer_state(optimizer)
+    if not distributed.is_main():
+        return
     with atomic_path(path, directory=True) as tmp:
-        model.save_pretrained(tmp / "model")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model.save_pretrained(tmp / "model", state_dict=weights)
+        if moments is not None:
+            torch.save(moments, tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -64,18 +90,20 @@ def changed_params(path: Path, params_dict: dict) -> list[str]:
 
 
 def restore(path: Path, model, optimizer) -> None:
-    """Load weights (in place), optimizer (unless None) and RNG states from a checkpoint directory."""
+    """Load weights (in place), optimizer (unless None) and RNG states from a checkpoint directory.
+    A sharded model and its optimizer take their own shards of the whole tensors saved."""
     from safetensors.torch import load_file
 
     weights = {}
     for f in sorted((path / "model").glob("*.safetensors")):
         weights.update(load_file(f))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = distributed.load_full_state_dict(model, weights)
     tied = {k for k in missing if "lm_head" in k or "embed" in k}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        whole = torch.load(path / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(distributed.shard_optimizer_state(whole, optimizer))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -15,7 +15,9 @@ from typing import Annotated
 
 import typer
 
+from kdsweep.cache.cli import cache_app
 from kdsweep.errors import UserError
+from kdsweep.sweep.cli import sweep_app
 
 app = typer.Typer(
     help="Declarative experiment sweeps for knowledge distillation of language models (DVC + Optuna).\n\n"
@@ -156,17 +158,9 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     stage.main(_params(params))
 
 
-def _register_groups() -> None:
-    from kdsweep.cache.cli import cache_app
-
-    app.add_typer(cache_app, name="cache")
-
-    from kdsweep.sweep.cli import register
-
-    register(app)  # run, best, report, status
-
-
-_register_groups()
+# Every command module has its own typer app; they are joined here, one way for all.
+app.add_typer(cache_app, name="cache")  # kdsweep cache generate | merge | inspect | verify
+app.add_typer(sweep_app)  # kdsweep run | best | report | status
 
 
 def main() -> None:
@@ -181,5 +175,5 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":  # `torchrun ... -m kdsweep.cli distill` and the cache's shard processes
+if __name__ == "__main__":  # `python -m kdsweep.cli`: torchrun's ranks (`torchrun ... -m kdsweep.cli distill`), shards
     main()

@@ -17,7 +17,7 @@ section                   read by stage               what it controls
 ``evaluate``              evaluate                    the final evaluation
 ========================  ==========================  =============================
 
-Every field's description is the documentation users see in ``kdsweep params``.
+Every field's ``description`` documents it (README.md's params section is the users' copy).
 Defaults live here *and* in the shipped ``params.yaml``; a test keeps them in sync.
 """
 
@@ -183,6 +183,12 @@ class TeacherConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the teacher runs in; auto = bfloat16 on a GPU that supports it, else float32."
     )
+    device_map: Literal["auto"] | None = Field(
+        None,
+        description="null: the teacher on one device; auto: spread over every visible device (transformers / "
+        "Accelerate big-model loading) for a teacher bigger than one device, when writing the cache and for a "
+        "live teacher in a one-process distill.",
+    )
     arch: TeacherArchConfig = Field(default_factory=TeacherArchConfig)
     train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
     use_cached_logits: bool = Field(
@@ -213,6 +219,28 @@ class TeacherConfig(_Section):
         description="gzip: shuffle + gzip level 4, ~54% of the raw size; none: no compression, ~1.8x larger "
         "files that read 2-3x faster (BENCHMARKS.md). Both keep every float16 value and a checksum per chunk.",
     )
+    cache_mode: Literal["topk", "sampled"] = Field(
+        "topk",
+        description="topk: each position keeps the teacher's top_k tokens (loss.mode topk_tail or topk_renorm); "
+        "sampled: it keeps the unique tokens of sample_draws draws from the teacher at sample_temperature, "
+        "with their counts (loss.mode sampled, an unbiased estimate of the teacher; docs/cache-format.md).",
+    )
+    cache_values: Literal["fp16", "q8"] = Field(
+        "fp16",
+        description="How the kept logits are stored: fp16 (every float16 value, format version 2) or q8 "
+        "(8 bits each, square-law companding over each position's range; the writer stores the measured "
+        "probability error, which `kdsweep cache verify` checks).",
+    )
+    sample_draws: int = Field(
+        64, ge=1, le=255, description="cache_mode sampled: tokens drawn per position (with replacement)."
+    )
+    sample_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="cache_mode sampled: the proposal temperature the tokens are drawn at; a sampling "
+        "temperature, not the KD temperature (loss.temperature). Must lie in temperature_range: the loss "
+        "importance-weights the draws when the two differ.",
+    )
 
     @field_validator("temperature_range")
     @classmethod
@@ -221,6 +249,17 @@ class TeacherConfig(_Section):
         if not (0 < lo <= hi):
             raise ValueError(f"must be [low, high] with 0 < low <= high, got [{lo}, {hi}]")
         return v
+
+    @model_validator(mode="after")
+    def _proposal_in_range(self) -> TeacherConfig:
+        lo, hi = self.temperature_range
+        if self.cache_mode == "sampled" and not lo <= self.sample_temperature <= hi:
+            raise ValueError(
+                f"teacher.sample_temperature: {self.sample_temperature} is outside teacher.temperature_range "
+                f"[{lo}, {hi}]; the loss needs the teacher's probabilities at the proposal temperature: "
+                "widen the range or pick a sample_temperature in it"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- student
@@ -264,11 +303,12 @@ class LossConfig(_Section):
         description="batchmean: KL summed over the vocabulary and averaged over real target tokens "
         "of the whole accumulated batch (padding excluded).",
     )
-    mode: Literal["topk_tail", "topk_renorm", "dense"] = Field(
+    mode: Literal["topk_tail", "topk_renorm", "dense", "sampled"] = Field(
         "topk_tail",
         description="topk_tail: k + 1 buckets (top-k plus one tail bucket) on both sides, exact given the cache; "
         "topk_renorm: teacher renormalised over its top-k (common, biased); "
-        "dense: full vocabulary (live teacher only).",
+        "dense: full vocabulary (live teacher only); "
+        "sampled: the unbiased random-sampling estimate from a teacher.cache_mode sampled cache (forward only).",
     )
     direction: Literal["forward", "reverse", "jsd"] = Field(
         "forward",
@@ -293,8 +333,20 @@ class LossConfig(_Section):
 class TrainingConfig(_Section):
     num_train_epochs: float = Field(2, gt=0, description="Passes over the training sequences (if max_steps is null).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_train_epochs.")
-    per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Effective batch = batch size x accumulation.")
+    per_device_train_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Sequences per micro-batch on each rank: a micro-batch holds this x the number of torchrun "
+        "processes (1 without torchrun).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Effective batch = per_device_train_batch_size x processes x accumulation."
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp = a whole student on each device, gradients averaged; fsdp = FSDP2 "
+        "fully_shard per decoder layer, for students that do not fit on one device. Ignored in one process.",
+    )
     learning_rate: float = Field(5e-4, gt=0, description="Base learning rate; each group gets base x multiplier.")
     warmup_steps: int = Field(10, ge=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
@@ -444,7 +496,35 @@ class Params(_Section):
                     "loss.mode: 'dense' needs the full teacher distribution: set teacher.use_cached_logits: false "
                     "or use loss.mode topk_tail"
                 )
-        return problems
+        return problems + cache_mode_problems(self.teacher, self.loss)
+
+
+def cache_mode_problems(teacher: TeacherConfig, loss: LossConfig) -> list[str]:
+    """How ``loss.mode`` and ``teacher.cache_mode`` must pair (each problem names the keys)."""
+    if loss.mode == "sampled" and not teacher.use_cached_logits:
+        return [
+            "loss.mode: 'sampled' reads a sampled cache, but teacher.use_cached_logits is false; set it to true "
+            "(with teacher.cache_mode: sampled), or use loss.mode dense or topk_tail with a live teacher"
+        ]
+    if not teacher.use_cached_logits:
+        return []
+    problems = []
+    if loss.mode == "sampled" and teacher.cache_mode != "sampled":
+        problems.append(
+            "loss.mode: 'sampled' needs teacher.cache_mode: sampled (got 'topk'); set teacher.cache_mode: sampled, "
+            "or use loss.mode topk_tail"
+        )
+    if loss.mode in ("topk_tail", "topk_renorm") and teacher.cache_mode == "sampled":
+        problems.append(
+            f"loss.mode: {loss.mode!r} needs a top-k cache, but teacher.cache_mode is 'sampled'; use loss.mode "
+            "sampled, or set teacher.cache_mode: topk"
+        )
+    if loss.mode == "sampled" and loss.direction != "forward":
+        problems.append(
+            f"loss.direction: {loss.direction!r} with loss.mode 'sampled': the sampled estimate is unbiased for "
+            "the forward KL only; set loss.direction: forward"
+        )
+    return problems
 
 
 # --------------------------------------------------------------------------- loading

@@ -26,15 +26,26 @@ def get_or(data: Any, key: str, default: Any = None) -> Any:
 
 
 def set_(data: Any, key: str, value: Any) -> None:
-    """Set ``key`` to ``value`` in place, creating missing mappings on the way."""
-    *parents, last = key.split(".")
+    """Set ``key`` to ``value`` in place; missing (or scalar) mappings on the way become ``{}``.
+
+    Raises:
+        KeyError: a part walks through something that is neither a mapping nor an in-range list index.
+    """
+    parts = key.split(".")
     node = data
-    for part in parents:
-        if isinstance(node, list):
-            node = node[int(part)]
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
         else:
-            node = node.setdefault(part, {})
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            raise KeyError(f"{key}: `{'.'.join(parts[:depth])}` is not a mapping or list")

@@ -34,6 +34,20 @@ Modes (how p_T is represented):
   Anshumann et al., 2025, "Sparse Logit Sampling"). Forward: the student is not
   renormalised; reverse and jsd: both sides are, so the divergence stays non-negative.
 * ``dense``: the full vocabulary (needs a live teacher).
+* ``sampled``: random-sampling KD (Anshumann et al., 2025), forward direction only. The cache
+  drew N tokens v_1..v_N at each position from the teacher at the *proposal* temperature tau
+  (``teacher.sample_temperature``, a sampling temperature), q_tau = softmax(z / tau), and kept
+  the unique ids u with counts c_u. With the KD temperature T and importance weights::
+
+      w_u   = (c_u / N) * p_T(u) / q_tau(u)                 (= c_u / N when T = tau)
+      KL^   = sum_u w_u * (log p_T(u) - log q_T(u))           (q_T: the student, as above)
+
+  E[w_u] = p_T(u) for every token, so E[KL^] = KL(p_T || q_T) and E[grad KL^] = grad KL: the
+  estimate and its gradient are unbiased (no renormalisation, which would bias them). The
+  gradient with respect to the student's logits is (sum_u w_u * q_T - w) / T. Per position,
+  Var[KL^] = (1/N) Var_{v ~ q_tau}[(p_T(v) / q_tau(v)) (log p_T(v) - log q_T(v))], so the
+  error of the mean over M positions or draws shrinks as 1 / sqrt(N M) (tests/test_sampled.py).
+  p_T and q_tau at the kept ids come from the cache exactly as in ``topk_tail``.
 
 Memory and time: the student's logits are never materialised for the whole batch. The LM
 head and the loss run on ``chunk_size`` tokens at a time, and each chunk's gradient with
@@ -69,7 +83,7 @@ class LossSpec:
 
     alpha: float
     temperature: float
-    mode: str = "topk_tail"  # topk_tail | topk_renorm | dense
+    mode: str = "topk_tail"  # topk_tail | topk_renorm | dense | sampled
     direction: str = "forward"  # forward | reverse | jsd
     scale_by_t2: bool = True
     chunk_size: int = 1024
@@ -97,6 +111,84 @@ class SparseTeacher:
 
     ids: torch.Tensor
     log_probs: torch.Tensor
+
+
+@dataclass
+class SampledTeacher(SparseTeacher):
+    """A sampled teacher (loss mode ``sampled``): the unique sampled ids of C positions.
+
+    Attributes:
+        ids: (C, W) int64 token ids (padding slots repeat an id).
+        log_probs: (C, W) float32 log p_T(id), ``-inf`` in padding slots.
+        weights: (C, W) float32 importance weights w (see the module docstring), 0 in padding slots.
+    As a :class:`SparseTeacher` (the ``topk_tail`` buckets: the kept ids plus the rest) it is exact.
+    """
+
+    weights: torch.Tensor
+
+
+def sampled_teacher(
+    ids: torch.Tensor, counts: torch.Tensor, log_probs: torch.Tensor, proposal_log_probs: torch.Tensor
+) -> SampledTeacher:
+    """The importance-weighted sampled teacher from what a sampled cache stores.
+
+    Args:
+        ids: (C, W) sampled ids; counts: (C, W) draws of each, 0 in padding slots.
+        log_probs: (C, W) log p_T at the KD temperature; proposal_log_probs: (C, W) log q_tau at
+            the proposal temperature (equal tensors when T = tau, giving weights c / N exactly).
+    Returns:
+        ``w = (c / N) * exp(log p_T - log q_tau)``, N the row's draw count.
+    """
+    c = counts.to(log_probs.dtype)
+    valid = c > 0
+    ratio = torch.exp((log_probs - proposal_log_probs).masked_fill(~valid, 0))
+    weights = c / c.sum(-1, keepdim=True).clamp(min=1) * ratio
+    return SampledTeacher(ids, log_probs.masked_fill(~valid, float("-inf")), weights.masked_fill(~valid, 0))
+
+
+def sampled_divergence(lq: torch.Tensor, teacher: SampledTeacher) -> torch.Tensor:
+    """The per-position estimate KL^ = sum_u w_u (log p_T(u) - log q_T(u)) (module docstring).
+
+    Args:
+        lq: (C, V) student log-probabilities at the KD temperature.
+    Returns:
+        (C,) estimates (nats); ids beyond the student's vocabulary carry no weight.
+    """
+    valid = (teacher.weights > 0) & (teacher.ids < lq.shape[-1])
+    ids = teacher.ids.clamp(max=lq.shape[-1] - 1)
+    terms = teacher.weights * (teacher.log_probs.float() - lq.gather(-1, ids))
+    return terms.masked_fill(~valid, 0).sum(-1)
+
+
+def sampled_chunk_loss_and_grad(
+    z: torch.Tensor, targets: torch.Tensor, teacher: SampledTeacher, spec: LossSpec, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What :func:`chunk_loss_and_grad` is for the other modes, for loss mode ``sampled`` (the gradient in closed form).
+
+    d(KL^)/dz = (W q_T - w) / T with W = sum_u w_u, w scattered onto the sampled ids;
+    dCE/dz = softmax(z) - onehot(y). ``z`` (C, V) float32 is **overwritten**.
+    """
+    if spec.direction != "forward":
+        raise ValueError("loss mode 'sampled' estimates the forward KL only")
+    t, vocab = spec.temperature, z.shape[-1]
+    real = targets != IGNORE_INDEX
+    y = targets.clamp(min=0).unsqueeze(-1)
+    with torch.no_grad():
+        lse1 = torch.logsumexp(z, -1, keepdim=True)
+        ce = ((lse1 - z.gather(-1, y)).squeeze(-1) * real).sum()
+        top1 = ((z.argmax(-1) == teacher_top1(teacher)) & real).sum()
+        lq = (z / t).log_softmax(-1)
+        kl = sampled_divergence(lq, teacher).masked_fill(~real, 0).sum()
+        sums = torch.stack([spec.ce_weight * ce + spec.kl_weight * kl, ce, kl, top1, real.sum()]).double()
+        if not need_grad:
+            return sums, None
+        w = teacher.weights.float().masked_fill(~real.unsqueeze(-1) | (teacher.ids >= vocab), 0)
+        grad = lq.exp_().mul_(w.sum(-1, keepdim=True))
+        grad.scatter_add_(-1, teacher.ids.clamp(max=vocab - 1), -w).mul_(spec.kl_weight / t)
+        coef = (spec.ce_weight * real).to(grad.dtype).unsqueeze(-1)
+        grad.addcmul_(z.sub_(lse1).exp_(), coef)
+        grad.scatter_add_(-1, y, -coef)
+    return sums, grad
 
 
 TeacherChunk = SparseTeacher | torch.Tensor  # or (C, V_teacher) dense logits
@@ -222,6 +314,8 @@ def divergence_per_token(
     """
     if mode == "dense":
         return divergence(_dense_teacher(teacher, lq.shape[-1], temperature), lq, direction, jsd_beta)
+    if mode == "sampled":
+        return sampled_divergence(lq, teacher)
     teacher, valid, lp_k = _sparse_teacher(teacher, lq.shape[-1])
     lq_k = lq.gather(-1, teacher.ids).masked_fill(~valid, _LOG_ZERO)
     lq_tail, covered = _tail(lq, teacher.ids, valid)
@@ -245,19 +339,6 @@ def _sparse_teacher(teacher: TeacherChunk, vocab_size: int):
     teacher = restrict_to_vocab(teacher, vocab_size)
     valid = torch.isfinite(teacher.log_probs)
     return teacher, valid, teacher.log_probs.float().masked_fill(~valid, _LOG_ZERO)
-
-
-def kl_per_token(
-    student_logits: torch.Tensor,
-    teacher: TeacherChunk,
-    temperature: float,
-    mode: str,
-    direction: str,
-    jsd_beta: float = 0.5,
-) -> torch.Tensor:
-    """:func:`divergence_per_token` from the student's raw logits (C, V)."""
-    lq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return divergence_per_token(lq, teacher, temperature, mode, direction, jsd_beta)
 
 
 def teacher_top1(teacher: TeacherChunk) -> torch.Tensor:
@@ -410,7 +491,8 @@ def _chunked(
             if not bool((tgt != IGNORE_INDEX).any()):
                 continue
             h = hidden[start:end].detach().to(dtype)
-            chunk_sums, g = chunk_loss_and_grad((h @ w.t()).float(), tgt, teacher_fn(start, end), spec, need_grad)
+            loss_and_grad = sampled_chunk_loss_and_grad if spec.mode == "sampled" else chunk_loss_and_grad
+            chunk_sums, g = loss_and_grad((h @ w.t()).float(), tgt, teacher_fn(start, end), spec, need_grad)
             sums += chunk_sums
             if g is None:
                 continue

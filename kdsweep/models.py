@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its GPU where CUDA is available (``cuda:LOCAL_RANK`` under torchrun,
+    which sets LOCAL_RANK for each process it starts; ``cuda:0`` otherwise), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def load_causal_lm(
@@ -64,8 +69,11 @@ def load_causal_lm(
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
+    device_map: str | None = None,
 ):
     """``AutoModelForCausalLM.from_pretrained``; a missing or unreadable model is a :class:`UserError`.
+
+    ``device_map="auto"`` spreads the model over the visible devices (Accelerate's big-model loading).
 
     A saved compressed student needs its model class registered first: load it with
     :func:`kdsweep.compress.load_student`.
@@ -74,7 +82,7 @@ def load_causal_lm(
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(path_or_id), revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+            str(path_or_id), revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device_map
         )
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model {str(path_or_id)!r}: {e}") from None
@@ -92,13 +100,21 @@ def teacher_source(teacher_dir: str | Path) -> dict:
 
 
 def load_teacher(teacher_dir: str | Path, cfg: TeacherConfig, device: torch.device):
-    """The teacher in eval mode, frozen, in ``cfg.dtype`` on ``device``."""
+    """The teacher in eval mode, frozen, in ``cfg.dtype`` on ``device``, or, with
+    ``cfg.device_map: auto``, spread over every visible device (its inputs may be on any of
+    them: Accelerate's hooks move them to each layer's device)."""
     src = teacher_source(teacher_dir)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(
-        src["model"], revision=src.get("revision"), trust_remote_code=cfg.trust_remote_code, dtype=dtype
+        src["model"],
+        revision=src.get("revision"),
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+        device_map=cfg.device_map,
     )
-    model.to(device).eval().requires_grad_(False)
+    if cfg.device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model
 
 

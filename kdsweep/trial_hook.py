@@ -8,7 +8,9 @@ distill`` passes :func:`eval_hook` (from its ``--trial`` option) to the training
     trial.report(metrics[metric], step)     # step = optimizer step: the pruner's resource
     if trial.should_prune(): return True    # distill stops, writes state "pruned", exits 0
 
-so a pruned trial is still a recorded DVC experiment, and the runner marks it PRUNED.
+so a pruned trial is still a recorded DVC experiment, and the runner marks it PRUNED. Under
+torchrun only rank 0 has a hook (and opens the study); distill broadcasts its answer, so every
+rank stops at the same step.
 
 The hook also stops an orphaned run: if the runner that started it is gone (killed), or the
 trial is no longer RUNNING in the study (a restarted runner took it over), it raises, and the
@@ -38,6 +40,10 @@ def eval_hook(context: str | None, params=None) -> Callable[[int, dict], bool] |
     """
     if not context:
         return None
+    from kdsweep.distributed import is_main
+
+    if not is_main():
+        return None  # under torchrun rank 0 alone reports; distill gives its answer to the other ranks
     return TrialReporter(json.loads(context), params)
 
 

@@ -614,7 +614,7 @@ def test_verify_and_inspect_report_every_check(tiny_pipeline):
     report = inspect_cache(path)
     for expected in (
         "bytes per token",
-        "bytes per stored logit",
+        "bytes per logit",
         "topk_id_deltas",
         "gzip(4)+shuffle+fletcher32",
         "top-16 probability mass at T=1",
@@ -641,18 +641,32 @@ def test_verify_against_params_names_the_differing_field(tiny_pipeline, tmp_path
 
 
 # --------------------------------------------------------------------------- the documented reader
-def test_plain_h5py_example_in_the_docs_reads_the_cache(tiny_pipeline):
+def docs_reader() -> dict:
+    """The namespace of the docs' plain-h5py reader (``read_sequence``)."""
     doc = (REPO / "docs/cache-format.md").read_text()
     code = re.search(r"## Reading with plain h5py.*?```python\n(.*?)```", doc, flags=re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "docs/cache-format.md", "exec"), namespace)
-    path = tiny_pipeline / "data/teacher_logits/validation.h5"
+    return namespace
+
+
+def assert_docs_reader_agrees(path: Path) -> None:
+    """The docs' reader and TeacherLogitCache give the same ids, probabilities and tail at three temperatures."""
+    read_sequence = docs_reader()["read_sequence"]
     cache = TeacherLogitCache(path)
     for n, temperature in ((0, 1.0), (7, 2.5), (cache.num_sequences - 1, 4.0)):
-        input_ids, ids, probs, tail = namespace["read_sequence"](str(path), n, temperature)
+        input_ids, ids, probs, tail, counts = read_sequence(str(path), n, temperature)
         batch = cache.read([n])
         p, t = teacher_topk_probs(batch, cache.betas, temperature)
         assert np.array_equal(input_ids, batch["input_ids"][0]) and np.array_equal(ids, batch["topk_ids"][0])
+        assert (counts is None) == (cache.mode == "topk")
+        if counts is not None:
+            assert np.array_equal(counts, batch["sample_counts"][0])
         np.testing.assert_allclose(probs, p[0].numpy(), atol=1e-6)
         np.testing.assert_allclose(tail, t[0].numpy(), atol=1e-6)
         np.testing.assert_allclose(probs.sum(-1) + tail, 1.0, atol=1e-6)
+    cache.close()
+
+
+def test_plain_h5py_example_in_the_docs_reads_the_cache(tiny_pipeline):
+    assert_docs_reader_agrees(tiny_pipeline / "data/teacher_logits/validation.h5")

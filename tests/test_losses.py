@@ -11,8 +11,9 @@ from kdsweep.losses import (
     IGNORE_INDEX,
     LossSpec,
     SparseTeacher,
+    TeacherChunk,
     distillation_loss,
-    kl_per_token,
+    divergence_per_token,
     loss_sums,
     restrict_to_vocab,
     sparse_teacher_from_logits,
@@ -20,6 +21,19 @@ from kdsweep.losses import (
 from kdsweep.teachers import cached_teacher_fn
 
 CACHE_KEYS = ("topk_ids", "topk_logits", "log_normalizer", "log_normalizer_slope")
+
+
+def kl_per_token(
+    student_logits: torch.Tensor,
+    teacher: TeacherChunk,
+    temperature: float,
+    mode: str,
+    direction: str,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """:func:`divergence_per_token` from the student's raw logits (C, V): the per-token reference."""
+    lq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return divergence_per_token(lq, teacher, temperature, mode, direction, jsd_beta)
 
 
 def randn(*shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdsweep.cache.format import FORMAT_VERSION, ids_dtype
+from kdsweep.cache.format import format_version, stored_dtypes, temperature_grid
 from kdsweep.models import teacher_identity
 
 if TYPE_CHECKING:
@@ -29,8 +29,11 @@ def expected_fingerprint(prepared: Prepared, teacher_dir: Path | None, params: P
     cfg = params.teacher
     lo, hi = cfg.temperature_range
     vocab = prepared.meta["tokenizer"]["vocab_size"]
+    width = cfg.sample_draws if cfg.cache_mode == "sampled" else cfg.top_k
+    g = len(temperature_grid(lo, hi, cfg.temperature_grid))
+    dtypes = stored_dtypes(cfg.cache_mode, cfg.cache_values, vocab, width, g)
     fingerprint = {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(cfg.cache_mode, cfg.cache_values),
         "split": split,
         "dataset": prepared.meta["dataset"],
         "max_length": params.dataset.max_length,
@@ -41,14 +44,13 @@ def expected_fingerprint(prepared: Prepared, teacher_dir: Path | None, params: P
         "top_k": cfg.top_k,
         "temperature_range": [lo, hi],
         "temperature_grid": cfg.temperature_grid,
-        "dtypes": {
-            "input_ids": "int32",
-            "topk_id_deltas": ids_dtype(vocab).name,
-            "topk_logits": "float16",
-            "tail_log_normalizer_residual": "int32",
-            "tail_log_normalizer_slope": "float16",
-        },
+        "dtypes": {name: dtype.name for name, (dtype, _) in dtypes.items()},
     }
+    if fingerprint["format_version"] >= 3:  # version 2 fingerprints stay as they were
+        fingerprint |= {"cache_mode": cfg.cache_mode, "cache_values": cfg.cache_values}
+    if cfg.cache_mode == "sampled":
+        del fingerprint["top_k"]
+        fingerprint |= {"sample_draws": cfg.sample_draws, "sample_temperature": cfg.sample_temperature}
     if teacher_dir is None:
         del fingerprint["teacher"]
     return fingerprint

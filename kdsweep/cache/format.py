@@ -59,14 +59,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FORMAT_VERSION = 2
-# What TeacherLogitCache.read returns (decoded), and what the file stores.
+FORMAT_VERSION = 3  # written for q8 values or sampled ids; an fp16 top-k cache is still version 2
+READABLE_VERSIONS = (2, 3)
+# What TeacherLogitCache.read returns (decoded), and what a version-2 file (fp16 top-k) stores.
 DATASETS = ("input_ids", "topk_ids", "topk_logits", "log_normalizer", "log_normalizer_slope")
 STORED = ("input_ids", "topk_id_deltas", "topk_logits", "tail_log_normalizer_residual", "tail_log_normalizer_slope")
+Q8_LEVELS = 255  # codes 0..255: 0 is the position's largest stored logit (s = 0 for a top-k cache)
 LOG_NORMALIZER_QUANTUM = 2.0**-14
 TAIL_FLOOR = -200.0  # log of a negligible (or empty) tail: exp(-200) vanishes next to the top token's 1
 FP16_MIN = float(np.finfo(np.float16).min)
-_MASKED = -1e4  # stands in for -inf logits: exp(b * _MASKED) == 0 and 0 * _MASKED is not NaN
+PADDING_LOGIT = -1e4  # a sampled cache's empty slots read as this logit: exp(b * -1e4) == 0
+_MASKED = PADDING_LOGIT  # stands in for -inf logits: exp(b * _MASKED) == 0 and 0 * _MASKED is not NaN
 GZIP_LEVEL = 4
 
 
@@ -79,6 +82,38 @@ class CacheLayout:
     vocab_size: int  # tokenizer's vocabulary; padded LM-head rows beyond it are dropped
     seq_len: int
     fingerprint: dict
+    mode: str = "topk"  # topk | sampled: which ids a position keeps
+    values: str = "fp16"  # fp16 | q8: how their logits are stored
+    sample_draws: int = 0  # sampled: tokens drawn per position (top_k is then the slot count, = draws)
+    sample_temperature: float = 1.0  # sampled: the proposal temperature (not a KD temperature)
+
+    @property
+    def version(self) -> int:
+        """The format version these settings are written as (see :func:`format_version`)."""
+        return format_version(self.mode, self.values)
+
+    @property
+    def stored(self) -> tuple[str, ...]:
+        """The datasets a file of this layout stores (see :func:`stored_names`)."""
+        return stored_names(self.mode, self.values)
+
+
+def format_version(mode: str, values: str) -> int:
+    """2 for an fp16 top-k cache (unchanged, so older readers and caches keep working), else 3."""
+    return 2 if (mode, values) == ("topk", "fp16") else FORMAT_VERSION
+
+
+def stored_names(mode: str, values: str) -> tuple[str, ...]:
+    """The stored datasets of a cache, in file order.
+
+    ``<p>`` is ``topk`` or ``sample``: ``input_ids``, ``<p>_id_deltas``, ``sample_counts``
+    (sampled only), ``<p>_logits`` (fp16) or ``<p>_logit_codes`` + ``<p>_logit_min`` (q8),
+    and the two tail normaliser datasets.
+    """
+    prefix = "topk" if mode == "topk" else "sample"
+    counts = ("sample_counts",) if mode == "sampled" else ()
+    logits = (f"{prefix}_logits",) if values == "fp16" else (f"{prefix}_logit_codes", f"{prefix}_logit_min")
+    return ("input_ids", f"{prefix}_id_deltas", *counts, *logits, *STORED[3:])
 
 
 # --------------------------------------------------------------------------- pure math
@@ -228,29 +263,111 @@ def _exp_sums(s: torch.Tensor, betas: np.ndarray) -> tuple[torch.Tensor, torch.T
     return z, m
 
 
-def summarize_logits(logits: torch.Tensor, k: int, betas: np.ndarray) -> dict[str, torch.Tensor]:
+def sample_ids(
+    s: torch.Tensor, draws: int, temperature: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``draws`` tokens per row from softmax(s / temperature) (with replacement); keep the unique ones.
+
+    Args:
+        s: (C, V) logits (any shift).
+        temperature: the proposal temperature (not a KD temperature).
+    Returns:
+        ids (C, draws) int64: the unique ids ascending in the first u slots of a row, the last
+        of them repeated in the other slots (gaps of 0 compress to nothing); counts (C, draws)
+        int32: how often each was drawn, 0 in the padding slots (a row's counts sum to ``draws``).
+    """
+    probs = torch.softmax(s.float() / temperature, dim=-1)
+    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator).sort(-1).values
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = new.long().cumsum(-1) - 1
+    counts = torch.zeros(drawn.shape, dtype=torch.int32, device=s.device)
+    counts.scatter_add_(-1, slot, torch.ones_like(slot, dtype=torch.int32))
+    ids = torch.zeros_like(drawn).scatter_(-1, slot, drawn)
+    unique = new.sum(-1, keepdim=True)
+    return torch.where(torch.arange(draws, device=s.device) < unique, ids, ids.gather(-1, unique - 1)), counts
+
+
+# (code / 255)^2 as a table, so the writer (any device) and every reader decode bit-identically.
+_Q8_SQUARES = torch.from_numpy((np.arange(Q8_LEVELS + 1, dtype=np.float64) / Q8_LEVELS) ** 2).float()
+
+
+def encode_q8(vals: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q8 code of shifted logits: square-law companding over each position's own range.
+
+    ``s = low * (code / 255)^2`` with ``low`` the position's smallest stored logit (float16,
+    rounded away from nothing: codes are clipped to 255). Steps are fine near the position's
+    largest logits (which hold the probability mass) and coarse near ``low``: the step at
+    code c is ``|low| * (2c + 1) / 255^2`` (docs/cache-format.md has the justification).
+
+    Args:
+        vals: (C, W) logits minus the position's max (<= 0).
+        valid: (C, W) which slots hold a logit (padding slots get code 0).
+    Returns:
+        codes (C, W) uint8 and low (C,) float16.
+    """
+    low = vals.masked_fill(~valid, 0).amin(-1).clamp(min=FP16_MIN).half()
+    scale = low.float().unsqueeze(-1)
+    ratio = torch.where(scale < 0, vals / scale.clamp(max=-1e-30), 0.0).clamp(0, 1).masked_fill(~valid, 0)
+    return torch.round(Q8_LEVELS * ratio.sqrt()).to(torch.uint8), low
+
+
+def decode_q8(codes: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """(..., W) float32 logits from q8 ``codes`` (..., W) and ``low`` (...,): ``low * (code / 255)^2``."""
+    return low.float().unsqueeze(-1) * _Q8_SQUARES.to(codes.device)[codes.long()]
+
+
+def _select(
+    s: torch.Tensor, k: int, sampling: tuple[int, float, torch.Generator | None] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ids a position keeps, ascending: its top-k, or (``sampling`` = (draws, temperature,
+    generator)) the unique ids of a sample with their counts (see :func:`sample_ids`)."""
+    if sampling is not None:
+        return sample_ids(s, *sampling)
+    return s.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values, None  # small gaps compress well
+
+
+def summarize_logits(
+    logits: torch.Tensor,
+    k: int,
+    betas: np.ndarray,
+    values: str = "fp16",
+    sampling: tuple[int, float, torch.Generator | None] | None = None,
+) -> dict[str, torch.Tensor]:
     """What the cache stores for each position, computed on the logits' device.
 
     Args:
         logits: (N, V) teacher logits, any float dtype (computed in float32).
-        k: how many to keep.
+        k: how many to keep (top-k); with ``sampling`` the slot count is the draw count.
         betas: (G,) uniform inverse-temperature grid.
+        values: ``fp16`` or ``q8`` (:func:`encode_q8`).
+        sampling: (draws, proposal temperature, generator) for a sampled cache, else None.
     Returns:
-        ``topk_ids`` (N, k) int64 ascending ids; ``topk_logits`` (N, k) float16 shifted logits;
-        ``tail_log_normalizer`` (N, G) float32, t at the grid as a reader decodes it;
-        ``tail_log_normalizer_residual`` (N, G) int32, its stored coding;
-        ``log_normalizer`` (N, G + k) float32 and ``log_normalizer_slope`` (N, G) float16, the
-        arguments of :func:`log_normalizer` (as ``TeacherLogitCache.read`` returns them); and
-        ``max_error`` (scalar): the largest |f_cache - f| over positions, grid points and
-        interval midpoints, f_cache computed from exactly what a reader gets.
+        ``topk_ids`` (N, W) int64 ascending ids; ``topk_logits`` (N, W) float16 shifted logits
+        (fp16) or ``topk_logit_codes`` uint8 + ``topk_logit_min`` float16 (q8); ``sample_counts``
+        (N, W) int32 (sampled); ``tail_log_normalizer`` (N, G) float32, t at the grid as a reader
+        decodes it; ``tail_log_normalizer_residual`` (N, G) int32, its stored coding;
+        ``log_normalizer`` (N, G + W) float32 and ``log_normalizer_slope`` (N, G) float16, the
+        arguments of :func:`log_normalizer` (as ``TeacherLogitCache.read`` returns them); and two
+        scalars measured at every grid point and interval midpoint from exactly what a reader
+        gets: ``max_error``, the largest |f_cache - f| (log space; f with the stored values for
+        q8, with the exact ones for fp16), and ``value_max_error``, the largest |p_cache - p| of a
+        bucket (a kept id or the tail) against the exact softmax.
     """
     s = logits.float()
     s = s - s.max(dim=-1, keepdim=True).values
-    vals, ids = s.topk(k, dim=-1, sorted=False)
-    ids, order = ids.sort(dim=-1)  # ascending ids: the gaps are small and compress well
-    vals = vals.gather(-1, order)
-    vals16 = vals.clamp(min=FP16_MIN).half()
-    tail = s.clamp(min=_MASKED).scatter_(-1, ids, _MASKED)  # the tokens outside the top-k
+    ids, counts = _select(s, k, sampling)
+    valid = torch.ones_like(ids, dtype=torch.bool) if counts is None else counts > 0
+    vals = s.gather(-1, ids).masked_fill(~valid, 0)
+    out = {"topk_ids": ids} if counts is None else {"topk_ids": ids, "sample_counts": counts}
+    if values == "q8":
+        out["topk_logit_codes"], out["topk_logit_min"] = encode_q8(vals, valid)
+        decoded = decode_q8(out["topk_logit_codes"], out["topk_logit_min"])
+    else:
+        out["topk_logits"] = vals.clamp(min=FP16_MIN).half()
+        decoded = out["topk_logits"].float()
+    decoded = decoded.masked_fill(~valid, _MASKED)
+    tail = s.clamp(min=_MASKED).scatter_(-1, ids, _MASKED)  # the tokens outside the kept ids
     z, m = _exp_sums(tail, betas)  # at b_0, midpoint, b_1, ...: 2G - 1 points
     t_all = torch.log(z.double()).clamp(min=TAIL_FLOOR)
     z_grid = z[:, 0::2].double()
@@ -258,22 +375,66 @@ def summarize_logits(logits: torch.Tensor, k: int, betas: np.ndarray) -> dict[st
     slopes = torch.where(t_all[:, 0::2] > TAIL_FLOOR, slopes, 0.0).float().clamp(min=FP16_MIN).half()
     residuals = encode_log_normalizer(t_all[:, 0::2], slopes, betas)
     t_dec = _decode_torch(residuals, slopes, betas).float()
-    packed = torch.cat([t_dec, vals16.float()], dim=-1)
-    points = np.stack([betas[:-1], 0.5 * (betas[:-1] + betas[1:])], -1).reshape(-1).tolist() + [float(betas[-1])]
-    max_error = torch.zeros((), dtype=torch.float64, device=s.device)
-    for p, beta in enumerate(points):
-        exact = torch.logaddexp(torch.logsumexp(vals.double() * beta, dim=-1), torch.log(z[:, p].double()))
-        approx = log_normalizer(packed, slopes, betas, beta).double()
-        max_error = torch.maximum(max_error, (exact - approx).abs().max())
-    return {
-        "topk_ids": ids,
-        "topk_logits": vals16,
+    packed = torch.cat([t_dec, decoded], dim=-1)
+    reference = decoded if values == "q8" else vals.masked_fill(~valid, _MASKED)
+    errors = _measured_errors(vals.masked_fill(~valid, _MASKED), reference, z, packed, slopes, betas)
+    return out | {
         "tail_log_normalizer": t_dec,
         "tail_log_normalizer_residual": residuals,
         "log_normalizer": packed,
         "log_normalizer_slope": slopes,
-        "max_error": max_error.float(),
+        "max_error": errors[0],
+        "value_max_error": errors[1],
     }
+
+
+def _measured_errors(
+    exact: torch.Tensor,
+    reference: torch.Tensor,
+    z: torch.Tensor,
+    packed: torch.Tensor,
+    slopes: torch.Tensor,
+    betas: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normaliser's and the buckets' largest errors over the grid points and midpoints.
+
+    Args:
+        exact: (C, W) the kept ids' exact shifted logits (``_MASKED`` at padding).
+        reference: (C, W) the logits the normaliser error is taken against.
+        z: (C, 2G - 1) the tail's exact sum of exp(b s) at the points.
+        packed, slopes: what a reader passes to :func:`log_normalizer`.
+    """
+    g = len(betas)
+    points = np.stack([betas[:-1], 0.5 * (betas[:-1] + betas[1:])], -1).reshape(-1).tolist() + [float(betas[-1])]
+    max_error = torch.zeros((), dtype=torch.float64, device=z.device)
+    value_error = torch.zeros((), dtype=torch.float64, device=z.device)
+    for p, beta in enumerate(points):
+        log_tail = torch.log(z[:, p].double())
+        f_ref = torch.logaddexp(torch.logsumexp(reference.double() * beta, dim=-1), log_tail)
+        f_cache = log_normalizer(packed, slopes, betas, beta).double()
+        max_error = torch.maximum(max_error, (f_ref - f_cache).abs().max())
+        f_true = torch.logaddexp(torch.logsumexp(exact.double() * beta, dim=-1), log_tail)
+        p_true = torch.exp(exact.double() * beta - f_true.unsqueeze(-1))
+        p_cache = torch.exp(packed[:, g:].double() * beta - f_cache.unsqueeze(-1))
+        tail_cache = torch.exp(hermite(packed[:, :g], slopes, betas, beta).double() - f_cache)
+        tail_error = (tail_cache - torch.exp(log_tail - f_true)).abs().max()
+        value_error = torch.maximum(value_error, torch.maximum((p_cache - p_true).abs().max(), tail_error))
+    return max_error.float(), value_error.float()
+
+
+def stored_dtypes(mode: str, values: str, vocab_size: int, k: int, g: int) -> dict[str, tuple[np.dtype, int | None]]:
+    """Each stored dataset's dtype and last dimension (None: the dataset is (N, L)), in file order."""
+    spec = {
+        "input_ids": (np.dtype(np.int32), None),
+        "id_deltas": (ids_dtype(vocab_size), k),
+        "counts": (np.dtype(np.uint8), k),
+        "logits": (np.dtype(np.float16), k),
+        "logit_codes": (np.dtype(np.uint8), k),
+        "logit_min": (np.dtype(np.float16), None),
+        "tail_log_normalizer_residual": (np.dtype(np.int32), g),
+        "tail_log_normalizer_slope": (np.dtype(np.float16), g),
+    }
+    return {name: spec[name.removeprefix("topk_").removeprefix("sample_")] for name in stored_names(mode, values)}
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -303,7 +464,7 @@ def teacher_topk_probs(
     g = len(betas)
     values = torch.as_tensor(batch["log_normalizer"])
     slopes = torch.as_tensor(batch["log_normalizer_slope"])
-    s = torch.as_tensor(batch["topk_logits"]).float() / temperature
+    s = values[..., g:].float() / temperature  # the stored logits as decoded (fp16 or q8)
     lse = log_normalizer(values, slopes, betas, 1.0 / temperature)
     tail = hermite(values[..., :g], slopes, betas, 1.0 / temperature)
     return torch.exp(s - lse.unsqueeze(-1)), torch.exp(tail - lse)

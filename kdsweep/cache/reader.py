@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from kdsweep.cache.fingerprint import diff_fingerprints
-from kdsweep.cache.format import FORMAT_VERSION, STORED, decode_log_normalizer, deltas_to_ids
+from kdsweep.cache.format import (
+    PADDING_LOGIT,
+    READABLE_VERSIONS,
+    decode_log_normalizer,
+    decode_q8,
+    deltas_to_ids,
+    stored_names,
+)
 from kdsweep.errors import UserError
 
 
@@ -36,6 +43,8 @@ class Header(NamedTuple):
     betas: np.ndarray  # (G,) ascending inverse temperatures
     fingerprint: dict
     shards: list[str]  # merged files: the shard file names, relative to the merged file
+    mode: str  # topk | sampled (version 2: topk)
+    values: str  # fp16 | q8 (version 2: fp16)
 
 
 class StoredDataset(NamedTuple):
@@ -104,12 +113,15 @@ def _read_header(f: h5py.File, path: Path) -> Header:
         version = int(attrs.get("format_version", -1))
     except (TypeError, ValueError):
         version = -1
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UserError(
-            f"{path}: cache format version {version}, this kdsweep reads {FORMAT_VERSION}; "
-            "regenerate it with `dvc repro teacher_logits`"
+            f"{path}: cache format version {version}, this kdsweep reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; regenerate it with `dvc repro teacher_logits`"
         )
-    values = {}
+    mode, values = str(attrs.get("cache_mode", "topk")), str(attrs.get("cache_values", "fp16"))
+    if mode not in ("topk", "sampled") or values not in ("fp16", "q8"):
+        raise _refuse(path, f"attributes cache_mode {mode!r} / cache_values {values!r} are damaged")
+    code, values = values, {}
     for name, parse in _ATTRS.items():
         if name not in attrs and name != "shards":
             raise _refuse(path, f"attribute {name} is missing: the file is damaged or was not written by kdsweep")
@@ -118,18 +130,25 @@ def _read_header(f: h5py.File, path: Path) -> Header:
         except (TypeError, ValueError) as e:
             raise _refuse(path, f"attribute {name} is damaged ({attrs[name]!r:.60}: {e})") from None
     return Header(
-        attrs, values["top_k"], values["vocab_size"], values["betas"], values["fingerprint"], values["shards"]
+        attrs,
+        values["top_k"],
+        values["vocab_size"],
+        values["betas"],
+        values["fingerprint"],
+        values["shards"],
+        mode,
+        code,
     )
 
 
-def _open_datasets(f: h5py.File, path: Path) -> dict[str, StoredDataset]:
-    """The stored datasets of :data:`STORED`, opened with the file's own directory as the prefix
-    of virtual sources (merged files), whatever the working directory; refuses a file where one
-    is missing or cannot be opened (damaged metadata)."""
+def _open_datasets(f: h5py.File, path: Path, names: tuple[str, ...]) -> dict[str, StoredDataset]:
+    """The stored datasets ``names`` (:func:`~kdsweep.cache.format.stored_names`), opened with the
+    file's own directory as the prefix of virtual sources (merged files), whatever the working
+    directory; refuses a file where one is missing or cannot be opened (damaged metadata)."""
     dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
     dapl.set_virtual_prefix(str(path.resolve().parent).encode() + b"/")
     out, broken = {}, {}
-    for key in STORED:
+    for key in names:
         try:
             ds = h5py.Dataset(h5py.h5d.open(f.id, key.encode(), dapl=dapl))
             row = tuple(ds.shape[1:])
@@ -151,7 +170,8 @@ def _open_datasets(f: h5py.File, path: Path) -> dict[str, StoredDataset]:
 def _check_shapes(path: Path, sources: dict[str, StoredDataset], header: Header) -> None:
     n, length = (sources["input_ids"].dataset.shape + (0, 0))[:2]
     k, g = header.top_k, len(header.betas)
-    expected = {"input_ids": (n, length), "topk_id_deltas": (n, length, k), "topk_logits": (n, length, k)}
+    expected = dict.fromkeys(sources, (n, length, k))
+    expected |= {key: (n, length) for key in sources if key == "input_ids" or key.endswith("_logit_min")}
     expected |= {"tail_log_normalizer_residual": (n, length, g), "tail_log_normalizer_slope": (n, length, g)}
     for key, shape in expected.items():
         if sources[key].dataset.shape != shape:
@@ -206,12 +226,16 @@ class TeacherLogitCache:
         self.attrs = header.attrs
         self.top_k, self.vocab_size, self.betas = header.top_k, header.vocab_size, header.betas
         self.fingerprint, self.shards = header.fingerprint, header.shards
+        self.mode, self.values = header.mode, header.values
+        self.stored = stored_names(self.mode, self.values)
+        # A sampled cache's proposal temperature (the one its ids were drawn at); None for top-k.
+        self.sample_temperature = float(self.attrs["sample_temperature"]) if self.mode == "sampled" else None
         for name in self.shards:
             _check_shard(self.path, self.path.parent / name, self.fingerprint)
         sources = self._sources()
         _check_shapes(self.path, sources, header)
         self.num_sequences, self.seq_len = sources["input_ids"].dataset.shape
-        self._arrays = self._decode(self._read_all()) if in_memory else None
+        self._arrays = self.decode(self._read_all()) if in_memory else None
 
     @property
     def file(self) -> h5py.File:
@@ -233,11 +257,11 @@ class TeacherLogitCache:
     def _sources(self) -> dict[str, StoredDataset]:
         f = self.file
         if self._dsets is None:
-            self._dsets = _open_datasets(f, self.path)
+            self._dsets = _open_datasets(f, self.path, self.stored)
         return self._dsets
 
     def datasets(self) -> dict[str, h5py.Dataset]:
-        """The stored datasets (:data:`STORED`) as h5py objects, merged files included."""
+        """The stored datasets (:attr:`stored`) as h5py objects, merged files included."""
         return {key: src.dataset for key, src in self._sources().items()}
 
     @property
@@ -265,7 +289,7 @@ class TeacherLogitCache:
             )
 
     def read_stored(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        """The stored (coded) arrays of the given sequences, (B, L, ...) each, as in :data:`STORED`."""
+        """The stored (coded) arrays of the given sequences, (B, L, ...) each, as in :attr:`stored`."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.num_sequences):
             raise IndexError(f"{self.path}: sequence index out of range [0, {self.num_sequences})")
@@ -296,16 +320,31 @@ class TeacherLogitCache:
         except OSError as e:
             raise _refuse(self.path, f"cannot read ({e})", check=True) from None
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays of :meth:`read` but ``log_normalizer`` (t alone under ``tail_log_normalizer``).
+
+        A sampled cache's kept ids go under ``topk_ids`` / ``topk_logits`` too (the maths of both
+        modes is the same given the ids), with ``sample_counts``; padding slots (count 0) read as
+        logit -1e4, so they hold no probability."""
+        prefix = "topk" if self.mode == "topk" else "sample"
+        if self.values == "q8":
+            codes, low = stored[f"{prefix}_logit_codes"], stored[f"{prefix}_logit_min"]
+            logits = decode_q8(torch.from_numpy(codes), torch.from_numpy(low)).numpy()
+        else:
+            logits = stored[f"{prefix}_logits"]
+        out = {
             "input_ids": stored["input_ids"],
-            "topk_ids": deltas_to_ids(stored["topk_id_deltas"]),
-            "topk_logits": stored["topk_logits"],
+            "topk_ids": deltas_to_ids(stored[f"{prefix}_id_deltas"]),
+            "topk_logits": logits,
             "tail_log_normalizer": decode_log_normalizer(
                 stored["tail_log_normalizer_residual"], stored["tail_log_normalizer_slope"], self.betas
             ),
             "log_normalizer_slope": stored["tail_log_normalizer_slope"],
         }
+        if self.mode == "sampled":
+            out["sample_counts"] = stored["sample_counts"]
+            out["topk_logits"] = np.where(stored["sample_counts"] > 0, logits, logits.dtype.type(PADDING_LOGIT))
+        return out
 
     @staticmethod
     def _pack(decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -320,15 +359,23 @@ class TeacherLogitCache:
         """The arrays of :data:`DATASETS` for the given sequences, stacked: (B, L, ...) each.
 
         ``input_ids`` int32 (B, L); ``topk_ids`` int32 (B, L, k), ascending per position;
-        ``topk_logits`` float16 (B, L, k), max 0; ``log_normalizer`` float32 (B, L, G + k) and
+        ``topk_logits`` (B, L, k) float16 (fp16) or float32 (q8, decoded), <= 0; ``log_normalizer``
+        float32 (B, L, G + k) and
         ``log_normalizer_slope`` float16 (B, L, G): pass them to :func:`log_normalizer` for
         f(1/T). (``log_normalizer[..., :G]`` is the tail's t at the grid :attr:`betas`,
         ``log_normalizer_slope`` its slope, ``log_normalizer[..., G:]`` the top-k logits.)
+        A sampled cache (:attr:`mode`) keeps its sampled ids there instead, and adds
+        ``sample_counts`` uint8 (B, L, k) (0 in padding slots) and ``sample_temperature`` float32
+        (B,), the proposal temperature the ids were drawn at.
         """
         if self._arrays is not None:
             idx = np.asarray(indices)
-            return self._pack({key: arr[idx] for key, arr in self._arrays.items()})
-        return self._pack(self._decode(self.read_stored(indices)))
+            out = self._pack({key: arr[idx] for key, arr in self._arrays.items()})
+        else:
+            out = self._pack(self.decode(self.read_stored(indices)))
+        if self.mode == "sampled":  # per sequence, so it travels with the batch to the loss
+            out["sample_temperature"] = np.full(len(out["input_ids"]), self.sample_temperature, dtype=np.float32)
+        return out
 
     def close(self) -> None:
         """Close the file (it reopens on the next read)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kdsweep.cache.fingerprint import diff_fingerprints, expected_fingerprint
-from kdsweep.cache.format import TAIL_FLOOR, decode_log_normalizer, log_normalizer, teacher_topk_probs
+from kdsweep.cache.format import Q8_LEVELS, TAIL_FLOOR, log_normalizer, teacher_topk_probs
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import load_params
 from kdsweep.data import load_prepared
@@ -35,8 +35,11 @@ from kdsweep.models import POINTER, default_device, load_causal_lm, resolve_dtyp
 
 TOP1_TIE = 0.05  # logits this close to the max count as a tie for the top-1 agreement check
 MIN_TOP1_AGREEMENT = 0.99
+FRESH_SLACK_FACTOR, FRESH_SLACK = 1.5, 1e-5  # a stored bound vs a fresh forward (see _bound_against_fresh)
+SAMPLED_AGREEMENT = 1e-2  # sampled caches: |p_cache - p_fresh| at every sampled id within this
 MASS_TOLERANCE = 2e-3  # top-k mass may exceed 1 by this much (float16 logits, interpolation)
 MAX_INTERPOLATION_ERROR = 1e-3  # the stated bound; a cache above it needs a finer temperature grid
+MAX_VALUE_ERROR = 1e-2  # version 3: the largest |p_cache - p| of a bucket the writer may have measured
 LISTED_SEQUENCES = 20  # unreadable sequences named one by one; the rest are counted
 
 Report = Callable[[str], object]
@@ -48,6 +51,7 @@ SANITY = (
     "tail log-normaliser and slopes finite",
     "tail below the top-k (t(b) <= log(V - k) + b * min top-k logit; t' <= min top-k logit)",
 )
+SAMPLED_CHECK = "sampled: counts sum to sample_draws, kept slots first"
 
 
 class Scan(NamedTuple):
@@ -55,6 +59,7 @@ class Scan(NamedTuple):
 
     problems: list[str]
     unreadable: dict[int, list[str]]  # sequence -> the datasets whose chunk fails
+    value_bound: float  # the largest probability error the stored values allow (see value_error_bound)
 
 
 class Candidate(NamedTuple):
@@ -140,6 +145,17 @@ def _dataset_lines(c: TeacherLogitCache, tokens: int) -> list[str]:
     return lines
 
 
+def _kept(c: TeacherLogitCache) -> str:
+    if c.mode == "topk":
+        return f"top-{c.top_k}"
+    return f"the unique ids of {int(c.attrs['sample_draws'])} draws at T = {c.sample_temperature:g}"
+
+
+def _mean_unique(c: TeacherLogitCache, idx: list[int]) -> float:
+    """Sampled caches: the mean number of unique ids per position over sequences ``idx``."""
+    return float((c.read(idx)["sample_counts"] > 0).sum(-1).mean())
+
+
 def inspect_cache(path: Path, sample: int = 256) -> str:
     """The report of ``kdsweep cache inspect``."""
     c = TeacherLogitCache(path)
@@ -147,25 +163,33 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
     tokens = n * length
     size = _file_bytes(c)
     lines = [
-        f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete",
-        f"  {n} sequences x {length} tokens = {tokens:,} tokens; top-{k} of {c.vocab_size:,} tokens; "
+        f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete; "
+        f"mode {c.mode}, {c.values} values",
+        f"  {n} sequences x {length} tokens = {tokens:,} tokens; {_kept(c)} of {c.vocab_size:,} tokens; "
         f"{len(c.betas)} temperature grid points",
     ]
     if c.shards:
         lines.append(f"  merged (virtual datasets) over {len(c.shards)} shards: {', '.join(c.shards)}")
-    lines += [
-        f"  file size {size:,} bytes: {size / tokens:.1f} bytes per token, {size / tokens / k:.3f} bytes per "
-        "stored logit (ids, values and per-token extras all counted)",
-        "",
-        *_dataset_lines(c, tokens),
-    ]
+    if c.mode == "topk":
+        size_line = (
+            f"  file size {size:,} bytes: {size / tokens / k:.3f} bytes per logit, {size / tokens:.1f} bytes per "
+            "token (ids, values and per-token extras all counted)"
+        )
+    else:
+        unique = _mean_unique(c, _sample_indices(n, sample))
+        size_line = (
+            f"  file size {size:,} bytes: {size / tokens:.1f} bytes per token (everything counted); "
+            f"{unique:.1f} unique sampled ids per position on average: {size / tokens / unique:.3f} bytes per id"
+        )
+    lines += [size_line, "", *_dataset_lines(c, tokens)]
     lo, hi = c.temperature_range
     t_hist = _display_temperature(c)
     idx = _sample_indices(n, sample)
     mass = teacher_topk_probs(c.read(idx), c.betas, t_hist)[0].sum(-1).reshape(-1).numpy()
     lines += [
         "",
-        f"  top-{k} probability mass at T={t_hist:g} ({len(idx)} sequences, {mass.size:,} positions): "
+        f"  {f'top-{k}' if c.mode == 'topk' else 'sampled ids'} probability mass at T={t_hist:g} "
+        f"({len(idx)} sequences, {mass.size:,} positions): "
         f"mean {mass.mean():.3f}, median {np.median(mass):.3f}, min {mass.min():.3f}",
         *_histogram(mass),
         "",
@@ -173,6 +197,11 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
         f"  log-normaliser interpolation error bound (measured by the writer, log space): "
         f"{float(c.attrs['log_normalizer_max_error']):.2e}; "
         f"quantum {float(c.attrs['log_normalizer_quantum']):.2e}",
+        *(
+            [f"  probability error bound (measured by the writer, any bucket): {float(c.attrs['value_max_error']):.2e}"]
+            if "value_max_error" in c.attrs
+            else []
+        ),
         f"  teacher ran in {c.attrs.get('teacher_dtype', '?')} on {c.attrs.get('device', '?')}",
         "",
         "  fingerprint:",
@@ -210,22 +239,29 @@ def _read_block(dsets: dict[str, h5py.Dataset], a: int, b: int) -> tuple[dict[st
 def _position_checks(c: TeacherLogitCache, st: dict[str, np.ndarray], betas_checked: list[float]) -> dict:
     """{check name: (B, L) mask of the positions failing it} for the stored arrays ``st``."""
     v, k, betas = c.vocab_size, c.top_k, c.betas
-    d = st["topk_id_deltas"].astype(np.int64)
-    ids = np.cumsum(d, axis=-1)
-    s = st["topk_logits"].astype(np.float32)
+    deltas = st["topk_id_deltas" if c.mode == "topk" else "sample_id_deltas"].astype(np.int64)
+    decoded = c.decode(st)
+    ids, s = decoded["topk_ids"].astype(np.int64), decoded["topk_logits"].astype(np.float32)
+    kept = decoded["sample_counts"] > 0 if c.mode == "sampled" else np.ones(s.shape, dtype=bool)
     slope = st["tail_log_normalizer_slope"].astype(np.float32)
-    t = decode_log_normalizer(st["tail_log_normalizer_residual"], st["tail_log_normalizer_slope"], betas)
-    s_min = s.min(-1, keepdims=True)
+    t = decoded["tail_log_normalizer"]
+    s_min = np.where(kept, s, 0).min(-1, keepdims=True)
     live = t > TAIL_FLOOR  # a floored (negligible or empty) tail has nothing to check
-    slack = np.abs(s_min) * 2.0**-10 + 1e-3  # float16 rounding of the smallest top-k logit
+    slack = np.abs(s_min) * 2.0**-10 + 1e-3  # float16 rounding of the smallest kept logit
+    s_max = np.where(kept, s, -np.inf).max(-1)
     with np.errstate(invalid="ignore"):
         checks = {
             SANITY[0]: (st["input_ids"] < 0) | (st["input_ids"] >= v),
-            SANITY[1]: (ids[..., 0] < 0) | (ids[..., -1] >= v) | (d[..., 1:] < 1).any(-1),
-            SANITY[2]: ~np.isfinite(s).all(-1) | (s > 0).any(-1) | (s.max(-1) != 0),
+            SANITY[1]: (ids[..., 0] < 0) | (ids[..., -1] >= v) | ((deltas[..., 1:] < 1) & kept[..., 1:]).any(-1),
+            SANITY[2]: ~np.isfinite(s).all(-1) | (s > 0).any(-1) | ((s_max != 0) if c.mode == "topk" else False),
             SANITY[3]: ~np.isfinite(t).all(-1) | ~np.isfinite(slope).all(-1),
             SANITY[4]: (live & ((t > np.log(max(v - k, 1)) + betas * s_min + slack) | (slope > s_min + slack))).any(-1),
         }
+    if c.mode == "sampled":  # a sample need not hold the largest logits: its tail may be above it
+        checks[SANITY[4]] = np.zeros(s.shape[:-1], dtype=bool)
+    if c.mode == "sampled":
+        draws = decoded["sample_counts"].astype(np.int64).sum(-1)
+        checks[SAMPLED_CHECK] = (draws != int(c.attrs["sample_draws"])) | (kept[..., 1:] & ~kept[..., :-1]).any(-1)
     values = torch.from_numpy(np.concatenate([t, np.nan_to_num(s)], -1))
     over = np.zeros(s.shape[:-1], dtype=bool)
     for beta in betas_checked:
@@ -258,11 +294,14 @@ def _scan(c: TeacherLogitCache, report: Report) -> Scan:
     betas = c.betas
     betas_checked = sorted({float(betas[0]), float(betas[-1])} | ({1.0} if betas[0] <= 1.0 <= betas[-1] else set()))
     block = max(1, 8192 // c.seq_len)
+    value_bound = 0.0
     for a in range(0, c.num_sequences, block):
         st, failed = _read_block(dsets, a, min(a + block, c.num_sequences))
         unreadable |= failed
         if st is None:
             continue
+        if "value_max_error" in c.attrs:
+            value_bound = max(value_bound, value_error_bound(c, st))
         for name, mask in _position_checks(c, st, betas_checked).items():
             if mask.any():
                 bad[name] = bad.get(name, 0) + int(mask.sum())
@@ -272,12 +311,53 @@ def _scan(c: TeacherLogitCache, report: Report) -> Scan:
     else:
         report(f"  checksums: {chunks:,} chunks read, fletcher32 verified")
     positions = c.num_sequences * c.seq_len
-    for name in (*SANITY, _mass_check(betas_checked)):
+    names = (*SANITY, *((SAMPLED_CHECK,) if c.mode == "sampled" else ()), _mass_check(betas_checked))
+    for name in names:
         report(f"  sanity: {name}: " + (f"FAILED at {bad[name]:,} of {positions:,} positions" if name in bad else "ok"))
     problems = [_unreadable_line(unreadable)] if unreadable else []
     return Scan(
-        problems + [f"sanity: {name}: fails at {n:,} of {positions:,} positions" for name, n in bad.items()], unreadable
+        problems + [f"sanity: {name}: fails at {n:,} of {positions:,} positions" for name, n in bad.items()],
+        unreadable,
+        value_bound,
     )
+
+
+def _half_steps(c: TeacherLogitCache, st: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray:
+    """(B, L, k) how far each stored logit may be from the teacher's: half a q8 step (code c: |low| (c + 1/4)
+    / 255^2, plus float16 rounding of low), or float16 rounding of the value itself."""
+    if c.values == "q8":
+        prefix = "topk" if c.mode == "topk" else "sample"
+        low = np.abs(st[f"{prefix}_logit_min"].astype(np.float64))[..., None]
+        codes = st[f"{prefix}_logit_codes"].astype(np.float64)
+        return low * (codes + 0.25) / Q8_LEVELS**2 + low * 2.0**-10
+    return np.abs(s) * 2.0**-11
+
+
+def value_error_bound(c: TeacherLogitCache, st: dict[str, np.ndarray]) -> float:
+    """The largest |p_cache - p| over the buckets that the stored data allow, at the points the writer measured.
+
+    A stored logit is within h_i of the teacher's (:func:`_half_steps`), so f is within b H + eps
+    (H = max h_i, eps = the stored normaliser bound) and each log-probability within
+    d_i = b (h_i + H) + eps; so |p_cache,i - p_i| <= p_cache,i (exp(d_i) - 1), and the tail's error, the
+    negative sum of the others' (both sum to 1), at most their sum. The writer's measured
+    ``value_max_error`` can never exceed this; a larger one was not measured on this data.
+    """
+    decoded = c.decode(st)
+    s = decoded["topk_logits"].astype(np.float64)
+    kept = decoded["sample_counts"] > 0 if c.mode == "sampled" else np.ones(s.shape, dtype=bool)
+    h = np.where(kept, _half_steps(c, st, s), 0.0)
+    big_h = h.max(-1, keepdims=True)
+    eps = float(c.attrs["log_normalizer_max_error"])
+    values = torch.from_numpy(np.concatenate([decoded["tail_log_normalizer"], s.astype(np.float32)], -1))
+    slopes = torch.from_numpy(st["tail_log_normalizer_slope"])
+    betas = c.betas
+    points = np.concatenate([betas, 0.5 * (betas[:-1] + betas[1:])])
+    worst = 0.0
+    for beta in points.tolist():
+        f = log_normalizer(values, slopes, betas, beta).double().numpy()[..., None]
+        p = np.where(kept, np.exp(beta * s - f), 0.0)
+        worst = max(worst, float((p * np.expm1(beta * (h + big_h) + eps)).sum(-1).max()))
+    return worst
 
 
 # --------------------------------------------------------------------------- verify: against the teacher
@@ -327,7 +407,11 @@ def _top1_agreement(c: TeacherLogitCache, model, idx: list[int]) -> Agreement:
     agree = logits.gather(-1, stored_top1).squeeze(-1) >= fresh_max - TOP1_TIE
     p_cache, _ = teacher_topk_probs(batch, c.betas, t)
     p_fresh = torch.softmax(logits / t, -1).gather(-1, top_ids)
-    return Agreement(float(agree.float().mean()), float((p_cache - p_fresh).abs().max()), int(agree.numel()))
+    dp = (p_cache - p_fresh).abs()
+    if c.mode == "sampled":  # a sample's largest need not be the top-1: its probabilities must agree instead
+        dp = dp.masked_fill(torch.as_tensor(batch["sample_counts"]) == 0, 0)
+        agree = dp.max(-1).values <= SAMPLED_AGREEMENT
+    return Agreement(float(agree.float().mean()), float(dp.max()), int(agree.numel()))
 
 
 def _check_top1(c: TeacherLogitCache, teacher: str | None, sample: int, scan: Scan, report: Report) -> list[str]:
@@ -343,11 +427,35 @@ def _check_top1(c: TeacherLogitCache, teacher: str | None, sample: int, scan: Sc
         f"  top-1 agreement with a fresh forward of {source}: {agreement.fraction:.2%} of {agreement.positions:,} "
         f"positions (max |p_cache - p_fresh| {agreement.max_dp:.1e}) " + ("ok" if ok else "FAILED")
     )
-    if ok:
+    problems = (
+        []
+        if ok
+        else [
+            f"top-1 agreement: {agreement.fraction:.2%} < {MIN_TOP1_AGREEMENT:.0%} with a fresh forward of "
+            f"{source}; the cache was not made by this teacher (or is corrupt)"
+        ]
+    )
+    return problems + _bound_against_fresh(c, agreement, report)
+
+
+def _bound_against_fresh(c: TeacherLogitCache, agreement: Agreement, report: Report) -> list[str]:
+    """A stored probability error bound must cover the error measured against the teacher itself.
+
+    The stored data alone only caps the bound from above (``_check_bound``); a bound altered to
+    claim more precision than the cache has shows here. The slack covers a forward that differs
+    in the last bits and a display temperature between the writer's measured points.
+    """
+    if "value_max_error" not in c.attrs or c.mode == "sampled":
         return []
+    stored = float(c.attrs["value_max_error"])
+    if agreement.max_dp <= FRESH_SLACK_FACTOR * stored + FRESH_SLACK:
+        return []
+    report(
+        f"  probability error bound: stored {stored:.2e}, measured against the teacher {agreement.max_dp:.2e}: FAILED"
+    )
     return [
-        f"top-1 agreement: {agreement.fraction:.2%} < {MIN_TOP1_AGREEMENT:.0%} with a fresh forward of "
-        f"{source}; the cache was not made by this teacher (or is corrupt)"
+        f"probability error bound: the stored value_max_error {stored:.3e} is below the error measured against a "
+        f"fresh forward of the teacher ({agreement.max_dp:.3e}): the attribute was altered; regenerate the cache"
     ]
 
 
@@ -399,17 +507,36 @@ def _regenerate(path: Path) -> str:
     )
 
 
-def _check_bound(c: TeacherLogitCache, report: Report) -> list[str]:
+def _check_bound(c: TeacherLogitCache, scan: Scan, report: Report) -> list[str]:
     bound = float(c.attrs["log_normalizer_max_error"])
     ok = bound <= MAX_INTERPOLATION_ERROR
     report(f"  interpolation error bound: {bound:.2e} (log space) " + ("ok" if ok else "FAILED"))
-    if ok:
-        return []
-    return [
-        f"interpolation: stored log-normaliser error bound {bound:.2e} exceeds "
-        f"{MAX_INTERPOLATION_ERROR:g}; raise teacher.temperature_grid (or narrow "
-        "teacher.temperature_range) and regenerate"
-    ]
+    problems = []
+    if not ok:
+        problems.append(
+            f"interpolation: stored log-normaliser error bound {bound:.2e} exceeds "
+            f"{MAX_INTERPOLATION_ERROR:g}; raise teacher.temperature_grid (or narrow "
+            "teacher.temperature_range) and regenerate"
+        )
+    if "value_max_error" not in c.attrs:  # version 2: float16 values, covered by the bound above
+        return problems
+    value = float(c.attrs["value_max_error"])
+    allowed = scan.value_bound * (1 + 1e-6) + 1e-7
+    report(
+        f"  probability error bound ({c.values} values): stored {value:.2e}, at most {allowed:.2e} from the "
+        f"stored data, limit {MAX_VALUE_ERROR:g}: " + ("ok" if value <= min(allowed, MAX_VALUE_ERROR) else "FAILED")
+    )
+    if value > allowed:
+        problems.append(
+            f"probability error bound: stored value_max_error {value:.3e} exceeds {allowed:.3e}, the most the "
+            "stored values allow: the attribute was altered, or the file is not what the writer measured"
+        )
+    elif value > MAX_VALUE_ERROR:
+        problems.append(
+            f"probability error bound: stored value_max_error {value:.3e} exceeds {MAX_VALUE_ERROR:g}; "
+            "use teacher.cache_values: fp16, or a finer teacher.temperature_grid, and regenerate"
+        )
+    return problems
 
 
 def verify_cache(
@@ -430,7 +557,7 @@ def verify_cache(
     )
     try:
         scan = _scan(c, report)
-        problems = scan.problems + _check_bound(c, report)
+        problems = scan.problems + _check_bound(c, scan, report)
         report("  fingerprint:")
         for line in _fingerprint_lines(c.fingerprint):
             report(line)

@@ -27,13 +27,12 @@ from tqdm import tqdm
 
 from kdsweep.cache.fingerprint import diff_fingerprints
 from kdsweep.cache.format import (
-    FORMAT_VERSION,
     GZIP_LEVEL,
     LOG_NORMALIZER_QUANTUM,
-    STORED,
     CacheLayout,
     ids_dtype,
     ids_to_deltas,
+    stored_dtypes,
     summarize_logits,
 )
 from kdsweep.cache.reader import TeacherLogitCache
@@ -46,6 +45,13 @@ _VDS_FILL = {
     "input_ids": -1,
     "topk_id_deltas": None,
     "topk_logits": np.nan,
+    "topk_logit_codes": None,
+    "topk_logit_min": np.nan,
+    "sample_id_deltas": None,
+    "sample_counts": None,
+    "sample_logits": np.nan,
+    "sample_logit_codes": None,
+    "sample_logit_min": np.nan,
     "tail_log_normalizer_residual": np.iinfo(np.int32).min,
     "tail_log_normalizer_slope": np.nan,
 }
@@ -81,13 +87,38 @@ def teacher_logits_chunks(model, input_ids: torch.Tensor, vocab_size: int, chunk
         yield head(hidden[start : start + chunk_tokens])[:, :vocab_size]
 
 
+# Stored dataset -> the key of format.summarize_logits that holds it (the prefix is the layout's).
+_SUMMARY_KEYS = {
+    "id_deltas": "topk_ids",
+    "counts": "sample_counts",
+    "logits": "topk_logits",
+    "logit_codes": "topk_logit_codes",
+    "logit_min": "topk_logit_min",
+    "tail_log_normalizer_residual": "tail_log_normalizer_residual",
+    "tail_log_normalizer_slope": "log_normalizer_slope",
+}
+SAMPLE_SEED = 0x5EED  # sampled caches: batch i draws from a generator seeded (SAMPLE_SEED, first sequence)
+
+
+def _summary_key(stored: str) -> str:
+    return _SUMMARY_KEYS[stored.removeprefix("topk_").removeprefix("sample_")]
+
+
 @torch.no_grad()
-def teacher_batch_summary(model, input_ids: torch.Tensor, layout: CacheLayout, chunk_tokens: int | None = None) -> dict:
-    """Run the teacher on (B, L) ``input_ids`` and return the stored arrays (numpy) plus ``max_error``."""
+def teacher_batch_summary(
+    model, input_ids: torch.Tensor, layout: CacheLayout, chunk_tokens: int | None = None, first_sequence: int = 0
+) -> dict:
+    """Run the teacher on (B, L) ``input_ids`` and return the stored arrays (numpy) plus ``max_error``
+    and ``value_max_error``. A sampled cache draws from a generator seeded by ``first_sequence``, so a
+    batch's draws do not depend on sharding or resuming."""
     if chunk_tokens is None:  # ~16M logits per chunk: bounded memory at any vocabulary
         chunk_tokens = max(1, min(4096, 2**24 // layout.vocab_size))
+    sampling = None
+    if layout.mode == "sampled":
+        generator = torch.Generator(device=input_ids.device).manual_seed(SAMPLE_SEED * 2**32 + first_sequence)
+        sampling = (layout.sample_draws, layout.sample_temperature, generator)
     parts = [
-        summarize_logits(lg, layout.top_k, layout.betas)
+        summarize_logits(lg, layout.top_k, layout.betas, layout.values, sampling)
         for lg in teacher_logits_chunks(model, input_ids, layout.vocab_size, chunk_tokens)
     ]
     b, length = input_ids.shape
@@ -95,13 +126,17 @@ def teacher_batch_summary(model, input_ids: torch.Tensor, layout: CacheLayout, c
     def cat(key):
         return torch.cat([p[key] for p in parts]).reshape(b, length, -1).cpu().numpy()
 
-    return {
-        "topk_id_deltas": ids_to_deltas(cat("topk_ids").astype(ids_dtype(layout.vocab_size))),
-        "topk_logits": cat("topk_logits"),
-        "tail_log_normalizer_residual": cat("tail_log_normalizer_residual"),
-        "tail_log_normalizer_slope": cat("log_normalizer_slope"),
-        "max_error": float(max(p["max_error"] for p in parts)),
-    }
+    out = {}
+    for name in layout.stored[1:]:
+        arr = cat(_summary_key(name))
+        if name.endswith("_id_deltas"):
+            arr = ids_to_deltas(arr.astype(ids_dtype(layout.vocab_size)))
+        elif name == "sample_counts":
+            arr = arr.astype(np.uint8)  # draws <= 255 (teacher.sample_draws)
+        elif name.endswith("_logit_min"):
+            arr = arr[..., 0]
+        out[name] = arr
+    return out | {key: float(max(p[key] for p in parts)) for key in ("max_error", "value_max_error")}
 
 
 # --------------------------------------------------------------------------- shards
@@ -135,7 +170,7 @@ def _is_finished(path: Path, layout: CacheLayout, compression: int) -> bool:
         with h5py.File(path, "r") as f:
             return (
                 bool(f.attrs.get("complete", False))
-                and int(f.attrs.get("format_version", -1)) == FORMAT_VERSION
+                and int(f.attrs.get("format_version", -1)) == layout.version
                 and json.loads(f.attrs["fingerprint"]) == layout.fingerprint
                 and np.array_equal(f.attrs["betas"], layout.betas)
                 and int(f.attrs["top_k"]) == layout.top_k
@@ -184,7 +219,7 @@ def generate(
         "range": [span.start, span.stop],
         "betas": layout.betas.tolist(),
         "top_k": layout.top_k,
-        "format_version": FORMAT_VERSION,
+        "format_version": layout.version,
     }
     _open_partial(partial, meta)
     batch_starts = list(range(span.start, span.stop, batch_size))
@@ -193,9 +228,10 @@ def generate(
         print(f"{path.name}: resuming, {len(batch_starts) - len(todo)} of {len(batch_starts)} batches already done")
     for s in tqdm(todo, desc=desc, unit="batch", dynamic_ncols=True):
         ids = torch.as_tensor(input_ids[s : min(s + batch_size, span.stop)], dtype=torch.long, device=device)
-        summary = teacher_batch_summary(model, ids, layout)
+        summary = teacher_batch_summary(model, ids, layout, first_sequence=s)
+        errors = {key: np.float32(summary.pop(key)) for key in ("max_error", "value_max_error")}
         with atomic_path(_batch_file(partial, s)) as tmp, open(tmp, "wb") as out:
-            np.savez(out, max_error=np.float32(summary.pop("max_error")), **summary)
+            np.savez(out, **errors, **summary)
 
     dtype = next(p.dtype for p in model.parameters()) if hasattr(model, "parameters") else None
     info = {"teacher_dtype": str(dtype).removeprefix("torch."), "device": device.type}
@@ -233,17 +269,21 @@ def dataset_options(compression: int) -> dict:
 
 
 def _create_datasets(f: h5py.File, n: int, layout: CacheLayout, compression: int) -> None:
-    k, g, length = layout.top_k, len(layout.betas), layout.seq_len
-    opts = dataset_options(compression)
-    f.create_dataset("input_ids", (n, length), np.int32, chunks=(1, length), **opts)
-    f.create_dataset("topk_id_deltas", (n, length, k), ids_dtype(layout.vocab_size), chunks=(1, length, k), **opts)
-    f.create_dataset("topk_logits", (n, length, k), np.float16, chunks=(1, length, k), **opts)
-    f.create_dataset("tail_log_normalizer_residual", (n, length, g), np.int32, chunks=(1, length, g), **opts)
-    f.create_dataset("tail_log_normalizer_slope", (n, length, g), np.float16, chunks=(1, length, g), **opts)
+    length, opts = layout.seq_len, dataset_options(compression)
+    shapes = stored_dtypes(layout.mode, layout.values, layout.vocab_size, layout.top_k, len(layout.betas))
+    for name, (dtype, last) in shapes.items():
+        row = (length,) if last is None else (length, last)
+        f.create_dataset(name, (n, *row), dtype, chunks=(1, *row), **opts)
 
 
 def _write_attrs(f: h5py.File, layout: CacheLayout, **extra) -> None:
-    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["format_version"] = layout.version
+    if layout.version >= 3:
+        f.attrs["cache_mode"] = layout.mode
+        f.attrs["cache_values"] = layout.values
+    if layout.mode == "sampled":
+        f.attrs["sample_draws"] = layout.sample_draws
+        f.attrs["sample_temperature"] = layout.sample_temperature
     f.attrs["top_k"] = layout.top_k
     f.attrs["vocab_size"] = layout.vocab_size
     f.attrs["betas"] = layout.betas.astype(np.float64)
@@ -254,11 +294,13 @@ def _write_attrs(f: h5py.File, layout: CacheLayout, **extra) -> None:
         f.attrs[key] = value
 
 
-def _load_batch(batch_file: Path) -> dict[str, np.ndarray]:
+def _load_batch(batch_file: Path, stored: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A finished batch's arrays; a damaged file is removed, so the next run recomputes it."""
     try:
         with np.load(batch_file) as part:
-            return {key: part[key] for key in (*STORED[1:], "max_error")}
+            arrays = {key: part[key] for key in (*stored[1:], "max_error")}
+            # Batches of version-2 runs before q8 existed have no value error (their files store none).
+            return arrays | {"value_max_error": part.get("value_max_error", 0.0)}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         batch_file.unlink(missing_ok=True)
         raise UserError(
@@ -278,16 +320,19 @@ def _assemble(
     info: dict,
 ) -> None:
     """The HDF5 file from the saved batches, marked complete and renamed into place."""
-    max_error = 0.0
+    max_error = value_error = 0.0
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         _create_datasets(f, len(input_ids), layout, compression)
         f["input_ids"][...] = input_ids
         for s in batch_starts:
-            arrays = _load_batch(_batch_file(partial, s))
-            rows = slice(s - span.start, s - span.start + len(arrays["topk_logits"]))
-            for key in STORED[1:]:
+            arrays = _load_batch(_batch_file(partial, s), layout.stored)
+            rows = slice(s - span.start, s - span.start + len(arrays[layout.stored[1]]))
+            for key in layout.stored[1:]:
                 f[key][rows] = arrays[key]
             max_error = max(max_error, float(arrays["max_error"]))
+            value_error = max(value_error, float(arrays["value_max_error"]))
+        if layout.version >= 3:  # version 2 files stay as they were
+            info["value_max_error"] = value_error
         _write_attrs(
             f,
             layout,
@@ -368,7 +413,7 @@ def _write_virtual(path: Path, shards: list[ShardFile]) -> None:
     first = shards[0].cache
     total = int(first.attrs["total_sequences"])
     with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
-        for key in STORED:
+        for key in first.datasets():
             src = first.file[key]
             layout = h5py.VirtualLayout(shape=(total,) + src.shape[1:], dtype=src.dtype)
             for off, c in shards:
@@ -382,6 +427,8 @@ def _write_virtual(path: Path, shards: list[ShardFile]) -> None:
                 f.attrs[attr] = value
         f.attrs["shard"] = np.array((0, 1))
         f.attrs["sequence_offset"] = 0
-        f.attrs["log_normalizer_max_error"] = max(float(s.cache.attrs["log_normalizer_max_error"]) for s in shards)
+        for attr in ("log_normalizer_max_error", "value_max_error"):
+            if attr in first.attrs:
+                f.attrs[attr] = max(float(s.cache.attrs[attr]) for s in shards)
         f.attrs["shards"] = json.dumps([s.cache.path.name for s in shards])
         f.attrs["complete"] = True

@@ -17,6 +17,11 @@ Outputs: the student (``models/student``, save_pretrained), ``metrics/distill.js
 the metrics). Every input is an argument of :func:`main`: ``kdsweep distill`` passes its
 options (``--run-dir``, ``--checkpoint-dir``, ``--hparam-keys``, ``--trial``), which a sweep
 sets through their environment variables.
+
+Under ``torchrun --nproc_per_node N -m kdsweep.cli distill`` the same loop runs on N ranks
+(:mod:`kdsweep.distributed`): each micro-batch holds ``per_device_train_batch_size x N``
+sequences, each rank runs its part, and the losses, gradients, evaluations and stop decisions
+are those of one process on that global batch. Rank 0 alone writes files and reports to a sweep.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from kdsweep import checkpoint
+from kdsweep import checkpoint, distributed
 from kdsweep.cache.fingerprint import expected_fingerprint
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.compress import load_student
@@ -44,8 +49,8 @@ from kdsweep.data import load_prepared
 from kdsweep.dotted import get_or
 from kdsweep.errors import UserError
 from kdsweep.evaluation import evaluate
-from kdsweep.fsio import atomic_path, write_json, write_text
-from kdsweep.losses import LossSpec, student_loss
+from kdsweep.fsio import write_json, write_text
+from kdsweep.losses import LossSpec
 from kdsweep.models import default_device, load_teacher
 from kdsweep.param_groups import Plan, build_param_groups, format_plan, plan_groups
 from kdsweep.schedule import lr_factor
@@ -148,15 +153,27 @@ def _phase_optimizer(student: torch.nn.Module, plan: Plan, phase: Phase, tr: Tra
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Micro-batch ``m`` of the run, as numpy arrays: a pure function of (seed, m).
+    """This rank's part of micro-batch ``m`` of the run, as numpy arrays: a pure function of (seed, m).
 
-    Epoch e visits the training sequences in the order ``permutation(seed, e)``; so a
-    resumed run sees exactly the batches the uninterrupted run would have, and DataLoader
-    workers (each reopening the HDF5 cache) produce the same batches as the main process.
+    Epoch e visits the training sequences in the order ``permutation(seed, e)``, in global
+    micro-batches of ``batch_size`` sequences; so a resumed run sees exactly the batches the
+    uninterrupted run would have, and DataLoader workers (each reopening the HDF5 cache)
+    produce the same batches as the main process. Of each global micro-batch, rank ``rank`` of
+    ``world`` reads only its part (:func:`kdsweep.distributed.part`); ``weight`` is 0 for a
+    stand-in part (see there), else 1.
     """
 
-    def __init__(self, sequences: np.ndarray, cache: TeacherLogitCache | None, batch_size: int, seed: int):
+    def __init__(
+        self,
+        sequences: np.ndarray,
+        cache: TeacherLogitCache | None,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.sequences, self.cache, self.batch_size, self.seed = sequences, cache, batch_size, seed
+        self.rank, self.world = rank, world
         self.per_epoch = math.ceil(len(sequences) / batch_size)
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -167,9 +184,10 @@ class MicroBatches(torch.utils.data.Dataset):
         return np.sort(self._perm[1][i * self.batch_size : (i + 1) * self.batch_size])
 
     def __getitem__(self, m: int) -> dict[str, np.ndarray]:
-        idx = self.indices(m)
+        idx, weight = distributed.part(self.indices(m), self.rank, self.world)
         batch = self.cache.read(idx) if self.cache is not None else {}
         batch["input_ids"] = self.sequences[idx]
+        batch["weight"] = np.float32(weight)
         return batch
 
 
@@ -262,8 +280,8 @@ def main(
         hparam_keys: dotted params keys added to TensorBoard's HParams tab (a sweep passes the
             keys it samples).
         resume: continue exactly from ``<checkpoint_dir>/last``.
-        eval_hook: ``eval_hook(step, metrics)`` runs after every evaluation; returning True stops
-            the run with state ``pruned``.
+        eval_hook: ``eval_hook(step, metrics)`` runs after every evaluation (on rank 0 only: the
+            others get its answer); returning True stops the run with state ``pruned``.
 
     Raises:
         UserError: a bad LR-multiplier pattern or cache (before anything trains), or
@@ -290,7 +308,8 @@ def main(
         checkpoints=Path(checkpoint_dir),
     )
     try:
-        return _distill(params, paths, list(hparam_keys), resume, eval_hook)
+        with distributed.process_group():  # torchrun's ranks; nothing in one process
+            return _distill(params, paths, list(hparam_keys), resume, eval_hook)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
@@ -302,6 +321,7 @@ class _Run:
     params: Params
     device: torch.device
     student: torch.nn.Module
+    model: torch.nn.Module  # the student's loss forward, wrapped for the ranks (kdsweep.distributed.wrap)
     phases: list[Phase]
     plans: list[Plan]
     teacher: TeacherSource
@@ -331,27 +351,47 @@ class _Run:
             self.params.evaluate.batch_size,
             tr.eval_max_batches,
             self.device,
+            lambda idx: distributed.part(idx, distributed.rank(), distributed.world_size()),
         )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tr.bf16):
-            return evaluate(self.student, batches, lambda b: self.teacher.fn(b, 1.0, mode), spec)
+            metrics = evaluate(
+                self.student,
+                batches,
+                lambda b: self.teacher.fn(b, 1.0, mode),
+                spec,
+                forward=self.model,
+                reduce=lambda sums: distributed.sum_over_ranks(sums, self.device),
+            )
+        distributed.reshard(self.model)
+        return metrics
 
 
 def _setup(params: Params, paths: _Paths) -> _Run:
     """Load the data, student and teacher and check the config against them: a pattern that
     matches no parameter, a stale cache or an unsupported temperature stops the run here."""
-    tr = params.training
+    tr, world = params.training, distributed.world_size()
+    if world > 1 and params.teacher.device_map == "auto" and not params.teacher.use_cached_logits:
+        raise UserError(
+            "teacher.device_map: auto spreads one live teacher over every visible device, so it cannot run "
+            f"in each of the {world} ranks of a torchrun launch; set teacher.use_cached_logits: true "
+            "(the cache is made once) or run distill in one process"
+        )
     device = default_device()
     data = load_prepared(paths.prepared)
     student = load_student(paths.student_init).to(device)
     student.train()
     if tr.gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    phases = resolve_phases(params, math.ceil(len(data.train) / tr.per_device_train_batch_size))
+    global_batch = tr.per_device_train_batch_size * world
+    phases = resolve_phases(params, math.ceil(len(data.train) / global_batch))
     plans = plan_phases(student, phases)  # a pattern that matches nothing stops here, before the teacher loads
     teacher = TeacherSource(params, data, paths.teacher, paths.cache, device)
     teacher.check_temperatures(phases, params.stages.enabled)
-    train_set = MicroBatches(data.train, teacher.caches["train"], tr.per_device_train_batch_size, tr.seed)
-    return _Run(params, device, student, phases, plans, teacher, train_set, data.validation, paths.checkpoints / "last")
+    train_set = MicroBatches(data.train, teacher.caches["train"], global_batch, tr.seed, distributed.rank(), world)
+    model = distributed.wrap(student, tr.distributed)  # before any phase freezes a parameter
+    return _Run(
+        params, device, student, model, phases, plans, teacher, train_set, data.validation, paths.checkpoints / "last"
+    )
 
 
 def _start_state(last_ckpt: Path, params: Params, resume: bool) -> dict:
@@ -371,10 +411,11 @@ def _start_state(last_ckpt: Path, params: Params, resume: bool) -> dict:
         raise UserError(f"--resume: no checkpoint at {last_ckpt}; run without --resume to start fresh")
     state.update(checkpoint.load_state(last_ckpt))
     changed = checkpoint.changed_params(last_ckpt, params.model_dump(mode="json"))
-    print(
-        f"distill: resuming from {last_ckpt} at step {state['global_step']}"
-        + (f"; warning: params changed since the checkpoint: {', '.join(changed)}" if changed else "")
-    )
+    if distributed.is_main():
+        print(
+            f"distill: resuming from {last_ckpt} at step {state['global_step']}"
+            + (f"; warning: params changed since the checkpoint: {', '.join(changed)}" if changed else "")
+        )
     return state
 
 
@@ -382,7 +423,8 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     started_at = psutil.Process().create_time()  # this process's start: imports and loading count as startup
     run = _setup(params, paths)
     state = _start_state(run.last_ckpt, params, resume)
-    log = _RunLog(paths.run, paths.plots, run.device, state["global_step"] if resume else None)
+    resumed_from = state["global_step"] if resume else None
+    log = _RunLog(paths.run, paths.plots, run.device, resumed_from) if distributed.is_main() else _Silent()
     startup_seconds, start = time.time() - started_at, time.perf_counter()
     last_eval, initial_val_loss = {}, None
     if state["global_step"] == 0:
@@ -396,8 +438,7 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
 
     train_seconds, save_start = time.perf_counter() - start, time.perf_counter()
     # persist: true outputs: a crash never leaves a half-written student where DVC would pick it up.
-    with atomic_path(paths.student, directory=True) as tmp:
-        run.student.save_pretrained(tmp)
+    checkpoint.save_model(run.student, paths.student)
     checkpoint.save(run.last_ckpt, run.student, optimizer, {**state, "status": status}, params.model_dump(mode="json"))
     # Where the process's time went, for the sweep runner (which reads this file, not the console).
     seconds = {
@@ -418,7 +459,8 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
             "seconds": seconds,
         }
     )
-    write_json(paths.metrics, metrics)
+    if distributed.is_main():
+        write_json(paths.metrics, metrics)
     log.close(params, metrics, hparam_keys)
     run.teacher.close()
     if status == "stopped_nonfinite":
@@ -435,7 +477,14 @@ def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook
     (``complete``, ``pruned``, ``stopped_nonfinite``), the last optimizer and the last evaluation."""
     tr, student, device = run.params.training, run.student, run.device
     total_steps = sum(ph.steps for ph in run.phases)
-    bar = tqdm(total=total_steps, initial=state["global_step"], desc="distill", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=state["global_step"],
+        desc="distill",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not distributed.is_main(),
+    )
     status, optimizer, window = "complete", None, _Window()
     if restore_at == len(run.phases):  # the run had finished: nothing left to train
         checkpoint.restore(run.last_ckpt, student, None)
@@ -459,19 +508,12 @@ def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook
             # forward, loss and backward, micro-batch by micro-batch
             t0 = time.perf_counter()
             micro = [batch_to_tensors(next(batches), device) for _ in range(tr.gradient_accumulation_steps)]
-            # batchmean over the whole accumulated batch: every micro-batch divides by this.
-            n_tokens = sum(b["input_ids"][:, 1:].numel() for b in micro)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
-            for b in micro:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.bf16):
-                    out = student_loss(student, b["input_ids"], run.teacher.fn(b, phase.temperature, spec.mode), spec)
-                loss = out.total(n_tokens)
-                loss.backward()
-                sums += torch.stack([loss.detach(), out.ce_sum / n_tokens, out.kl_sum / n_tokens]).double()
-            total, ce, kl = sums.tolist()
+            total, ce, kl, n_tokens = _accumulate(run, micro, phase.temperature, spec)
 
-            # clip and step, unless the loss or the gradient is not finite
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm or float("inf")).item()
+            # clip and step, unless the loss or the gradient is not finite (the same on every rank:
+            # the loss is summed over the ranks, the gradient reduced before its norm is taken)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm or float("inf"))
+            grad_norm = distributed.full_tensor(grad_norm).item()
             if math.isfinite(total) and math.isfinite(grad_norm):
                 optimizer.step()
                 state["nonfinite_run"] = 0
@@ -498,7 +540,8 @@ def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook
                 last_eval = run.evaluate()
                 state["best_val_loss"] = _best(state["best_val_loss"], last_eval["val_loss"])
                 log.eval(step, last_eval)
-                if eval_hook is not None and eval_hook(step, last_eval):
+                stop = eval_hook is not None and eval_hook(step, last_eval)  # rank 0's hook; the others get its word
+                if distributed.broadcast_flag(stop, device):
                     status = "pruned"
                     break
             if tr.save_steps and step % tr.save_steps == 0:
@@ -511,9 +554,37 @@ def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook
     return status, optimizer, last_eval
 
 
+def _accumulate(
+    run: _Run, micro: list[dict[str, torch.Tensor]], temperature: float, spec: LossSpec
+) -> tuple[float, float, float, int]:
+    """Forward and backward of one optimizer step's micro-batches (this rank's parts of them);
+    returns the step's loss, CE and KL over the whole global batch and its real-token count.
+
+    ``batchmean``: every part divides its token sums by the real-token count ``n`` of the whole
+    accumulated global batch, so the gradients add up to d(sum over all tokens) / n. The
+    reduction over ranks averages, which the factor ``world`` undoes (exactly 1 in one process).
+    """
+    tr, device, world = run.params.training, run.device, distributed.world_size()
+    weights = [float(b.pop("weight")) for b in micro]  # 0 for a rank's stand-in part of a short batch
+    local_tokens = sum(w * b["input_ids"][:, 1:].numel() for w, b in zip(weights, micro, strict=True))
+    n_tokens = int(distributed.sum_over_ranks([local_tokens], device)[0])
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for i, (b, w) in enumerate(zip(micro, weights, strict=True)):
+        with distributed.gradient_sync(run.model, last_micro_batch=i == len(micro) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.bf16):
+                out = run.model(b["input_ids"], run.teacher.fn(b, temperature, spec.mode), spec)
+            loss = out.total(n_tokens) * w
+            (loss * world).backward()
+        sums += torch.stack([loss.detach(), out.ce_sum / n_tokens * w, out.kl_sum / n_tokens * w]).double()
+    total, ce, kl = distributed.all_reduce_sum(sums).tolist()
+    return total, ce, kl, n_tokens
+
+
 def _count_nonfinite(state: dict, total: float, grad_norm: float) -> None:
     state["nonfinite_run"] += 1
     state["nonfinite_total"] += 1
+    if not distributed.is_main():
+        return
     tqdm.write(
         f"Step {state['global_step'] + 1}: non-finite loss ({total}) or gradient norm "
         f"({grad_norm}); step skipped ({state['nonfinite_run']} in a row)"
@@ -552,15 +623,23 @@ class _Window:
 
 def _csv(path: Path, columns: list[str], resumed_from: int | None):
     """A CSV of curves, open for appending; on resume, rows a crashed run wrote after the
-    checkpoint are dropped."""
-    if resumed_from is not None and path.exists():
-        lines = path.read_text().splitlines()
+    checkpoint are dropped (a run killed before its first flush left an empty file: start it anew)."""
+    lines = path.read_text().splitlines() if resumed_from is not None and path.exists() else []
+    if lines:
         keep = [lines[0]] + [line for line in lines[1:] if int(line.split(",")[0]) <= resumed_from]
         write_text(path, "".join(line + "\n" for line in keep))
         return path.open("a")
     f = path.open("w")
     f.write(",".join(columns) + "\n")
+    f.flush()
     return f
+
+
+class _Silent:
+    """The run log of ranks other than 0: they train and evaluate, rank 0 alone reports."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 class _RunLog:

@@ -32,6 +32,14 @@ def main(
     data = load_prepared(prepared_dir)
     device = torch.device("cpu")  # fitting is cheap; the student moves to the GPU in distill
     teacher = load_teacher(teacher_dir, params.teacher, device).float()
+    shape = dict(  # the student's shape and copies; the fitted student and its random baseline share them
+        wrapper_rank=cfg.wrapper_rank,
+        core_intermediate_size=cfg.core_intermediate_size,
+        layers=cfg.layers,
+        copy_attention=cfg.copy_attention,
+        copy_embeddings=cfg.copy_embeddings,
+        seed=cfg.seed,
+    )
     if cfg.kind == "copy":
         from transformers import AutoModelForCausalLM
 
@@ -48,17 +56,7 @@ def main(
                 "student.kind: 'compressed' needs a mixture-of-experts teacher (Qwen3-MoE style); "
                 "use student.kind: copy for a dense teacher"
             )
-        student, report = compress_from_teacher(
-            teacher,
-            wrapper_rank=cfg.wrapper_rank,
-            core_intermediate_size=cfg.core_intermediate_size,
-            layers=cfg.layers,
-            copy_attention=cfg.copy_attention,
-            copy_embeddings=cfg.copy_embeddings,
-            init=cfg.init,
-            calibration_input_ids=calib,
-            seed=cfg.seed,
-        )
+        student, report = compress_from_teacher(teacher, init=cfg.init, calibration_input_ids=calib, **shape)
     for row in report:
         print(
             f"student: layer {row['layer']}: expert reconstruction error {row['relative_error']:.4f} "
@@ -69,16 +67,7 @@ def main(
     val_loss = {"teacher": evaluate_ce(teacher, val, 16, device), "student": evaluate_ce(student, val, 16, device)}
     if cfg.kind == "compressed" and cfg.init == "teacher":
         # The same shape, freshly initialised: how much the fit to the teacher is worth.
-        baseline, _ = compress_from_teacher(
-            teacher,
-            wrapper_rank=cfg.wrapper_rank,
-            core_intermediate_size=cfg.core_intermediate_size,
-            layers=cfg.layers,
-            copy_attention=cfg.copy_attention,
-            copy_embeddings=cfg.copy_embeddings,
-            init="random",
-            seed=cfg.seed,
-        )
+        baseline, _ = compress_from_teacher(teacher, init="random", **shape)
         val_loss["random_init_student"] = evaluate_ce(baseline, val, 16, device)
     print("student: validation CE " + ", ".join(f"{k} {v:.4f}" for k, v in val_loss.items()))
     metrics = {

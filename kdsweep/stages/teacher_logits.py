@@ -42,14 +42,19 @@ def layout_for(prepared: Prepared, teacher_dir: Path, params: Params, split: str
     cfg = params.teacher
     lo, hi = cfg.temperature_range
     vocab = prepared.meta["tokenizer"]["vocab_size"]
-    if cfg.top_k > vocab:
+    if cfg.top_k > vocab and cfg.cache_mode == "topk":
         raise UserError(f"teacher.top_k: {cfg.top_k} exceeds the vocabulary size {vocab}")
+    sampled = cfg.cache_mode == "sampled"
     return CacheLayout(
-        cfg.top_k,
+        cfg.sample_draws if sampled else cfg.top_k,
         temperature_grid(lo, hi, cfg.temperature_grid),
         vocab,
         prepared.split(split).shape[1],
         expected_fingerprint(prepared, teacher_dir, params, split),
+        cfg.cache_mode,
+        cfg.cache_values,
+        cfg.sample_draws if sampled else 0,
+        cfg.sample_temperature,
     )
 
 

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+sweep_app = typer.Typer()  # joined into `kdsweep` at the top level (no group name)
+
 StudyArg = Annotated[str, typer.Argument(help="A study name (storage studies/<name>.journal) or its spec file.")]
 StorageOpt = Annotated[
     str | None,
@@ -20,6 +22,7 @@ StorageOpt = Annotated[
 ]
 
 
+@sweep_app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="The study spec, e.g. experiments/demo.yaml (see docs/study-spec.md).")],
     workers: Annotated[
@@ -34,6 +37,7 @@ def run(
     run_study(spec, workers=workers, n_trials=n_trials, check=check)
 
 
+@sweep_app.command()
 def best(
     study: StudyArg,
     storage: StorageOpt = None,
@@ -49,6 +53,7 @@ def best(
     show_best(study, storage, top=top, apply=apply, branch=branch)
 
 
+@sweep_app.command()
 def report(
     study: StudyArg,
     storage: StorageOpt = None,
@@ -60,14 +65,9 @@ def report(
     write_report(study, storage, out)
 
 
+@sweep_app.command()
 def status(study: StudyArg, storage: StorageOpt = None) -> None:
     """Progress of a study: finished, running and waiting trials, the best so far, time left."""
     from kdsweep.sweep.results import status as show_status
 
     show_status(study, storage)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the sweep's commands to the ``kdsweep`` app."""
-    for command in (run, best, report, status):
-        app.command(command.__name__)(command)

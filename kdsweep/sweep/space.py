@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from kdsweep import dotted
 from kdsweep.config import problem_lines
 from kdsweep.sweep.spec import CategoricalDist, Dist, FloatDist, IntDist, StudySpec
 
@@ -270,22 +271,5 @@ def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
     """
     out = copy.deepcopy(base)
     for key, value in overrides.items():
-        node: Any = out
-        parts = key.split(".")
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                if last:
-                    node[int(part)] = copy.deepcopy(value)
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = copy.deepcopy(value)
-                else:
-                    if not isinstance(node.get(part), (dict, list)):
-                        node[part] = {}
-                    node = node[part]
-            else:
-                raise KeyError(f"{key}: `{'.'.join(parts[:depth])}` is not a mapping or list")
+        dotted.set_(out, key, copy.deepcopy(value))
     return out

@@ -56,6 +56,20 @@ class _Conditional(_Strict):
         return v
 
 
+def _check_range(low, high, log: bool, step, *, stepped: bool, low_hint: str) -> None:
+    """The checks a numeric range shares, float or int (``stepped``: a step other than the default)."""
+    if not low < high:
+        raise ValueError(
+            f"empty range: low must be < high, got low={low}, high={high} (for a single value use `fixed`)"
+        )
+    if log and low <= 0:
+        raise ValueError(f"log: true needs low {low_hint}, got low={low}")
+    if log and stepped:
+        raise ValueError("log and step cannot be combined (Optuna samples a stepped range linearly)")
+    if stepped and step > high - low:
+        raise ValueError(f"step {step} is larger than the range high - low = {high - low}")
+
+
 class FloatDist(_Conditional):
     """A float in [low, high]; ``log`` samples uniformly in log space; ``step`` discretises."""
 
@@ -69,17 +83,7 @@ class FloatDist(_Conditional):
     def _range(self) -> FloatDist:
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             raise ValueError(f"low and high must be finite numbers, got low={self.low}, high={self.high}")
-        if not self.low < self.high:
-            raise ValueError(
-                f"empty range: low must be < high, got low={self.low}, high={self.high} "
-                f"(for a single value use `fixed`)"
-            )
-        if self.log and self.low <= 0:
-            raise ValueError(f"log: true needs low > 0, got low={self.low}")
-        if self.log and self.step is not None:
-            raise ValueError("log and step cannot be combined (Optuna samples a stepped range linearly)")
-        if self.step is not None and self.step > self.high - self.low:
-            raise ValueError(f"step {self.step} is larger than the range high - low = {self.high - self.low}")
+        _check_range(self.low, self.high, self.log, self.step, stepped=self.step is not None, low_hint="> 0")
         return self
 
 
@@ -94,17 +98,7 @@ class IntDist(_Conditional):
 
     @model_validator(mode="after")
     def _range(self) -> IntDist:
-        if not self.low < self.high:
-            raise ValueError(
-                f"empty range: low must be < high, got low={self.low}, high={self.high} "
-                f"(for a single value use `fixed`)"
-            )
-        if self.log and self.low <= 0:
-            raise ValueError(f"log: true needs low >= 1, got low={self.low}")
-        if self.log and self.step != 1:
-            raise ValueError("log and step cannot be combined")
-        if self.step > self.high - self.low:
-            raise ValueError(f"step {self.step} is larger than the range high - low = {self.high - self.low}")
+        _check_range(self.low, self.high, self.log, self.step, stepped=self.step != 1, low_hint=">= 1")
         return self
 
 
