@@ -7,6 +7,8 @@ status 2, without a traceback.
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -86,12 +88,27 @@ def distill(
             "reported to it, and its pruner can stop the run.",
         ),
     ] = None,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            envvar="KDSWEEP_NPROC_PER_NODE",
+            help="Processes (one per device) to train with: > 1 runs this same command under "
+            "`torchrun --standalone --nproc_per_node N` (a sweep sets it from execution.devices_per_trial).",
+        ),
+    ] = 1,
 ) -> None:
     """Train the student on the teacher (sections `loss`, `training`, `parameter_lr_multipliers`, `stages`).
 
     `dvc exp run` cannot pass arguments to a stage, so the sweep sets the options above through
     their environment variables; they are ordinary options everywhere else.
     """
+    if not _under_torchrun():
+        _print_devices(nproc_per_node)
+        if nproc_per_node > 1:
+            options = {"--params": params, "--run-dir": run_dir, "--checkpoint-dir": checkpoint_dir}
+            options |= {"--hparam-keys": hparam_keys, "--trial": trial}
+            _exec_torchrun(nproc_per_node, ["distill", "--resume" if resume else "--no-resume"], options)
     from kdsweep.stages import distill as stage
     from kdsweep.trial_hook import eval_hook
 
@@ -104,6 +121,33 @@ def distill(
         hparam_keys=hparam_keys.split(","),
         eval_hook=eval_hook(trial, p),
     )
+
+
+def _under_torchrun() -> bool:
+    """True in a process torchrun started (it sets these for every rank)."""
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def _print_devices(nproc: int) -> None:
+    """Say which devices this run holds, so that a sweep trial's log shows them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None or nproc > 1:
+        shown = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+        print(f"distill: {shown}; {nproc} process{'es' * (nproc > 1)}", flush=True)
+
+
+def _exec_torchrun(nproc: int, argv: list[str], options: dict) -> None:
+    """Replace this process by ``torchrun --standalone --nproc_per_node <nproc> -m kdsweep.cli <argv> <options>``.
+
+    Replacing it (rather than waiting on a child) keeps the process id DVC and the sweep stop, and
+    makes torchrun's exit status this command's.
+    """
+    args = [*argv] + [x for key, value in options.items() if value is not None for x in (key, str(value))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "kdsweep.cli", *args]
+    print(f"distill: running under torchrun: {shlex.join(cmd[1:])}", flush=True)
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
 
 
 @app.command()
@@ -131,5 +175,5 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":  # `python -m kdsweep.cli`, as torchrun launches it: `torchrun ... -m kdsweep.cli distill`
+if __name__ == "__main__":  # `python -m kdsweep.cli`: torchrun's ranks (`torchrun ... -m kdsweep.cli distill`), shards
     main()

@@ -196,6 +196,12 @@ class TeacherConfig(_Section):
     )
     top_k: int = Field(64, ge=1, description="Teacher logits kept per position in the cache.")
     cache_batch_size: int = Field(8, ge=1, description="Sequences per teacher forward when writing the cache.")
+    cache_devices: int = Field(
+        1,
+        ge=1,
+        description="Processes that write the cache, one per GPU (on a CPU machine: N processes), each a shard, "
+        "merged at the end; `kdsweep cache generate --devices N` overrides it.",
+    )
     temperature_range: tuple[float, float] = Field(
         (1.0, 4.0),
         description="KD temperatures the cache supports exactly: the cache stores the full-vocabulary "

@@ -9,6 +9,7 @@ imported inside the commands so that ``kdsweep --help`` stays fast.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +73,14 @@ def cache_generate(
         str | None,
         typer.Option(help="Write only shard I of N, as I/N; run every shard (anywhere), then `kdsweep cache merge`."),
     ] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Run N shard processes at once, one per GPU (on a CPU machine: N processes), and merge them "
+            "(default: teacher.cache_devices).",
+        ),
+    ] = None,
 ) -> None:
     """Run the teacher over both splits and write the top-k cache.
 
@@ -79,7 +88,7 @@ def cache_generate(
 
     With any of them: params.yaml (if present) overridden by the options, everything written under --output-dir.
 
-    An interrupted run resumes where it stopped when run again.
+    An interrupted run resumes where it stopped when run again (with --devices: every shard).
     """
     options = dict(
         teacher_model=teacher_model,
@@ -89,21 +98,40 @@ def cache_generate(
         batch_size=batch_size,
         max_samples=max_samples,
     )
+    if shard is not None and devices not in (None, 1):
+        raise UserError("--shard and --devices: a shard is one process; give one of them")
     if output_dir is not None or any(v is not None for v in options.values()):
-        _generate_standalone(params, output_dir or Path("teacher_logits"), options, _parse_shard(shard))
+        _generate_standalone(params, output_dir or Path("teacher_logits"), options, _parse_shard(shard), devices)
         return
     # The DVC stage `teacher_logits`: its dvc.yaml deps are the import closure of this path.
     from kdsweep.config import load_params
     from kdsweep.stages import teacher_logits as stage
 
-    stage.main(load_params(params), shard=_parse_shard(shard))
+    p = load_params(params)
+    n = 1 if shard is not None else devices or p.teacher.cache_devices
+    if n > 1:
+        stage.on_devices(_shard_command(["--params", str(params)]), n)
+    else:
+        stage.main(p, shard=_parse_shard(shard))
 
 
-def _generate_standalone(params: Path, output_dir: Path, options: dict, shard: tuple[int, int] | None) -> None:
+def _shard_command(args: list[str]) -> list[str]:
+    """``kdsweep cache generate <args>`` as a shard process runs it (it adds ``--shard i/N``)."""
+    return [sys.executable, "-m", "kdsweep.cli", "cache", "generate", *args]
+
+
+def _generate_standalone(
+    params: Path, output_dir: Path, options: dict, shard: tuple[int, int] | None, devices: int | None
+) -> None:
     """Standalone mode (outside DVC): prepare, teacher and cache under ``output_dir``."""
     from kdsweep.cache.standalone import standalone, standalone_params
 
-    standalone(standalone_params(params, **options), output_dir, shard=shard)
+    p = standalone_params(params, **options)
+    n = 1 if shard is not None else devices or p.teacher.cache_devices
+    given = {f"--{key.replace('_', '-')}": value for key, value in options.items() if value is not None}
+    args = ["--params", str(params), "--output-dir", str(output_dir)]
+    args += [x for key, value in given.items() for x in (key, str(value))]
+    standalone(p, output_dir, shard=shard, devices=n, shard_command=_shard_command(args))
 
 
 @cache_app.command("merge")

@@ -31,13 +31,21 @@ def _inputs(params: Params) -> dict:
     }
 
 
-def standalone(params: Params, output_dir: Path, shard: tuple[int, int] | None = None) -> dict:
+def standalone(
+    params: Params,
+    output_dir: Path,
+    shard: tuple[int, int] | None = None,
+    devices: int = 1,
+    shard_command: list[str] | None = None,
+) -> dict:
     """The whole cache run outside DVC, everything under ``output_dir``.
 
     Writes ``prepared/`` (tokenizer and packed sequences), ``teacher/`` (pointer, or the
     trained embedded teacher), the caches ``{train,validation}.h5`` (or their shards) and
     ``metrics/``. Prepared data and teacher are reused when ``inputs.json`` says they were
     made from the same settings, so a re-run (or another shard) resumes instead of redoing them.
+    With ``devices`` > 1 the cache is written by that many ``shard_command --shard i/N``
+    processes (:func:`kdsweep.stages.teacher_logits.on_devices`), after the data and teacher are ready.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     prepared_dir, teacher_dir, record = output_dir / "prepared", output_dir / "teacher", output_dir / "inputs.json"
@@ -57,6 +65,10 @@ def standalone(params: Params, output_dir: Path, shard: tuple[int, int] | None =
             params, prepared_dir=prepared_dir, out=teacher_dir, metrics_path=output_dir / "metrics/teacher.json"
         )
         write_json(record, inputs)
+    if devices > 1:
+        return teacher_logits.on_devices(
+            shard_command, devices, out=output_dir, metrics_path=output_dir / "metrics/teacher_logits.json"
+        )
     return teacher_logits.main(
         params,
         prepared_dir=prepared_dir,

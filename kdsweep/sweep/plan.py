@@ -27,6 +27,7 @@ from typing import Any
 
 from kdsweep.config import Params, annotation_at, shape_of, validate
 from kdsweep.errors import UserError
+from kdsweep.sweep.devices import DevicePlan
 from kdsweep.sweep.space import LAYOUT, Dim, Space, apply_overrides, dimensions, lr_name, resolve, sample
 from kdsweep.sweep.spec import CategoricalDist, IntDist, StudySpec, parse_spec
 
@@ -42,6 +43,7 @@ class StudyPlan:
     upstream: list[str]
     baselines: list[dict[str, Any]]
     examples: list[dict[str, Any]] = field(default_factory=list)
+    devices: DevicePlan | None = None  # set by the runner, which looks for the GPUs (devices.plan_devices)
 
     @property
     def name(self) -> str:
@@ -63,6 +65,8 @@ class StudyPlan:
             + f"; {s.workers} worker{'s' * (s.workers > 1)}",
             f"  trials run {' -> '.join(self.run_stages)} and reuse {', '.join(self.upstream) or 'nothing'}",
         ]
+        if self.devices is not None:
+            lines.append(f"  {self.devices.describe()}")
         for d in self.space.dims:
             cond = " when " + ", ".join(f"{p} in {list(v)}" for p, v in d.when) if d.when else ""
             lines.append(f"  {d.name}: {_describe(d)}{cond}")

@@ -34,6 +34,7 @@ from kdsweep.errors import UserError
 from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage, storage_lock
 from kdsweep.sweep import dvcexp, exprun
 from kdsweep.sweep.budget import Heartbeats, StudyBudget, study_start
+from kdsweep.sweep.devices import DevicePool, plan_devices
 from kdsweep.sweep.outcome import Outcomes, retry_stale
 from kdsweep.sweep.plan import StudyPlan
 from kdsweep.sweep.prepare import Workspace, prepare
@@ -106,8 +107,11 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
     if n_trials is not None:
         updates["budget"] = spec.budget.model_copy(update={"n_trials": n_trials})
     spec = spec.model_copy(update=updates)
+    devices = plan_devices(spec)
+    spec = spec.model_copy(update={"workers": devices.workers})
     ws = Workspace.read(root)
     plan, before = prepare(spec, spec_path, ws, check_only=check)
+    plan.devices = devices
     print(plan.summary())
     if problems := check_storage(storage_url(spec, root)):
         raise UserError("\n".join(problems))
@@ -167,6 +171,7 @@ class Runner:
         self.recomputed = 0
         self.active = self.spec.workers  # worker threads still running
         execution = self.spec.execution
+        self.devices = DevicePool(plan.devices)  # at least one device set per worker (devices.plan_devices)
         self.heartbeats = Heartbeats(outcomes.beat, execution.heartbeat_interval)
         self.budget = StudyBudget(
             self.study,
@@ -218,7 +223,8 @@ class Runner:
                 self.bar.n = self.budget.counted
                 self.bar.refresh()
                 try:
-                    self._run_trial(trial)
+                    with self.devices.take(trial.number):
+                        self._run_trial(trial)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     tqdm.write(
                         f"trial {trial.number}: another runner failed it (no heartbeat from this one for the grace "
@@ -297,7 +303,7 @@ class Runner:
         return None
 
     def _trial_env(self, trial, expected: dict) -> dict[str, str]:
-        """The environment of a trial's ``dvc exp run``: its Optuna context and its own output directories."""
+        """The environment of a trial's ``dvc exp run``: its Optuna context, its own output directories and devices."""
         ctx = {
             "storage": self.url,
             "study": self.name,
@@ -318,7 +324,7 @@ class Runner:
         }
         if self.spec.execution.threads_per_trial:
             env["OMP_NUM_THREADS"] = str(self.spec.execution.threads_per_trial)
-        return env
+        return env | self.devices.env(trial.number)
 
     def _fail(self, trial, reason: str, *, overrides: dict | None = None, wall: float | None = None) -> None:
         self.outcomes.fail(trial, reason, overrides=overrides, wall=wall)

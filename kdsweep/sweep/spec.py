@@ -300,6 +300,17 @@ class Execution(_Strict):
     threads_per_trial: int | None = Field(
         None, ge=1, description="OMP_NUM_THREADS of each trial's process; null = inherit the environment."
     )
+    devices: Literal["auto"] | list[int | str] = Field(
+        "auto",
+        description="GPUs the trials share out: auto = every GPU the runner sees (none on a CPU machine: trials "
+        "run as before); or a list of ids as CUDA_VISIBLE_DEVICES takes them (allowed on a CPU machine too).",
+    )
+    devices_per_trial: int = Field(
+        1,
+        ge=1,
+        description="Devices each running trial holds alone, through CUDA_VISIBLE_DEVICES; > 1 runs its distill "
+        "under torchrun with one process per device (on a CPU machine: that many Gloo processes).",
+    )
     push: str | None = Field(
         None,
         description="A git remote (e.g. origin): push each finished trial's experiment there (`dvc exp push`), "
@@ -321,6 +332,31 @@ class Execution(_Strict):
         if not v or v[0] != "distill" or len(set(v)) != len(v):
             raise ValueError(f"must be [distill] or [distill, evaluate], got {v}")
         return v
+
+    @field_validator("devices")
+    @classmethod
+    def _device_ids(cls, v: str | list[int | str]) -> str | list[int | str]:
+        if v == "auto":
+            return v
+        if not v:
+            raise ValueError("an empty list leaves the trials no device; use auto or list device ids")
+        bad = [
+            x for x in v if (isinstance(x, int) and x < 0) or (isinstance(x, str) and not re.fullmatch(r"[\w.:-]+", x))
+        ]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a device id (a number >= 0, or a GPU UUID)")
+        if len({str(x) for x in v}) != len(v):
+            raise ValueError(f"a device is listed twice in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _enough_devices(self) -> Execution:
+        if isinstance(self.devices, list) and self.devices_per_trial > len(self.devices):
+            raise ValueError(
+                f"devices_per_trial: {self.devices_per_trial} exceeds the {len(self.devices)} device(s) "
+                f"of devices {self.devices}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grace(self) -> Execution:
