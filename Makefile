@@ -8,6 +8,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# DVC sends no usage analytics (each attempt also leaves a file in /tmp on a machine without network).
+export DVC_NO_ANALYTICS ?= 1
 export GIT_AUTHOR_NAME ?= kdsweep
 export GIT_AUTHOR_EMAIL ?= kdsweep@localhost
 export GIT_COMMITTER_NAME ?= kdsweep
