@@ -160,6 +160,18 @@ def sampled_divergence(lq: torch.Tensor, teacher: SampledTeacher) -> torch.Tenso
     return terms.masked_fill(~valid, 0).sum(-1)
 
 
+def _ce_and_top1(z: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk):
+    """What every closed-form chunk loss starts with: the real targets, their ids (C, 1), the
+    log-normaliser of the raw logits (C, 1), the CE sum and the top-1 matches with the teacher."""
+    real = targets != IGNORE_INDEX
+    y = targets.clamp(min=0).unsqueeze(-1)
+    with torch.no_grad():
+        lse1 = torch.logsumexp(z, -1, keepdim=True)
+        ce = ((lse1 - z.gather(-1, y)).squeeze(-1) * real).sum()
+        top1 = ((z.argmax(-1) == teacher_top1(teacher)) & real).sum()
+    return real, y, lse1, ce, top1
+
+
 def sampled_chunk_loss_and_grad(
     z: torch.Tensor, targets: torch.Tensor, teacher: SampledTeacher, spec: LossSpec, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,12 +183,8 @@ def sampled_chunk_loss_and_grad(
     if spec.direction != "forward":
         raise ValueError("loss mode 'sampled' estimates the forward KL only")
     t, vocab = spec.temperature, z.shape[-1]
-    real = targets != IGNORE_INDEX
-    y = targets.clamp(min=0).unsqueeze(-1)
+    real, y, lse1, ce, top1 = _ce_and_top1(z, targets, teacher)
     with torch.no_grad():
-        lse1 = torch.logsumexp(z, -1, keepdim=True)
-        ce = ((lse1 - z.gather(-1, y)).squeeze(-1) * real).sum()
-        top1 = ((z.argmax(-1) == teacher_top1(teacher)) & real).sum()
         lq = (z / t).log_softmax(-1)
         kl = sampled_divergence(lq, teacher).masked_fill(~real, 0).sum()
         sums = torch.stack([spec.ce_weight * ce + spec.kl_weight * kl, ce, kl, top1, real.sum()]).double()
@@ -409,12 +417,8 @@ def chunk_loss_and_grad(
         tensor, and d(weighted_sum)/dz (C, V) or None.
     """
     t, vocab = spec.temperature, z.shape[-1]
-    real = targets != IGNORE_INDEX
-    y = targets.clamp(min=0).unsqueeze(-1)
+    real, y, lse1, ce, top1 = _ce_and_top1(z, targets, teacher)
     with torch.no_grad():
-        lse1 = torch.logsumexp(z, -1, keepdim=True)
-        ce = ((lse1 - z.gather(-1, y)).squeeze(-1) * real).sum()
-        top1 = ((z.argmax(-1) == teacher_top1(teacher)) & real).sum()
         zt = z / t
         lse_t = torch.logsumexp(zt, -1, keepdim=True)
         if spec.mode == "dense":
