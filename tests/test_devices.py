@@ -156,7 +156,7 @@ def test_four_trials_on_two_devices_never_share_one(sweep_repo):
     spec = write_spec(sweep_repo, "gpus", baselines=[], budget={"n_trials": 4}, execution={"devices": [0, 1]})
     spec = _without_workers(sweep_repo, spec)  # two device sets make two workers
     proc = kdsweep(sweep_repo, "run", spec)
-    assert "4 to run, 2 worker(s)" in proc.stdout
+    assert "4 to run by this and any other runner, 2 worker(s) here" in proc.stdout
     s = study(sweep_repo, "gpus")
     assert [t.state for t in s.trials] == [TS.COMPLETE] * 4
     devices = _trial_devices(sweep_repo, "gpus", 4)
