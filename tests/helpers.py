@@ -51,3 +51,14 @@ def tiny_params_dict(**overrides) -> dict:
     """The shipped params.yaml with the TINY overrides (and any others) applied."""
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())
     return deep_merge(deep_merge(shipped, TINY), overrides)
+
+
+def tiny_qwen3_moe(vocab_size: int, **config):
+    """A randomly initialised 2-layer, 32-wide Qwen3-MoE (seed 0): a hub-style teacher to save locally."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=vocab_size, **shape, **heads, **config))

@@ -88,3 +88,17 @@ def experiments(repo: Path) -> dict[str, dict]:
 def lock(repo: Path, rev: str | None = None) -> dict:
     text = (repo / "dvc.lock").read_text() if rev is None else sh(repo, "git", "show", f"{rev}:dvc.lock").stdout
     return yaml.safe_load(text)["stages"]
+
+
+def start_long_study(repo: Path, name: str, n_trials: int, **popen) -> tuple[str, subprocess.Popen]:
+    """Start `kdsweep run` on a study of long (150-step) trials, no baselines, every output kept:
+    something to kill or interrupt mid-trial. Returns the spec path and the runner process."""
+    spec = write_spec(
+        repo,
+        name,
+        baselines=[],
+        budget={"n_trials": n_trials},
+        retention={"keep_best": None},
+        fixed={**SPEC["fixed"], "training.max_steps": 150},
+    )
+    return spec, subprocess.Popen([str(BIN / "kdsweep"), "run", spec], cwd=repo, env=ENV, **popen)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import REPO, tiny_params_dict
+from helpers import REPO, tiny_params_dict, tiny_qwen3_moe
 from typer.testing import CliRunner
 
 from kdsweep.cache.cli import cache_app
@@ -441,29 +441,12 @@ def test_training_refuses_a_cache_made_with_another_tokenizer(pipeline_copy):
 def _padded_teacher(tmp_path: Path, pad: int):
     """A local Hugging Face teacher whose LM head has ``pad`` rows more than its tokenizer has
     tokens, the padding rows rigged to win every argmax if they were not dropped."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from kdsweep.config import TokenizerConfig
     from kdsweep.data import builtin_documents, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(builtin_documents()[:12], TokenizerConfig(vocab_size=300), 32)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(
-        Qwen3MoeConfig(
-            vocab_size=len(tok) + pad,
-            hidden_size=32,
-            intermediate_size=32,
-            moe_intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_experts=4,
-            num_experts_per_tok=2,
-            tie_word_embeddings=False,
-            eos_token_id=tok.eos_token_id,
-        )
-    )
+    model = tiny_qwen3_moe(len(tok) + pad, tie_word_embeddings=False, eos_token_id=tok.eos_token_id)
     with torch.no_grad():  # +-w: one of each pair points along (almost) every normalised hidden state
         signs = torch.tensor([1.0, -1.0]).repeat(pad // 2)[:, None]
         model.lm_head.weight[len(tok) :] = 20 * model.model.norm.weight * signs
@@ -480,26 +463,9 @@ def test_standalone_generate_with_a_padded_vocabulary_teacher(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params_dict()))
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        cache_app,
-        [
-            "generate",
-            "--params",
-            str(params),
-            "--teacher-model",
-            str(teacher_dir),
-            "--dataset",
-            "builtin",
-            "--max-samples",
-            "8",
-            "--top-k",
-            "8",
-            "--batch-size",
-            "4",
-            "--output-dir",
-            str(out),
-        ],
-    )
+    argv = ["generate", "--params", str(params), "--teacher-model", str(teacher_dir), "--dataset", "builtin"]
+    argv += ["--max-samples", "8", "--top-k", "8", "--batch-size", "4", "--output-dir", str(out)]
+    result = CliRunner().invoke(cache_app, argv)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "padding rows are dropped" in result.output
     for name in (
@@ -529,26 +495,7 @@ def test_standalone_generate_with_a_padded_vocabulary_teacher(tmp_path):
     verify_cache(out / "validation.h5", report=lines.append)
     assert any(f"top-1 agreement with a fresh forward of {teacher_dir}" in line and "100.00%" in line for line in lines)
     # Run again: prepared data and teacher are reused, the caches are up to date.
-    again = CliRunner().invoke(
-        cache_app,
-        [
-            "generate",
-            "--params",
-            str(params),
-            "--teacher-model",
-            str(teacher_dir),
-            "--dataset",
-            "builtin",
-            "--max-samples",
-            "8",
-            "--top-k",
-            "8",
-            "--batch-size",
-            "4",
-            "--output-dir",
-            str(out),
-        ],
-    )
+    again = CliRunner().invoke(cache_app, argv)
     assert again.exit_code == 0 and "up to date" in again.output
 
 

@@ -8,7 +8,7 @@ from contextlib import chdir
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_params_dict
+from helpers import tiny_params_dict, tiny_qwen3_moe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kdsweep.cache.format import log_normalizer
@@ -176,7 +176,6 @@ def test_reference_pattern_that_matches_nothing_stops_before_training(pipeline_c
 def test_hugging_face_dataset_tokenizer_and_model_saved_locally(tmp_path):
     """The hub code path (load_dataset / from_pretrained) on artefacts saved with save_pretrained."""
     import datasets
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from kdsweep.config import TokenizerConfig
     from kdsweep.data import builtin_documents, train_bpe_tokenizer
@@ -185,21 +184,7 @@ def test_hugging_face_dataset_tokenizer_and_model_saved_locally(tmp_path):
     docs = builtin_documents()[:20]
     datasets.Dataset.from_dict({"body": docs, "id": list(range(len(docs)))}).save_to_disk(tmp_path / "hf_dataset")
     tok = train_bpe_tokenizer(docs, TokenizerConfig(vocab_size=300), 32)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(
-        Qwen3MoeConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=32,
-            moe_intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_experts=4,
-            num_experts_per_tok=2,
-        )
-    )
+    model = tiny_qwen3_moe(len(tok))
     model.save_pretrained(tmp_path / "hf_model")
     tok.save_pretrained(tmp_path / "hf_model")
 

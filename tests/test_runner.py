@@ -13,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from sweeprepo import BIN, ENV, SPEC, write_spec
+from sweeprepo import start_long_study
 
 
 def _kill_groups(pids: list[int]) -> None:
@@ -24,21 +24,8 @@ def _kill_groups(pids: list[int]) -> None:
 
 @pytest.mark.slow
 def test_a_sigkilled_runner_leaves_the_trial_log_written_so_far(sweep_repo):
-    spec = write_spec(
-        sweep_repo,
-        "logged",
-        baselines=[],
-        budget={"n_trials": 1},
-        retention={"keep_best": None},
-        fixed={**SPEC["fixed"], "training.max_steps": 150},
-    )
-    runner = subprocess.Popen(
-        [str(BIN / "kdsweep"), "run", spec],
-        cwd=sweep_repo,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    spec, runner = start_long_study(
+        sweep_repo, "logged", 1, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     run_dir = sweep_repo / "runs" / "logged" / "0"
     trials: list[int] = []

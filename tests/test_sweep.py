@@ -16,7 +16,7 @@ import time
 
 import pytest
 import yaml
-from sweeprepo import BIN, ENV, SPEC, TS, UPSTREAM, experiments, kdsweep, lock, sh, study, write_spec
+from sweeprepo import SPEC, TS, UPSTREAM, experiments, kdsweep, lock, sh, start_long_study, study, write_spec
 
 
 # --------------------------------------------------------------------------- the default suite
@@ -209,21 +209,7 @@ def test_a_failing_trial_does_not_stop_the_study(sweep_repo):
 def test_sigkill_of_the_runner_then_resume(sweep_repo):
     import psutil
 
-    spec = write_spec(
-        sweep_repo,
-        "kill",
-        baselines=[],
-        budget={"n_trials": 3},
-        retention={"keep_best": None},
-        fixed={**SPEC["fixed"], "training.max_steps": 150},
-    )
-    runner = subprocess.Popen(
-        [str(BIN / "kdsweep"), "run", spec],
-        cwd=sweep_repo,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    spec, runner = start_long_study(sweep_repo, "kill", 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = sweep_repo / "studies" / "kill" / "logs" / "1.log"
     deadline = time.monotonic() + 300
     while not (log.exists() and "Step 3: Val Loss" in log.read_text()):  # trial 1 is training
@@ -268,22 +254,7 @@ def test_sigkill_of_the_runner_then_resume(sweep_repo):
 def test_ctrl_c_stops_the_running_trial_and_resume_retries_it(sweep_repo):
     import psutil
 
-    spec = write_spec(
-        sweep_repo,
-        "int",
-        baselines=[],
-        budget={"n_trials": 2},
-        retention={"keep_best": None},
-        fixed={**SPEC["fixed"], "training.max_steps": 150},
-    )
-    runner = subprocess.Popen(
-        [str(BIN / "kdsweep"), "run", spec],
-        cwd=sweep_repo,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    spec, runner = start_long_study(sweep_repo, "int", 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = sweep_repo / "studies" / "int" / "logs" / "0.log"
     deadline = time.monotonic() + 300
     while not (log.exists() and "Step 3: Val Loss" in log.read_text()):
