@@ -422,6 +422,20 @@ def test_cli_generate_killed_three_times_resumes_bit_identical(tmp_path):
     verify_cache(out / "train.h5", report=lambda *_: None)
 
 
+def test_a_grid_too_coarse_for_the_bound_is_said_at_generation(pipeline_copy, capsys):
+    """The stage writes the file (the measured bound is stored) and says that verify will fail it, and the fix."""
+    from kdsweep.stages import teacher_logits
+
+    params = validate(tiny_params_dict(teacher={"temperature_grid": 2, "temperature_range": [0.1, 10.0]}))
+    shutil.rmtree(pipeline_copy / "data" / "teacher_logits")
+    with chdir(pipeline_copy):
+        metrics = teacher_logits.main(params)
+    err = capsys.readouterr().err
+    assert metrics["train"]["log_normalizer_max_error"] > 1e-3
+    assert "interpolation error" in err and "kdsweep cache verify" in err
+    assert "raise teacher.temperature_grid (now 2) or narrow teacher.temperature_range (now [0.1, 10.0])" in err
+
+
 # --------------------------------------------------------------------------- fingerprint
 def test_training_refuses_a_cache_made_with_another_tokenizer(pipeline_copy):
     from kdsweep.stages import distill, prepare

@@ -71,6 +71,7 @@ FP16_MIN = float(np.finfo(np.float16).min)
 PADDING_LOGIT = -1e4  # a sampled cache's empty slots read as this logit: exp(b * -1e4) == 0
 _MASKED = PADDING_LOGIT  # stands in for -inf logits: exp(b * _MASKED) == 0 and 0 * _MASKED is not NaN
 GZIP_LEVEL = 4
+MAX_INTERPOLATION_ERROR = 1e-3  # the stated log-normaliser bound; above it the temperature grid is too coarse
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kdsweep.cache.fingerprint import diff_fingerprints, expected_fingerprint
-from kdsweep.cache.format import Q8_LEVELS, TAIL_FLOOR, log_normalizer, teacher_topk_probs
+from kdsweep.cache.format import MAX_INTERPOLATION_ERROR, Q8_LEVELS, TAIL_FLOOR, log_normalizer, teacher_topk_probs
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import load_params
 from kdsweep.data import load_prepared
@@ -38,7 +38,6 @@ MIN_TOP1_AGREEMENT = 0.99
 FRESH_SLACK_FACTOR, FRESH_SLACK = 1.5, 1e-5  # a stored bound vs a fresh forward (see _bound_against_fresh)
 SAMPLED_AGREEMENT = 1e-2  # sampled caches: |p_cache - p_fresh| at every sampled id within this
 MASS_TOLERANCE = 2e-3  # top-k mass may exceed 1 by this much (float16 logits, interpolation)
-MAX_INTERPOLATION_ERROR = 1e-3  # the stated bound; a cache above it needs a finer temperature grid
 MAX_VALUE_ERROR = 1e-2  # version 3: the largest |p_cache - p| of a bucket the writer may have measured
 LISTED_SEQUENCES = 20  # unreadable sequences named one by one; the rest are counted
 

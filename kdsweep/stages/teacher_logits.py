@@ -22,14 +22,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from kdsweep.cache.fingerprint import expected_fingerprint
-from kdsweep.cache.format import GZIP_LEVEL, CacheLayout, temperature_grid
+from kdsweep.cache.format import GZIP_LEVEL, MAX_INTERPOLATION_ERROR, CacheLayout, temperature_grid
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.cache.writer import generate, merge_shards, shard_files, shard_path
-from kdsweep.config import Params
+from kdsweep.config import Params, TeacherConfig
 from kdsweep.data import SPLITS, Prepared, load_prepared
 from kdsweep.errors import UserError
 from kdsweep.fsio import write_json
@@ -107,6 +108,7 @@ def main(
             compression=GZIP_LEVEL if cfg.cache_compression == "gzip" else 0,
         )
         metrics[split] = split_metrics(path)
+        _warn_coarse_grid(path, metrics[split]["log_normalizer_max_error"], cfg)
         if shard is None:
             _drop_shards(path)
     if partial_root.is_dir() and not any(partial_root.iterdir()):
@@ -137,6 +139,18 @@ def split_metrics(path: Path) -> dict:
         }
     finally:
         c.close()
+
+
+def _warn_coarse_grid(path: Path, bound: float, cfg: TeacherConfig) -> None:
+    """Say so when the measured interpolation error exceeds the stated bound: `kdsweep cache verify` fails the file."""
+    if bound > MAX_INTERPOLATION_ERROR:
+        print(
+            f"teacher_logits: warning: {path}: the log-normaliser interpolation error {bound:.2e} exceeds "
+            f"{MAX_INTERPOLATION_ERROR:g}, so `kdsweep cache verify` fails this file; raise teacher.temperature_grid "
+            f"(now {cfg.temperature_grid}) or narrow teacher.temperature_range (now {list(cfg.temperature_range)}) "
+            "and regenerate",
+            file=sys.stderr,
+        )
 
 
 def _drop_shards(path: Path) -> None:
