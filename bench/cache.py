@@ -3,6 +3,7 @@
     python bench/cache.py                                    # trains a small teacher first (~1-2 min)
     python bench/cache.py --teacher models/teacher --prepared data/prepared   # reuse the demo's
     python bench/cache.py --codes                            # only: q8 and sampled caches against fp16
+    python bench/cache.py --sizes data/teacher_logits/train.h5 ...   # only: sizes of existing caches
 
 Prints markdown tables. Everything runs on one CPU thread and is timed in CPU seconds of
 this process (best of 3). Logits are a real teacher's:
@@ -451,6 +452,27 @@ def injected(arrays: dict[str, np.ndarray], vocab: int, rng) -> dict[str, np.nda
     return out
 
 
+def bench_sizes(paths: list[Path]) -> None:
+    """Bytes per token and per kept id of existing cache files, at their vocabulary and injected into 151,936."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for path in paths:
+        c = TeacherLogitCache(path)
+        arrays = {key: ds[...] for key, ds in c.datasets().items()}
+        tokens = c.num_sequences * c.seq_len
+        if c.mode == "sampled":
+            kept = float((arrays["sample_counts"] > 0).sum(-1).mean())
+            name = f"sampled {c.values}, {int(c.attrs['sample_draws'])} draws, G = {len(c.betas)}"
+        else:
+            kept, name = float(c.top_k), f"topk {c.values} (k = {c.top_k}), G = {len(c.betas)}"
+        vocab = c.vocab_size
+        c.close()
+        for label, case in ((f"{vocab:,}", arrays), (f"{BIG_VOCAB:,}", injected(arrays, vocab, rng))):
+            per_token = sum(dataset_bytes(case, 4).values()) / tokens
+            rows.append([f"{path}: {name}", label, f"{kept:.1f}", f"{per_token:.1f}", f"{per_token / kept:.2f}"])
+    print(table(["cache", "vocab", "ids kept per position", "bytes/token", "bytes/kept id"], rows))
+
+
 def bench_codes(model, seqs: np.ndarray, args, work: Path) -> None:
     """Per value code and mode: generation time, bytes per logit / per token at both vocabularies, read speed."""
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -507,7 +529,11 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=8, help="temperature grid points")
     ap.add_argument("--batch", type=int, default=8, help="sequences per teacher forward and per read")
     ap.add_argument("--codes", action="store_true", help="only the q8 / sampled comparison (bench_codes)")
+    ap.add_argument("--sizes", nargs="+", type=Path, metavar="FILE", help="only: sizes of these existing caches")
     args = ap.parse_args()
+    if args.sizes:
+        bench_sizes(args.sizes)
+        return
     torch.set_num_threads(1)
     print(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; torch threads 1; "
