@@ -452,23 +452,31 @@ def injected(arrays: dict[str, np.ndarray], vocab: int, rng) -> dict[str, np.nda
     return out
 
 
+def stored_cache(path: Path) -> tuple[TeacherLogitCache, dict[str, np.ndarray], float]:
+    """An open cache file, its stored arrays and the ids it keeps per position (a sampled cache's unique draws)."""
+    c = TeacherLogitCache(path)
+    arrays = {key: ds[...] for key, ds in c.datasets().items()}
+    kept = float((arrays["sample_counts"] > 0).sum(-1).mean()) if c.mode == "sampled" else float(c.top_k)
+    return c, arrays, kept
+
+
+def both_vocabularies(arrays: dict[str, np.ndarray], vocab: int, tokens: int, rng) -> list[tuple[str, dict, float]]:
+    """The arrays at their vocabulary and with ids injected into 151,936: (label, arrays, stored bytes per token)."""
+    cases = ((f"{vocab:,}", arrays), (f"{BIG_VOCAB:,}", injected(arrays, vocab, rng)))
+    return [(label, case, sum(dataset_bytes(case, 4).values()) / tokens) for label, case in cases]
+
+
 def bench_sizes(paths: list[Path]) -> None:
     """Bytes per token and per kept id of existing cache files, at their vocabulary and injected into 151,936."""
     rng = np.random.default_rng(0)
     rows = []
     for path in paths:
-        c = TeacherLogitCache(path)
-        arrays = {key: ds[...] for key, ds in c.datasets().items()}
-        tokens = c.num_sequences * c.seq_len
-        if c.mode == "sampled":
-            kept = float((arrays["sample_counts"] > 0).sum(-1).mean())
-            name = f"sampled {c.values}, {int(c.attrs['sample_draws'])} draws, G = {len(c.betas)}"
-        else:
-            kept, name = float(c.top_k), f"topk {c.values} (k = {c.top_k}), G = {len(c.betas)}"
-        vocab = c.vocab_size
+        c, arrays, kept = stored_cache(path)
+        ids = f"{int(c.attrs['sample_draws'])} draws" if c.mode == "sampled" else f"k = {c.top_k}"
+        name = f"{c.mode} {c.values} ({ids}), G = {len(c.betas)}"
+        vocab, tokens = c.vocab_size, c.num_sequences * c.seq_len
         c.close()
-        for label, case in ((f"{vocab:,}", arrays), (f"{BIG_VOCAB:,}", injected(arrays, vocab, rng))):
-            per_token = sum(dataset_bytes(case, 4).values()) / tokens
+        for label, _, per_token in both_vocabularies(arrays, vocab, tokens, rng):
             rows.append([f"{path}: {name}", label, f"{kept:.1f}", f"{per_token:.1f}", f"{per_token / kept:.2f}"])
     print(table(["cache", "vocab", "ids kept per position", "bytes/token", "bytes/kept id"], rows))
 
@@ -492,13 +500,10 @@ def bench_codes(model, seqs: np.ndarray, args, work: Path) -> None:
 
         seconds = best_of(run, repeat=2)
         gen_rows.append([name, f"{seconds:.2f}", f"{tokens / seconds:,.0f}"])
-        c = TeacherLogitCache(path)
-        arrays = {key: ds[...] for key, ds in c.datasets().items()}
-        unique = float((arrays["sample_counts"] > 0).sum(-1).mean()) if mode == "sampled" else args.top_k
+        c, arrays, unique = stored_cache(path)
         value_error = float(c.attrs.get("value_max_error", float("nan")))
         c.close()
-        for label, case in ((f"{vocab:,}", arrays), (f"{BIG_VOCAB:,}", injected(arrays, vocab, rng))):
-            per_token = sum(dataset_bytes(case, 4).values()) / tokens
+        for label, case, per_token in both_vocabularies(arrays, vocab, tokens, rng):
             size_rows.append(
                 [name, label, f"{unique:.1f}", f"{per_token:.1f}", f"{per_token / unique:.2f}", f"{value_error:.1e}"]
             )
