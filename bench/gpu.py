@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from kdsweep.cache.format import summarize_logits, temperature_grid
+from kdsweep.cache.writer import summary_chunk_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss import loss_inputs, sparse_teacher, variant_loss
@@ -171,7 +172,7 @@ def part_cache(s: Sizes, dev: torch.device) -> list[list[str]]:
     teacher = qwen3(s.teacher_hidden, s.teacher_layers, s.teacher_intermediate, s, dtype, dev, tied=False).eval()
     ids = torch.randint(0, s.vocab, (s.batch, s.seq_len), device=dev)
     betas = 1.0 / temperature_grid(1.0, 4.0, 8)
-    chunk = max(1, min(4096, 2**24 // s.vocab))  # the cache's default: ~16M logits per chunk
+    chunk = summary_chunk_tokens(s.vocab, dev.type)  # the cache writer's chunk on this device
     head = teacher.get_output_embeddings()
 
     @torch.no_grad()

@@ -104,6 +104,18 @@ def _summary_key(stored: str) -> str:
     return _SUMMARY_KEYS[stored.removeprefix("topk_").removeprefix("sample_")]
 
 
+def summary_chunk_tokens(vocab_size: int, device_type: str) -> int:
+    """Positions per chunk of the LM head and the summary: bounded memory at any vocabulary.
+
+    ~16M logits per chunk on a CPU. On a GPU the summary's ~1,300 small kernels per chunk are
+    bound by their launches below about a thousand positions (``bench/gpu_profile.py`` on an
+    H200, V = 151,936: 110 positions per chunk took 11x the time of 1,024), so a chunk there
+    holds ~134M logits (883 positions at V = 151,936, 0.5 GB per float32 copy).
+    """
+    budget = 2**27 if device_type == "cuda" else 2**24
+    return max(1, min(4096, budget // vocab_size))
+
+
 @torch.no_grad()
 def teacher_batch_summary(
     model, input_ids: torch.Tensor, layout: CacheLayout, chunk_tokens: int | None = None, first_sequence: int = 0
@@ -111,8 +123,8 @@ def teacher_batch_summary(
     """Run the teacher on (B, L) ``input_ids`` and return the stored arrays (numpy) plus ``max_error``
     and ``value_max_error``. A sampled cache draws from a generator seeded by ``first_sequence``, so a
     batch's draws do not depend on sharding or resuming."""
-    if chunk_tokens is None:  # ~16M logits per chunk: bounded memory at any vocabulary
-        chunk_tokens = max(1, min(4096, 2**24 // layout.vocab_size))
+    if chunk_tokens is None:
+        chunk_tokens = summary_chunk_tokens(layout.vocab_size, input_ids.device.type)
     sampling = None
     if layout.mode == "sampled":
         generator = torch.Generator(device=input_ids.device).manual_seed(SAMPLE_SEED * 2**32 + first_sequence)
