@@ -23,7 +23,7 @@ from kdsweep.errors import UserError
 
 
 @dataclass
-class GroupPlan:
+class RuleMatch:
     """The parameters one rule (or the default) selected."""
 
     pattern: str  # "(default)" for unmatched parameters
@@ -33,8 +33,8 @@ class GroupPlan:
 
 
 @dataclass
-class Plan:
-    groups: list[GroupPlan]
+class GroupAssignment:
+    groups: list[RuleMatch]
     shadowed: list[str]
 
     def multiplier_of(self) -> dict[str, float]:
@@ -61,12 +61,12 @@ def closest_names(pattern: str, names: list[str], n: int = 3) -> list[str]:
     return scored[:n]
 
 
-def plan_groups(
+def assign_groups(
     named_numel: list[tuple[str, int]],
     rules: list[tuple[str, float]],
     default_multiplier: float = 1.0,
     where: str = "parameter_lr_multipliers",
-) -> Plan:
+) -> GroupAssignment:
     """Assign each parameter to the first rule whose pattern fully matches its name.
 
     Args:
@@ -78,8 +78,8 @@ def plan_groups(
         UserError: a pattern matches nothing, or every parameter would be frozen.
     """
     compiled = [(re.compile(p), p, m) for p, m in rules]
-    groups = [GroupPlan(p, m) for _, p, m in compiled]
-    default = GroupPlan("(default)", default_multiplier)
+    groups = [RuleMatch(p, m) for _, p, m in compiled]
+    default = RuleMatch("(default)", default_multiplier)
     raw_hits = [0] * len(compiled)
     for name, numel in named_numel:
         chosen = None
@@ -116,7 +116,7 @@ def plan_groups(
             f"{where}: every parameter has multiplier 0, so nothing would train{unmatched}; "
             "give some rule a multiplier > 0"
         )
-    return Plan(all_groups, shadowed)
+    return GroupAssignment(all_groups, shadowed)
 
 
 def no_decay_names(model: torch.nn.Module) -> set[str]:
@@ -132,9 +132,13 @@ def no_decay_names(model: torch.nn.Module) -> set[str]:
 
 
 def build_param_groups(
-    model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float, decay_everything: bool = False
+    model: torch.nn.Module,
+    assignment: GroupAssignment,
+    base_lr: float,
+    weight_decay: float,
+    decay_everything: bool = False,
 ) -> list[dict]:
-    """Apply the plan to ``model`` and return optimizer parameter groups.
+    """Apply the assignment to ``model`` and return optimizer parameter groups.
 
     Frozen parameters get ``requires_grad=False`` and appear in no group. Each group
     carries ``name`` (its pattern) and ``lr_multiplier``; the loop sets
@@ -143,7 +147,7 @@ def build_param_groups(
     params = dict(model.named_parameters())
     skip_decay = set() if decay_everything else no_decay_names(model)
     out = []
-    for g in plan.groups:
+    for g in assignment.groups:
         for p_name in g.names:
             params[p_name].requires_grad_(g.multiplier > 0)
         if g.multiplier == 0:
@@ -163,15 +167,15 @@ def build_param_groups(
     return out
 
 
-def format_plan(plan: Plan, base_lr: float) -> str:
+def format_assignment(assignment: GroupAssignment, base_lr: float) -> str:
     """The table printed (and logged) at the start of each training phase."""
     rows = [("pattern", "tensors", "parameters", "lr")]
-    for g in plan.groups:
+    for g in assignment.groups:
         lr = "frozen" if g.multiplier == 0 else f"{base_lr * g.multiplier:.3g}"
         rows.append((g.pattern, str(len(g.names)), f"{g.numel:,}", lr))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for pattern in plan.shadowed:
+    for pattern in assignment.shadowed:
         lines.append(f"warning: {pattern!r} is shadowed: every parameter it matches is taken by an earlier rule")
     return "\n".join(lines)

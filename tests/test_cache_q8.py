@@ -20,7 +20,7 @@ from kdsweep.config import validate
 from kdsweep.data import load_prepared
 from kdsweep.errors import UserError
 from kdsweep.models import load_causal_lm
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn
+from kdsweep.teacher_targets import batch_to_tensors, cached_teacher_fn
 
 KINDS = {
     "q8": {"cache_values": "q8"},

@@ -1,7 +1,7 @@
 """Devices: each running trial holds its own devices; a trial on several devices runs under torchrun;
 the teacher-logit cache written by one shard process per device.
 
-The device plan and pool are checked directly; the rest runs as the user runs it: `kdsweep run`
+The device sets and pool are checked directly; the rest runs as the user runs it: `kdsweep run`
 on the tiny pipeline in a real git + DVC repository, `kdsweep cache generate --devices 2` as
 subprocesses. On this CPU machine an explicit `execution.devices` list only sets
 CUDA_VISIBLE_DEVICES, which is what the study tests look at.
@@ -29,7 +29,7 @@ from kdsweep.cache.cli import cache_app
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.cache.verify import verify_cache
 from kdsweep.errors import UserError
-from kdsweep.sweep.devices import DevicePlan, DevicePool, plan_devices
+from kdsweep.sweep.devices import DevicePool, DeviceSets, device_sets
 from kdsweep.sweep.spec import parse_spec
 
 
@@ -39,21 +39,21 @@ def _spec(**fields):
 
 # --------------------------------------------------------------------------- the plan
 def test_auto_on_a_cpu_machine_changes_nothing():
-    plan = plan_devices(_spec(), visible=[])
+    plan = device_sets(_spec(), visible=[])
     assert plan.sets == () and plan.workers == 1
-    assert plan_devices(_spec(workers=3), visible=[]).workers == 3
+    assert device_sets(_spec(workers=3), visible=[]).workers == 3
     assert "none visible" in plan.describe()
     assert DevicePool(plan).env(0) == {"KDSWEEP_NPROC_PER_NODE": "1"}  # no CUDA_VISIBLE_DEVICES
 
 
 def test_auto_makes_one_worker_per_device_set():
-    plan = plan_devices(_spec(execution={"devices_per_trial": 2}), visible=["0", "1", "2", "3", "4"])
+    plan = device_sets(_spec(execution={"devices_per_trial": 2}), visible=["0", "1", "2", "3", "4"])
     assert plan.sets == (("0", "1"), ("2", "3")) and plan.unused == ("4",) and plan.workers == 2
     assert plan.describe() == (
         "devices: 2 per trial (auto: 5 visible): sets [0,1] [2,3], one per running trial; unused: 4; "
         "each trial's distill runs under torchrun with 2 processes"
     )
-    listed = plan_devices(_spec(workers=1, execution={"devices": [3, "GPU-7f"]}), visible=["0"])
+    listed = device_sets(_spec(workers=1, execution={"devices": [3, "GPU-7f"]}), visible=["0"])
     assert listed.sets == (("3",), ("GPU-7f",)) and listed.workers == 1
     assert "1 set(s) idle with 1 worker(s)" in listed.describe()
 
@@ -61,14 +61,14 @@ def test_auto_makes_one_worker_per_device_set():
 def test_more_workers_than_device_sets_is_an_error_naming_the_keys():
     spec = _spec(workers=2, execution={"devices": [0, 1], "devices_per_trial": 2})
     with pytest.raises(UserError) as e:
-        plan_devices(spec)
+        device_sets(spec)
     for key in ("workers: 2", "execution.devices", "execution.devices_per_trial: 2", "at most 1"):
         assert key in str(e.value)
     overridden = _spec(execution={"devices": [0, 1]}).model_copy(update={"workers": 3})  # `--workers 3`
     with pytest.raises(UserError, match="workers: 3"):
-        plan_devices(overridden)
+        device_sets(overridden)
     with pytest.raises(UserError, match=r"execution.devices_per_trial: 4, but execution.devices \(auto\) has 2"):
-        plan_devices(_spec(execution={"devices_per_trial": 4}), visible=["0", "1"])
+        device_sets(_spec(execution={"devices_per_trial": 4}), visible=["0", "1"])
 
 
 def test_device_lists_are_checked_with_the_spec():
@@ -92,7 +92,7 @@ def _hold(pool: DevicePool, holder: int, log: list, entered: threading.Event, re
 
 
 def test_running_trials_hold_disjoint_sets_and_a_third_waits():
-    pool = DevicePool(DevicePlan((("0", "1"), ("2", "3")), 2, 2, "list"))
+    pool = DevicePool(DeviceSets((("0", "1"), ("2", "3")), 2, 2, "list"))
     log, release = [], threading.Event()
     entered = [threading.Event() for _ in range(3)]
     threads = [threading.Thread(target=_hold, args=(pool, i, log, entered[i], release)) for i in range(3)]
@@ -111,7 +111,7 @@ def test_running_trials_hold_disjoint_sets_and_a_third_waits():
 
 
 def test_a_crashed_trial_gives_its_devices_back():
-    pool = DevicePool(DevicePlan((("0",),), 1, 1, "list"))
+    pool = DevicePool(DeviceSets((("0",),), 1, 1, "list"))
     with pytest.raises(RuntimeError), pool.take(0) as devices:
         assert devices == ("0",)
         raise RuntimeError("the trial crashed")

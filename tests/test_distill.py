@@ -26,7 +26,7 @@ from kdsweep.errors import UserError
 from kdsweep.losses import LossSpec, student_loss
 from kdsweep.models import load_teacher, resolve_dtype
 from kdsweep.schedule import lr_factor
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn
+from kdsweep.teacher_targets import batch_to_tensors, cached_teacher_fn
 
 CORE = r".*shared_core.*|.*wrapper.*"
 PHASE1 = {

@@ -18,7 +18,7 @@ from kdsweep.losses import (
     restrict_to_vocab,
     sparse_teacher_from_logits,
 )
-from kdsweep.teachers import cached_teacher_fn
+from kdsweep.teacher_targets import cached_teacher_fn
 
 CACHE_KEYS = ("topk_ids", "topk_logits", "log_normalizer", "log_normalizer_slope")
 

@@ -5,7 +5,7 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from kdsweep.errors import UserError
-from kdsweep.param_groups import build_param_groups, format_plan, plan_groups
+from kdsweep.param_groups import assign_groups, build_param_groups, format_assignment
 
 BASE_LR = 1e-3
 NORM = r".*norm.*"
@@ -40,7 +40,7 @@ def group_of(plan, name: str):
 
 
 def test_every_parameter_is_in_exactly_one_group(model):
-    plan = plan_groups(named_numel(model), [(NORM, 0.5), (r".*embed_tokens.*|.*lm_head.*", 0.1)])
+    plan = assign_groups(named_numel(model), [(NORM, 0.5), (r".*embed_tokens.*|.*lm_head.*", 0.1)])
     names = [n for g in plan.groups for n in g.names]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert sum(g.numel for g in plan.groups) == sum(p.numel() for p in model.parameters())
@@ -48,37 +48,37 @@ def test_every_parameter_is_in_exactly_one_group(model):
 
 def test_first_matching_rule_wins(model):
     layer0 = r"model\.layers\.0\..*"
-    plan = plan_groups(named_numel(model), [(NORM, 0.5), (layer0, 2.0)])
+    plan = assign_groups(named_numel(model), [(NORM, 0.5), (layer0, 2.0)])
     mult = plan.multiplier_of()
     assert mult["model.layers.0.input_layernorm.weight"] == 0.5
     assert mult["model.layers.0.self_attn.q_norm.weight"] == 0.5
     assert mult["model.layers.0.self_attn.q_proj.weight"] == 2.0
     assert mult["model.layers.1.self_attn.q_proj.weight"] == 1.0
 
-    swapped = plan_groups(named_numel(model), [(layer0, 2.0), (NORM, 0.5)]).multiplier_of()
+    swapped = assign_groups(named_numel(model), [(layer0, 2.0), (NORM, 0.5)]).multiplier_of()
     assert swapped["model.layers.0.input_layernorm.weight"] == 2.0
     assert swapped["model.layers.1.input_layernorm.weight"] == 0.5
 
 
 def test_patterns_must_match_the_full_name(model):
-    assert plan_groups(named_numel(model), [(r"lm_head\.weight", 0.1)]).multiplier_of()["lm_head.weight"] == 0.1
+    assert assign_groups(named_numel(model), [(r"lm_head\.weight", 0.1)]).multiplier_of()["lm_head.weight"] == 0.1
     with pytest.raises(UserError, match="'lm_head' matches no parameter"):  # only a prefix of the name
-        plan_groups(named_numel(model), [(r"lm_head", 0.1)])
+        assign_groups(named_numel(model), [(r"lm_head", 0.1)])
 
 
 def test_unmatched_parameters_get_the_default(model):
-    plan = plan_groups(named_numel(model), [(NORM, 0.5)])
+    plan = assign_groups(named_numel(model), [(NORM, 0.5)])
     default = group_of(plan, "lm_head.weight")
     assert default.pattern == "(default)" and default.multiplier == 1.0
     assert "model.embed_tokens.weight" in default.names
     assert not any("norm" in n for n in default.names)
 
-    plan = plan_groups(named_numel(model), [(NORM, 0.5)], default_multiplier=0.25)
+    plan = assign_groups(named_numel(model), [(NORM, 0.5)], default_multiplier=0.25)
     assert group_of(plan, "lm_head.weight").multiplier == 0.25
 
 
 def test_multiplier_zero_freezes_and_leaves_the_optimizer(model):
-    plan = plan_groups(named_numel(model), [(r".*embed_tokens.*", 0.0), (NORM, 0.5)])
+    plan = assign_groups(named_numel(model), [(r".*embed_tokens.*", 0.0), (NORM, 0.5)])
     groups = build_param_groups(model, plan, BASE_LR, weight_decay=0.1)
     in_groups = {id(p) for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
@@ -90,7 +90,7 @@ def test_multiplier_zero_freezes_and_leaves_the_optimizer(model):
 
 
 def test_effective_lr_is_base_times_multiplier(model):
-    plan = plan_groups(named_numel(model), [(NORM, 0.5), (r".*embed_tokens.*|.*lm_head.*", 0.1)])
+    plan = assign_groups(named_numel(model), [(NORM, 0.5), (r".*embed_tokens.*|.*lm_head.*", 0.1)])
     groups = build_param_groups(model, plan, BASE_LR, weight_decay=0.1)
     assert {g["name"] for g in groups} == {NORM, r".*embed_tokens.*|.*lm_head.*", "(default)"}
     for g in groups:
@@ -109,7 +109,7 @@ def _decay_of(model, groups) -> dict[str, float]:
 
 def test_no_weight_decay_on_norms_biases_embeddings(model):
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(64))  # a bias to check as well
-    plan = plan_groups(named_numel(model), [(NORM, 0.5)])
+    plan = assign_groups(named_numel(model), [(NORM, 0.5)])
     decay = _decay_of(model, build_param_groups(model, plan, BASE_LR, weight_decay=0.1))
     assert len(decay) == len(list(model.parameters()))
     for name in (
@@ -136,7 +136,7 @@ def test_pattern_matching_nothing_is_an_error_with_suggestions(model):
     """The reference's `.*layer\\.0\\..*` misses Hugging Face's `model.layers.0.` names."""
     pattern = r".*layer\.0\..*"
     with pytest.raises(UserError) as info:
-        plan_groups(named_numel(model), [(NORM, 0.5), (pattern, 0.0), (r".*emb_tokens.*", 0.1)])
+        assign_groups(named_numel(model), [(NORM, 0.5), (pattern, 0.0), (r".*emb_tokens.*", 0.1)])
     msg = str(info.value)
     assert "parameter_lr_multipliers.1.pattern" in msg and repr(pattern) in msg
     assert "layers" in msg and "model.layers.0." in msg  # the hint and a close name
@@ -147,32 +147,32 @@ def test_pattern_matching_nothing_is_an_error_with_suggestions(model):
 
 def test_where_names_the_config_key(model):
     with pytest.raises(UserError, match=r"stages\.configs\.0\.parameter_lr_multipliers\.0\.pattern"):
-        plan_groups(named_numel(model), [(r"nothing", 1.0)], where="stages.configs.0.parameter_lr_multipliers")
+        assign_groups(named_numel(model), [(r"nothing", 1.0)], where="stages.configs.0.parameter_lr_multipliers")
 
 
 def test_shadowed_pattern_is_reported(model):
     shadowed = r".*input_layernorm.*"
-    plan = plan_groups(named_numel(model), [(NORM, 0.5), (shadowed, 2.0)])
+    plan = assign_groups(named_numel(model), [(NORM, 0.5), (shadowed, 2.0)])
     assert plan.shadowed == [shadowed]
     assert shadowed not in [g.pattern for g in plan.groups]
-    warnings = [line for line in format_plan(plan, BASE_LR).splitlines() if line.startswith("warning")]
+    warnings = [line for line in format_assignment(plan, BASE_LR).splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and repr(shadowed) in warnings[0] and "shadowed" in warnings[0]
 
-    partly = plan_groups(named_numel(model), [(r".*layers\.0\.input_layernorm.*", 0.5), (NORM, 2.0)])
+    partly = assign_groups(named_numel(model), [(r".*layers\.0\.input_layernorm.*", 0.5), (NORM, 2.0)])
     assert partly.shadowed == []
-    assert "warning" not in format_plan(partly, BASE_LR)
+    assert "warning" not in format_assignment(partly, BASE_LR)
 
 
 def test_freezing_everything_is_an_error(model):
     with pytest.raises(UserError, match="nothing would train"):
-        plan_groups(named_numel(model), [(r".*", 0.0)])
+        assign_groups(named_numel(model), [(r".*", 0.0)])
     with pytest.raises(UserError, match="nothing would train"):
-        plan_groups(named_numel(model), [(NORM, 0.0)], default_multiplier=0.0)
+        assign_groups(named_numel(model), [(NORM, 0.0)], default_multiplier=0.0)
 
 
 def test_format_plan_table(model):
-    plan = plan_groups(named_numel(model), [(NORM, 0.5), (r".*embed_tokens.*", 0.0)])
-    lines = format_plan(plan, BASE_LR).splitlines()
+    plan = assign_groups(named_numel(model), [(NORM, 0.5), (r".*embed_tokens.*", 0.0)])
+    lines = format_assignment(plan, BASE_LR).splitlines()
     assert lines[0].split() == ["pattern", "tensors", "parameters", "lr"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
@@ -185,11 +185,11 @@ def test_format_plan_table(model):
 
 
 def test_default_multiplier_zero_freezes_unmatched_and_is_named_when_nothing_trains(model):
-    plan = plan_groups(named_numel(model), [(NORM, 0.5)], default_multiplier=0.0)
+    plan = assign_groups(named_numel(model), [(NORM, 0.5)], default_multiplier=0.0)
     groups = build_param_groups(model, plan, BASE_LR, weight_decay=0.1)
     trained = {id(p) for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in trained) is ("norm" in name) and p.requires_grad is ("norm" in name), name
-    assert "(default)" in format_plan(plan, BASE_LR) and "frozen" in format_plan(plan, BASE_LR)
+    assert "(default)" in format_assignment(plan, BASE_LR) and "frozen" in format_assignment(plan, BASE_LR)
     with pytest.raises(UserError, match=r"unmatched parameters get the default 0 \(training.default_lr_multiplier\)"):
-        plan_groups(named_numel(model), [(NORM, 0.0)], default_multiplier=0.0)
+        assign_groups(named_numel(model), [(NORM, 0.0)], default_multiplier=0.0)

@@ -48,13 +48,13 @@ from kdsweep.config import LossConfig, LRMultiplier, Params, TrainingConfig
 from kdsweep.data import load_prepared
 from kdsweep.dotted import get_or
 from kdsweep.errors import UserError
-from kdsweep.evaluation import evaluate
 from kdsweep.fsio import write_json, write_text
 from kdsweep.losses import LossSpec
 from kdsweep.models import default_device, load_teacher
-from kdsweep.param_groups import Plan, build_param_groups, format_plan, plan_groups
+from kdsweep.param_groups import GroupAssignment, assign_groups, build_param_groups, format_assignment
 from kdsweep.schedule import lr_factor
-from kdsweep.teachers import batch_to_tensors, cached_teacher_fn, live_teacher_fn, validation_batches
+from kdsweep.student_metrics import evaluate
+from kdsweep.teacher_targets import batch_to_tensors, cached_teacher_fn, live_teacher_fn, validation_batches
 
 # Called after every evaluation with (global step, metrics); returning True stops the run
 # (a sweep's pruner). The run then ends with state "pruned".
@@ -128,11 +128,11 @@ def resolve_phases(params: Params, micro_batches_per_epoch: int) -> list[Phase]:
     ]
 
 
-def plan_phases(student: torch.nn.Module, phases: list[Phase]) -> list[Plan]:
+def phase_assignments(student: torch.nn.Module, phases: list[Phase]) -> list[GroupAssignment]:
     """Every phase's parameter groups, checked before anything trains (raises UserError)."""
     named = [(n, p.numel()) for n, p in student.named_parameters()]
     return [
-        plan_groups(named, [(r.pattern, r.lr_multiplier) for r in ph.rules], ph.default_multiplier, ph.where)
+        assign_groups(named, [(r.pattern, r.lr_multiplier) for r in ph.rules], ph.default_multiplier, ph.where)
         for ph in phases
     ]
 
@@ -144,10 +144,12 @@ def _phase_loss(loss: LossConfig, phase: Phase) -> LossSpec:
     )
 
 
-def _phase_optimizer(student: torch.nn.Module, plan: Plan, phase: Phase, tr: TrainingConfig) -> torch.optim.AdamW:
+def _phase_optimizer(
+    student: torch.nn.Module, assignment: GroupAssignment, phase: Phase, tr: TrainingConfig
+) -> torch.optim.AdamW:
     """A fresh AdamW over the phase's parameter groups (frozen parameters are left out)."""
     groups = build_param_groups(
-        student, plan, phase.learning_rate, tr.weight_decay, tr.weight_decay_on_norms_biases_embeddings
+        student, assignment, phase.learning_rate, tr.weight_decay, tr.weight_decay_on_norms_biases_embeddings
     )
     return torch.optim.AdamW(groups, lr=phase.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2))
 
@@ -323,7 +325,7 @@ class _Run:
     student: torch.nn.Module
     model: torch.nn.Module  # the student's loss forward, wrapped for the ranks (kdsweep.distributed.wrap)
     phases: list[Phase]
-    plans: list[Plan]
+    assignments: list[GroupAssignment]
     teacher: TeacherSource
     train_set: MicroBatches
     validation: np.ndarray
@@ -341,7 +343,7 @@ class _Run:
         )
 
     def evaluate(self) -> dict:
-        """Validation CE, KL to the teacher at T = 1 and top-1 agreement (:func:`kdsweep.evaluation.evaluate`)."""
+        """Validation CE, KL to the teacher at T = 1 and top-1 agreement (:func:`kdsweep.student_metrics.evaluate`)."""
         tr = self.params.training
         mode = "dense" if self.teacher.model is not None else "topk_tail"
         spec = LossSpec(alpha=0.0, temperature=1.0, mode=mode, chunk_size=self.params.loss.chunk_size)
@@ -384,13 +386,24 @@ def _setup(params: Params, paths: _Paths) -> _Run:
         enable_gradient_checkpointing(student)
     global_batch = tr.per_device_train_batch_size * world
     phases = resolve_phases(params, math.ceil(len(data.train) / global_batch))
-    plans = plan_phases(student, phases)  # a pattern that matches nothing stops here, before the teacher loads
+    assignments = phase_assignments(
+        student, phases
+    )  # a pattern that matches nothing stops here, before the teacher loads
     teacher = TeacherSource(params, data, paths.teacher, paths.cache, device)
     teacher.check_temperatures(phases, params.stages.enabled)
     train_set = MicroBatches(data.train, teacher.caches["train"], global_batch, tr.seed, distributed.rank(), world)
     model = distributed.wrap(student, tr.distributed)  # before any phase freezes a parameter
     return _Run(
-        params, device, student, model, phases, plans, teacher, train_set, data.validation, paths.checkpoints / "last"
+        params,
+        device,
+        student,
+        model,
+        phases,
+        assignments,
+        teacher,
+        train_set,
+        data.validation,
+        paths.checkpoints / "last",
     )
 
 
@@ -489,10 +502,10 @@ def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook
     if restore_at == len(run.phases):  # the run had finished: nothing left to train
         checkpoint.restore(run.last_ckpt, student, None)
     for phase_index in range(state["phase_index"], len(run.phases)):
-        phase, plan = run.phases[phase_index], run.plans[phase_index]
+        phase, assignment = run.phases[phase_index], run.assignments[phase_index]
         spec = _phase_loss(run.params.loss, phase)
-        log.phase(phase_index, run.phases, plan, state["global_step"])
-        optimizer = _phase_optimizer(student, plan, phase, tr)
+        log.phase(phase_index, run.phases, assignment, state["global_step"])
+        optimizer = _phase_optimizer(student, assignment, phase, tr)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         if phase_index == restore_at:
             checkpoint.restore(run.last_ckpt, student, optimizer)
@@ -656,10 +669,10 @@ class _RunLog:
         columns = ["step", "val_loss", "val_kl", "val_top1_agreement"]
         self.eval_csv = _csv(plots_dir / "eval.csv", columns, resumed_from)
 
-    def phase(self, index: int, phases: list[Phase], plan: Plan, step: int) -> None:
+    def phase(self, index: int, phases: list[Phase], assignment: GroupAssignment, step: int) -> None:
         """The phase's settings and its parameter-group table: printed, and a TensorBoard text."""
         ph = phases[index]
-        table = format_plan(plan, ph.learning_rate)
+        table = format_assignment(assignment, ph.learning_rate)
         tqdm.write(
             f"phase {index + 1}/{len(phases)} '{ph.name}': {ph.steps} steps, alpha {ph.alpha}, "
             f"T {ph.temperature}, lr {ph.learning_rate:g}, warmup {ph.warmup_steps}\n{table}"

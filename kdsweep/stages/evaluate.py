@@ -22,11 +22,11 @@ from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.compress import load_student
 from kdsweep.config import Params
 from kdsweep.data import Prepared, load_prepared
-from kdsweep.evaluation import evaluate
 from kdsweep.fsio import write_json
 from kdsweep.losses import LossSpec
 from kdsweep.models import default_device, load_teacher
-from kdsweep.teachers import cached_teacher_fn, live_teacher_fn, validation_batches
+from kdsweep.student_metrics import evaluate
+from kdsweep.teacher_targets import cached_teacher_fn, live_teacher_fn, validation_batches
 
 EVAL_SPLITS = ("validation", "test")
 

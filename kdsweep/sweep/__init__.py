@@ -9,7 +9,7 @@ The pieces, in the order a sweep uses them:
 ``plan.py``         validation of a spec against ``params.yaml``, ``dvc.yaml`` and
                     the student's parameter names, before any trial runs
 ``dvcexp.py``       I/O with DVC and git: ``-S`` values, experiment refs, upstream checks
-``prepare.py``      before the first trial: ``dvc repro`` upstream, the student's names
+``preflight.py``    before the first trial: ``dvc repro`` upstream, the student's names
 ``budget.py``       the study's budget, shared by every runner; trial heartbeats
 ``exprun.py``       one trial's ``dvc exp run``: started, logged, stopped
 ``outcome.py``      a trial's end in the study: tell, fail, requeue, push; dead runners' trials

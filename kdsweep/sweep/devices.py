@@ -8,7 +8,7 @@
     each trial       : take a free set -> run with CUDA_VISIBLE_DEVICES=<set> -> give it back (finally)
     devices_per_trial > 1 -> KDSWEEP_NPROC_PER_NODE=<n>: `kdsweep distill` runs itself under torchrun
 
-:func:`plan_devices` is pure given the visible GPUs; :class:`DevicePool` hands the sets out.
+:func:`device_sets` is pure given the visible GPUs; :class:`DevicePool` hands the sets out.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ NPROC_ENV = "KDSWEEP_NPROC_PER_NODE"  # read by `kdsweep distill --nproc-per-nod
 
 
 @dataclass(frozen=True)
-class DevicePlan:
+class DeviceSets:
     """Which devices the trials share out, how many each holds, and how many trials run at once."""
 
     sets: tuple[tuple[str, ...], ...]  # disjoint; empty when trials run without CUDA_VISIBLE_DEVICES
@@ -51,8 +51,8 @@ class DevicePlan:
         )
 
 
-def plan_devices(spec: StudySpec, visible: list[str] | None = None) -> DevicePlan:
-    """The device plan of a study spec (its ``workers`` and ``execution``); raise :class:`UserError` if it cannot run.
+def device_sets(spec: StudySpec, visible: list[str] | None = None) -> DeviceSets:
+    """The device sets of a study spec (its ``workers`` and ``execution``); raise :class:`UserError` if it cannot run.
 
     ``visible`` is the GPUs ``devices: auto`` finds (default: :func:`kdsweep.gpus.visible_gpus`).
     ``workers`` counts as unset when the spec left it out and no ``--workers`` replaced it.
@@ -69,7 +69,7 @@ def plan_devices(spec: StudySpec, visible: list[str] | None = None) -> DevicePla
         devices, source = [str(d) for d in ex.devices], "list"
     workers_set = "workers" in spec.model_fields_set
     if not devices:
-        return DevicePlan((), per, spec.workers if workers_set else 1, source)
+        return DeviceSets((), per, spec.workers if workers_set else 1, source)
     n_sets = len(devices) // per
     if n_sets == 0:
         raise UserError(
@@ -83,15 +83,15 @@ def plan_devices(spec: StudySpec, visible: list[str] | None = None) -> DevicePla
             f"device: set workers to at most {n_sets} (or leave it out), or lower devices_per_trial"
         )
     sets = tuple(tuple(devices[i * per : (i + 1) * per]) for i in range(n_sets))
-    return DevicePlan(sets, per, spec.workers if workers_set else n_sets, source, tuple(devices[n_sets * per :]))
+    return DeviceSets(sets, per, spec.workers if workers_set else n_sets, source, tuple(devices[n_sets * per :]))
 
 
 class DevicePool:
-    """Hands the plan's device sets to running trials, one set per trial, and takes each back when its trial ends."""
+    """Hands the device sets to running trials, one set per trial, and takes each back when its trial ends."""
 
-    def __init__(self, plan: DevicePlan):
-        self.plan = plan
-        self._free = list(plan.sets)
+    def __init__(self, layout: DeviceSets):
+        self.layout = layout
+        self._free = list(layout.sets)
         self._held: dict[Any, tuple[str, ...]] = {}
         self._changed = threading.Condition()
 
@@ -101,7 +101,7 @@ class DevicePool:
 
         Waits while every set is held. The set is given back however the block ends, a crash included.
         """
-        if not self.plan.sets:
+        if not self.layout.sets:
             yield None
             return
         with self._changed:
@@ -119,7 +119,7 @@ class DevicePool:
 
     def env(self, holder: Any) -> dict[str, str]:
         """The environment variables of ``holder``'s trial: its devices, and the processes its distill runs."""
-        env = {NPROC_ENV: str(self.plan.per_trial)}
+        env = {NPROC_ENV: str(self.layout.per_trial)}
         with self._changed:
             devices = self._held.get(holder)
         if devices is not None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from kdsweep.config import Params, annotation_at, shape_of, validate
 from kdsweep.errors import UserError
-from kdsweep.sweep.devices import DevicePlan
+from kdsweep.sweep.devices import DeviceSets
 from kdsweep.sweep.space import LAYOUT, Dim, Space, apply_overrides, dimensions, lr_name, resolve, sample
 from kdsweep.sweep.spec import CategoricalDist, IntDist, StudySpec, parse_spec
 
@@ -43,7 +43,7 @@ class StudyPlan:
     upstream: list[str]
     baselines: list[dict[str, Any]]
     examples: list[dict[str, Any]] = field(default_factory=list)
-    devices: DevicePlan | None = None  # set by the runner, which looks for the GPUs (devices.plan_devices)
+    devices: DeviceSets | None = None  # set by the runner, which looks for the GPUs (devices.device_sets)
 
     @property
     def name(self) -> str:

@@ -1,6 +1,6 @@
 """``kdsweep run experiments/<study>.yaml``: an Optuna study whose trials are DVC experiments.
 
-    check the spec against params.yaml, dvc.yaml and the student            (prepare.py, plan.py)
+    check the spec against params.yaml, dvc.yaml and the student            (preflight.py, plan.py)
     reproduce the upstream stages once, in the workspace, if they are stale
     create or load the study before any worker starts                       (no racing creates)
     resume: trials a killed runner left RUNNING are adopted, or failed and re-enqueued   (outcome.py)
@@ -34,10 +34,10 @@ from kdsweep.errors import UserError
 from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage, storage_lock
 from kdsweep.sweep import dvcexp, exprun
 from kdsweep.sweep.budget import Heartbeats, StudyBudget, study_start
-from kdsweep.sweep.devices import DevicePool, plan_devices
+from kdsweep.sweep.devices import DevicePool, device_sets
 from kdsweep.sweep.outcome import Outcomes, retry_stale
 from kdsweep.sweep.plan import StudyPlan
-from kdsweep.sweep.prepare import Workspace, prepare
+from kdsweep.sweep.preflight import Workspace, preflight
 from kdsweep.sweep.results import exp_show_command
 from kdsweep.sweep.retention import Retention
 from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
@@ -107,10 +107,10 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
     if n_trials is not None:
         updates["budget"] = spec.budget.model_copy(update={"n_trials": n_trials})
     spec = spec.model_copy(update=updates)
-    devices = plan_devices(spec)
+    devices = device_sets(spec)
     spec = spec.model_copy(update={"workers": devices.workers})
     ws = Workspace.read(root)
-    plan, before = prepare(spec, spec_path, ws, check_only=check)
+    plan, before = preflight(spec, spec_path, ws, check_only=check)
     plan.devices = devices
     print(plan.summary())
     if problems := check_storage(storage_url(spec, root)):
@@ -171,7 +171,7 @@ class Runner:
         self.recomputed = 0
         self.active = self.spec.workers  # worker threads still running
         execution = self.spec.execution
-        self.devices = DevicePool(plan.devices)  # at least one device set per worker (devices.plan_devices)
+        self.devices = DevicePool(plan.devices)  # at least one device set per worker (devices.device_sets)
         self.heartbeats = Heartbeats(outcomes.beat, execution.heartbeat_interval)
         self.budget = StudyBudget(
             self.study,

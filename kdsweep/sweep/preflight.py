@@ -101,7 +101,7 @@ def _student_names(ws: Workspace, lock: dict, check_only: bool) -> list[str] | N
     return None
 
 
-def prepare(spec: StudySpec, spec_path: Path, ws: Workspace, *, check_only: bool) -> tuple[StudyPlan, dict]:
+def preflight(spec: StudySpec, spec_path: Path, ws: Workspace, *, check_only: bool) -> tuple[StudyPlan, dict]:
     """Validate, bring the upstream stages up to date, validate again with the student.
 
     Returns the plan and the upstream stages' ``dvc.lock`` entries every trial must keep.
