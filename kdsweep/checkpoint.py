@@ -23,6 +23,7 @@ from it. The RNG states saved are rank 0's.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -47,9 +48,33 @@ def save_model(model, directory: Path) -> None:
             model.save_pretrained(tmp, state_dict=weights)
 
 
-def save(path: Path, model, optimizer, state: dict, params_dict: dict) -> None:
+@dataclass
+class TrainingState:
+    """Where a run stands and the counters it carries: a checkpoint's ``trainer_state.json``."""
+
+    global_step: int = 0  # optimizer steps taken, over all phases
+    phase_index: int = 0  # the training phase the run is in
+    step_in_phase: int = 0  # optimizer steps taken in that phase
+    micro_batch: int = 0  # the next micro-batch (``MicroBatches`` index): the position in the data
+    nonfinite_total: int = 0  # steps skipped for a non-finite loss or gradient, in all
+    nonfinite_run: int = 0  # ... in a row, up to now
+    best_val_loss: float | None = None
+
+    def advance(self, step_in_phase: int, micro_batches: int) -> None:
+        """One optimizer step taken (or skipped) at ``step_in_phase``, over ``micro_batches`` micro-batches."""
+        self.global_step += 1
+        self.step_in_phase = step_in_phase + 1
+        self.micro_batch += micro_batches
+
+    def next_phase(self) -> None:
+        """The phase is over: the next one starts at its step 0."""
+        self.phase_index, self.step_in_phase = self.phase_index + 1, 0
+
+
+def save(path: Path, model, optimizer, state: TrainingState, params_dict: dict, **notes) -> None:
     """Write a checkpoint to ``path`` atomically (``optimizer`` may be None: weights only).
-    Under torchrun every rank calls it and rank 0 writes."""
+    ``notes`` (the run's status, the phase's name) go into ``trainer_state.json`` for the reader;
+    resuming ignores them. Under torchrun every rank calls it and rank 0 writes."""
     weights = _whole_weights(model)
     moments = None if optimizer is None else distributed.full_optimizer_state(optimizer)
     if not distributed.is_main():
@@ -62,7 +87,7 @@ def save(path: Path, model, optimizer, state: dict, params_dict: dict) -> None:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state) | notes, indent=2))
         (tmp / "params.yaml").write_text(yaml.safe_dump(params_dict, sort_keys=False))
 
 
@@ -70,10 +95,11 @@ def save(path: Path, model, optimizer, state: dict, params_dict: dict) -> None:
 _RENAMED = {"stage_index": "phase_index", "step_in_stage": "step_in_phase", "stage_name": "phase_name"}
 
 
-def load_state(path: Path) -> dict:
-    """The trainer state saved in the checkpoint ``path`` (older checkpoints' keys renamed)."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    return {_RENAMED.get(k, k): v for k, v in state.items()}
+def load_state(path: Path) -> TrainingState:
+    """The training state saved in the checkpoint ``path`` (older checkpoints' keys renamed)."""
+    saved = json.loads((path / "trainer_state.json").read_text())
+    saved = {_RENAMED.get(k, k): v for k, v in saved.items()}
+    return TrainingState(**{f.name: saved[f.name] for f in fields(TrainingState) if f.name in saved})
 
 
 def changed_params(path: Path, params_dict: dict) -> list[str]:

@@ -407,26 +407,17 @@ def _setup(params: Params, paths: _Paths) -> _Run:
     )
 
 
-def _start_state(last_ckpt: Path, params: Params, resume: bool) -> dict:
+def _start_state(last_ckpt: Path, params: Params, resume: bool) -> checkpoint.TrainingState:
     """Where the run starts: step 0, or (``resume``) where the checkpoint ``last_ckpt`` left it."""
-    state = {
-        "global_step": 0,
-        "phase_index": 0,
-        "step_in_phase": 0,
-        "micro_batch": 0,
-        "nonfinite_total": 0,
-        "nonfinite_run": 0,
-        "best_val_loss": None,
-    }
     if not resume:
-        return state
+        return checkpoint.TrainingState()
     if not last_ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {last_ckpt}; run without --resume to start fresh")
-    state.update(checkpoint.load_state(last_ckpt))
+    state = checkpoint.load_state(last_ckpt)
     changed = checkpoint.changed_params(last_ckpt, params.model_dump(mode="json"))
     if distributed.is_main():
         print(
-            f"distill: resuming from {last_ckpt} at step {state['global_step']}"
+            f"distill: resuming from {last_ckpt} at step {state.global_step}"
             + (f"; warning: params changed since the checkpoint: {', '.join(changed)}" if changed else "")
         )
     return state
@@ -436,15 +427,15 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     started_at = psutil.Process().create_time()  # this process's start: imports and loading count as startup
     run = _setup(params, paths)
     state = _start_state(run.last_ckpt, params, resume)
-    resumed_from = state["global_step"] if resume else None
+    resumed_from = state.global_step if resume else None
     log = _RunLog(paths.run, paths.plots, run.device, resumed_from) if distributed.is_main() else _Silent()
     startup_seconds, start = time.time() - started_at, time.perf_counter()
     last_eval, initial_val_loss = {}, None
-    if state["global_step"] == 0:
+    if state.global_step == 0:
         last_eval = run.evaluate()
         initial_val_loss = last_eval["val_loss"]
         log.eval(0, last_eval)
-    restore_at = state["phase_index"] if resume else None  # the checkpoint's phase gets its optimizer back
+    restore_at = state.phase_index if resume else None  # the checkpoint's phase gets its optimizer back
     status, optimizer, last_eval = _fit(run, log, state, restore_at, eval_hook, last_eval)
     if not last_eval or status == "stopped_nonfinite":
         last_eval = run.evaluate()
@@ -452,7 +443,7 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     train_seconds, save_start = time.perf_counter() - start, time.perf_counter()
     # persist: true outputs: a crash never leaves a half-written student where DVC would pick it up.
     checkpoint.save_model(run.student, paths.student)
-    checkpoint.save(run.last_ckpt, run.student, optimizer, {**state, "status": status}, params.model_dump(mode="json"))
+    checkpoint.save(run.last_ckpt, run.student, optimizer, state, params.model_dump(mode="json"), status=status)
     # Where the process's time went, for the sweep runner (which reads this file, not the console).
     seconds = {
         "startup": round(startup_seconds, 2),
@@ -463,9 +454,9 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
         {
             "state": status,
             **{k: v for k, v in last_eval.items() if k != "val_tokens"},
-            "best_val_loss": _best(state["best_val_loss"], last_eval["val_loss"]),
-            "steps": state["global_step"],
-            "nonfinite_steps": state["nonfinite_total"],
+            "best_val_loss": _best(state.best_val_loss, last_eval["val_loss"]),
+            "steps": state.global_step,
+            "nonfinite_steps": state.nonfinite_total,
             "train_seconds": round(train_seconds, 1),
             "initial_val_loss": initial_val_loss,
             "started_at": round(started_at, 3),
@@ -479,38 +470,38 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     if status == "stopped_nonfinite":
         raise UserError(
             f"distill: stopped after {params.training.max_nonfinite_steps} non-finite losses in a row "
-            f"(step {state['global_step']}, state 'stopped_nonfinite' in {paths.metrics}); "
+            f"(step {state.global_step}, state 'stopped_nonfinite' in {paths.metrics}); "
             "lower training.learning_rate or loss.temperature, keep training.max_grad_norm"
         )
     return metrics
 
 
-def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook: EvalHook | None, last_eval: dict):
+def _fit(
+    run: _Run,
+    log: _RunLog,
+    state: checkpoint.TrainingState,
+    restore_at: int | None,
+    eval_hook: EvalHook | None,
+    last_eval: dict,
+):
     """The training loop, from ``state`` on (updated in place); returns the run's final state
     (``complete``, ``pruned``, ``stopped_nonfinite``), the last optimizer and the last evaluation."""
     tr, student, device = run.params.training, run.student, run.device
     total_steps = sum(ph.steps for ph in run.phases)
-    bar = tqdm(
-        total=total_steps,
-        initial=state["global_step"],
-        desc="distill",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not distributed.is_main(),
-    )
+    bar = _progress_bar(total_steps, state.global_step)
     status, optimizer, window = "complete", None, _Window()
     if restore_at == len(run.phases):  # the run had finished: nothing left to train
         checkpoint.restore(run.last_ckpt, student, None)
-    for phase_index in range(state["phase_index"], len(run.phases)):
+    for phase_index in range(state.phase_index, len(run.phases)):
         phase, assignment = run.phases[phase_index], run.assignments[phase_index]
         spec = _phase_loss(run.params.loss, phase)
-        log.phase(phase_index, run.phases, assignment, state["global_step"])
+        log.phase(phase_index, run.phases, assignment, state.global_step)
         optimizer = _phase_optimizer(student, assignment, phase, tr)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         if phase_index == restore_at:
             checkpoint.restore(run.last_ckpt, student, optimizer)
-        first = state["step_in_phase"]  # 0 unless resuming inside this phase
-        batches = run.batches(state["micro_batch"], (phase.steps - first) * tr.gradient_accumulation_steps)
+        first = state.step_in_phase  # 0 unless resuming inside this phase
+        batches = run.batches(state.micro_batch, (phase.steps - first) * tr.gradient_accumulation_steps)
 
         for step_in_phase in range(first, phase.steps):
             # set each group's LR: the phase's peak x the group's multiplier x the schedule
@@ -529,42 +520,52 @@ def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook
             grad_norm = distributed.full_tensor(grad_norm).item()
             if math.isfinite(total) and math.isfinite(grad_norm):
                 optimizer.step()
-                state["nonfinite_run"] = 0
+                state.nonfinite_run = 0
                 window.add(total, ce, kl)
             else:  # skipped: no update, Adam's moments untouched
                 _count_nonfinite(state, total, grad_norm)
             optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_phase"] = step_in_phase + 1
-            state["micro_batch"] += tr.gradient_accumulation_steps
+            state.advance(step_in_phase, tr.gradient_accumulation_steps)
             window.tokens, window.seconds = window.tokens + n_tokens, window.seconds + time.perf_counter() - t0
-            step = state["global_step"]
+            step = state.global_step
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
-            if state["nonfinite_run"] >= tr.max_nonfinite_steps:
+            if state.nonfinite_run >= tr.max_nonfinite_steps:
                 status = "stopped_nonfinite"
                 break
 
             # log, evaluate (where a sweep's pruner may stop the run), checkpoint
             if step % tr.logging_steps == 0 or step == total_steps:
-                log.train(step, window, grad_norm, optimizer, state["nonfinite_total"])
+                log.train(step, window, grad_norm, optimizer, state.nonfinite_total)
                 window = _Window()
             if step % tr.eval_steps == 0 or step == total_steps:
                 last_eval = run.evaluate()
-                state["best_val_loss"] = _best(state["best_val_loss"], last_eval["val_loss"])
+                state.best_val_loss = _best(state.best_val_loss, last_eval["val_loss"])
                 log.eval(step, last_eval)
                 stop = eval_hook is not None and eval_hook(step, last_eval)  # rank 0's hook; the others get its word
                 if distributed.broadcast_flag(stop, device):
                     status = "pruned"
                     break
             if tr.save_steps and step % tr.save_steps == 0:
-                saved = {**state, "phase_name": phase.name}
-                checkpoint.save(run.last_ckpt, student, optimizer, saved, run.params.model_dump(mode="json"))
+                params_dict = run.params.model_dump(mode="json")
+                checkpoint.save(run.last_ckpt, student, optimizer, state, params_dict, phase_name=phase.name)
         if status != "complete":
             break
-        state["step_in_phase"], state["phase_index"] = 0, phase_index + 1
+        state.next_phase()
     bar.close()
     return status, optimizer, last_eval
+
+
+def _progress_bar(total_steps: int, initial: int) -> tqdm:
+    """The run's progress bar, on rank 0 only."""
+    return tqdm(
+        total=total_steps,
+        initial=initial,
+        desc="distill",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not distributed.is_main(),
+    )
 
 
 def _accumulate(
@@ -593,14 +594,14 @@ def _accumulate(
     return total, ce, kl, n_tokens
 
 
-def _count_nonfinite(state: dict, total: float, grad_norm: float) -> None:
-    state["nonfinite_run"] += 1
-    state["nonfinite_total"] += 1
+def _count_nonfinite(state: checkpoint.TrainingState, total: float, grad_norm: float) -> None:
+    state.nonfinite_run += 1
+    state.nonfinite_total += 1
     if not distributed.is_main():
         return
     tqdm.write(
-        f"Step {state['global_step'] + 1}: non-finite loss ({total}) or gradient norm "
-        f"({grad_norm}); step skipped ({state['nonfinite_run']} in a row)"
+        f"Step {state.global_step + 1}: non-finite loss ({total}) or gradient norm "
+        f"({grad_norm}); step skipped ({state.nonfinite_run} in a row)"
     )
 
 
