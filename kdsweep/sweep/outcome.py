@@ -1,13 +1,24 @@
 """How a trial's end goes into the study: its metrics, its failure, or its retry.
 
-    experiment recorded, metrics/distill.json state complete  -> tell(value)
-                                            state pruned      -> tell(PRUNED)
-                                            anything else     -> tell(FAIL), with the reason
-    failed before or inside `dvc exp run`  -> FAIL with the reason; recorded as an experiment too
-    interrupted (Ctrl-C, SIGTERM) or orphaned by a killed runner -> FAIL, marked interrupted,
-        and the same params enqueued again (:meth:`Outcomes.requeue`, the one retry path)
+Each end is recorded with why it happened (the cause taxonomy of :mod:`kdsweep.sweep.record`)::
+
+    experiment recorded, metrics/distill.json state complete  -> tell(value)          ended complete
+                                            state pruned      -> tell(PRUNED)         ended pruned
+                                            anything else     -> tell(FAIL)           ended failed
+    failed before or inside `dvc exp run`, classify(output):
+        its configuration (non-finite loss, an error) -> FAIL, ended failed; recorded as an experiment too
+        the infrastructure (disk full, storage unreachable, killed for memory, a signal)
+            -> :meth:`Outcomes.interrupt`
+    Ctrl-C, SIGTERM, or orphaned by a killed runner (its log's cause, else "runner")
+            -> :meth:`Outcomes.interrupt`
     its runner's machine died (database storage: no Optuna heartbeat for the grace period)
-        -> Optuna's fail_stale_trials fails it, and :func:`retry_stale` enqueues it again once
+        -> Optuna's fail_stale_trials fails it, and :func:`retry_stale` enqueues it again
+
+:meth:`Outcomes.interrupt` is the one retry path: FAIL with ``ended: interrupted`` and the
+cause (it spends no budget), and the same params enqueued as run ``attempt + 1`` (a stopped
+runner does not use up an attempt), at most ``execution.infra_retries`` times in a row; the
+worker then backs off (:data:`BACKOFF_S`). Past the bound the runner stops with exit 2 and the
+cause; the next ``kdsweep run`` enqueues the trial once more (:meth:`Outcomes.retry_abandoned`).
 
 :meth:`Outcomes.reap` finds trials whose runner is gone, before every claim of a trial
 (:mod:`kdsweep.sweep.budget`): Optuna's heartbeats on a database server, else
@@ -238,12 +249,12 @@ class Outcomes:
         for t in records(self.study):
             if t.state != self.TS.RUNNING or not self._orphaned(t, me):
                 continue
+            cause = self._cause_from_log(t)  # before this runner stops the trial's processes itself
             if t.owner.get("host") == me["host"] and process_alive(t.child.get("pid"), t.child.get("started")):
                 kill_group(t.child["pid"])
             name = t.experiment or f"{self.name}-{t.number}"
             if self._adopt(t, name):
                 continue
-            cause = self._cause_from_log(t)
             tqdm.write(f"resume: trial {t.number} ({name}) was interrupted ({cause.line})")
             self.interrupt(t, name, cause, cause.line)
 
