@@ -237,9 +237,10 @@ def test_ctrl_c_stops_the_running_trial_and_resume_reruns_it_within_the_budget(s
     out = runner.communicate(timeout=120)[0]
     assert runner.returncode == 130 and "interrupted: stopping the running trials" in out
     assert not [p for p in psutil.process_iter(["cmdline"]) if "int-0" in " ".join(p.info["cmdline"] or [])]
-    (t0,) = records(study(sweep_repo, "int"))
+    t0, waiting = records(study(sweep_repo, "int"))
     assert (t0.ended, t0.cause_kind) == ("interrupted", "runner")  # recorded by the runner itself, at once
-    assert spent([t0]) == 0
+    assert (waiting.state, waiting.retry_of) == (TS.WAITING, 0)  # its retry, enqueued at once
+    assert spent([t0, waiting]) == 0
 
     kdsweep(sweep_repo, "run", spec)
     trials = records(study(sweep_repo, "int"))
