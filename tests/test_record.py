@@ -247,3 +247,9 @@ def test_status_best_and_report_show_why_a_trial_ended_in_one_line(tmp_path):
     kdsweep(repo, "report", "causes")
     report = (repo / "reports" / "causes" / "report.md").read_text()
     assert all(f"- {line}" in report for line in want)
+
+
+def test_the_backoff_after_an_interruption_grows_and_is_bounded():
+    from kdsweep.sweep.outcome import backoff
+
+    assert [backoff(a) for a in range(6)] == [5.0, 5.0, 15.0, 45.0, 45.0, 45.0]

@@ -68,7 +68,7 @@ def _tid(trial) -> int:
 
 def backoff(attempt: int) -> float:
     """Seconds to wait after a trial's ``attempt``-th run was interrupted by the infrastructure."""
-    return float(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
+    return float(BACKOFF_S[min(max(attempt, 1), len(BACKOFF_S)) - 1])
 
 
 def pause(seconds: float, stopping: Callable[[], bool]) -> None:
