@@ -172,7 +172,7 @@ def test_a_trial_without_heartbeats_is_failed_and_enqueued_once_by_whichever_run
     import functools
 
     from kdsweep.sweep.outcome import retry_stale
-    from kdsweep.sweep.record import TrialRecord, retried, spends_budget
+    from kdsweep.sweep.record import records, retried, spends_budget
 
     retry_stale = functools.partial(retry_stale, 3)  # execution.infra_retries
     storage = open_storage(pg.url, connections=2, heartbeat=(1, 2), on_stale=retry_stale)
@@ -191,8 +191,10 @@ def test_a_trial_without_heartbeats_is_failed_and_enqueued_once_by_whichever_run
         t.start()
     for t in threads:
         t.join()
-    trials = [TrialRecord.of(t) for t in study.trials]
+    trials = records(study)
     assert [t.state for t in trials] == [TS.FAIL, TS.WAITING]
+    assert (trials[0].ended, trials[0].cause_kind) == ("interrupted", "heartbeat")
+    assert trials[0].cause.startswith("no heartbeat from its runner on ")
     assert (trials[1].retry_of, trials[1].attempt) == (0, 2)
     assert study.trials[1].system_attrs["fixed_params"] == dead.params
     assert retried(trials) == {0} and not spends_budget(trials[0], retried(trials))

@@ -101,7 +101,8 @@ def retry_stale(infra_retries: int, study, trial) -> None:
     if t.attempt > infra_retries:
         tqdm.write(f"trial {t.number} ({t.experiment}): no heartbeat from its runner on {host}; not retried again")
         return
-    enqueue(study, t.params, retry_of=t, attempt=t.attempt + 1)
+    cause = interruption("heartbeat", f"no heartbeat from its runner on {host} for the grace period")
+    enqueue(study, t.params, retry_of=t, attempt=t.attempt + 1, cause=cause)
     tqdm.write(
         f"trial {t.number} ({t.experiment}): no heartbeat from its runner on {host} for the grace period; "
         f"marked interrupted and enqueued again"

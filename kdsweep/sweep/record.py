@@ -26,6 +26,7 @@ log's decisive line, e.g. ``OSError: [Errno 28] No space left on device``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
@@ -226,8 +227,21 @@ class TrialRecord:
 
 
 def records(study) -> list[TrialRecord]:
-    """Every trial of ``study``, as records, by number."""
-    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    """Every trial of ``study``, as records, by number.
+
+    A trial Optuna failed for a stale heartbeat was finished before anyone could write its cause,
+    so its retry carries it (``retry_cause``); its record reads it from there.
+    """
+    trials = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    carried = {
+        t.retry_of: t.attrs["retry_cause"] for t in trials if t.retry_of is not None and "retry_cause" in t.attrs
+    }
+    return [
+        dataclasses.replace(t, attrs={**t.attrs, "ended": INTERRUPTED, **carried[t.number]})
+        if t.number in carried and t.state.name == "FAIL" and not t.interrupted
+        else t
+        for t in trials
+    ]
 
 
 def write(storage, trial_id: int, url: str, **fields: Any) -> None:
@@ -254,11 +268,15 @@ def enqueue(
     retry_of: TrialRecord | None = None,
     attempt: int = 1,
     baseline: int | None = None,
+    cause: Cause | None = None,
 ) -> None:
-    """Enqueue ``params`` as a new trial: a baseline, or run ``attempt`` of an interrupted trial."""
+    """Enqueue ``params`` as a new trial: a baseline, or run ``attempt`` of an interrupted trial
+    (with ``cause`` when the interrupted trial could not take it itself: it was already finished)."""
     attrs: dict[str, Any] = {}
     if retry_of is not None:
         attrs = {"retry_of": retry_of.number, "attempt": attempt}
+    if cause is not None:
+        attrs["retry_cause"] = {"cause_kind": cause.kind, "cause": cause.line}
     if baseline is not None:
         attrs["baseline"] = baseline
     study.enqueue_trial(params, user_attrs=attrs)
