@@ -17,15 +17,18 @@ budget, then asking for a trial; creating the study and Optuna's tables). :func:
 is one lock per study for every process that reaches the storage: an ``flock`` on a file beside
 a journal or SQLite file (one machine), a session-level ``pg_advisory_lock`` on PostgreSQL (or
 ``GET_LOCK`` on MySQL) held on a connection of its own, which the server releases if the holder
-dies. A database connection that drops (a server restart, a network blip) is retried with
-backoff by :func:`with_retries`; the runner's pool holds a connection per worker thread.
+dies. A database connection that drops (a server restart, a network blip) and a journal write
+on a full disk are retried with backoff by :func:`with_retries`, used by the runner and by each
+trial's reports alike; the runner's pool holds a connection per worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -92,6 +95,11 @@ def open_storage(
         raise UserError(f"storage {safe_url(url)}: cannot open the database: {_first_line(e)}") from None
 
 
+class StorageUnavailable(UserError):
+    """The study's storage took no write (or gave no read) for as long as :func:`with_retries` waits:
+    an infrastructure fault (database down, disk full), never the trial's configuration."""
+
+
 def _connection_lost(e: BaseException) -> bool:
     """Whether ``e`` is a database connection failing (worth retrying), not a wrong query or a finished trial."""
     from optuna.exceptions import StorageInternalError
@@ -108,26 +116,51 @@ def _connection_lost(e: BaseException) -> bool:
     return False
 
 
-def with_retries(call: Callable[[], T], url: str, what: str) -> T:
-    """``call()``, retried with backoff (:data:`RETRY_DELAYS_S`) while the database connection is lost.
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` is a write that found no space (ENOSPC, or a quota), which freeing space fixes."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
-    Only calls that are safe to repeat belong here: reads, setting attributes, heartbeats. The
-    last failure is raised; each retry prints one line naming the storage without its password.
+
+def with_retries(call: Callable[[], T], url: str, what: str, patience: float | None = None) -> T:
+    """``call()``, retried with backoff (:data:`RETRY_DELAYS_S`) while the database connection is lost
+    or the journal's disk is full, for up to ``patience`` seconds (default: the delays' sum, 61 s).
+
+    Only calls that are safe to repeat belong here: reads, setting attributes, heartbeats, reports.
+    A journal append that the full disk cut short is cut off before the retry (else the next record
+    would land on its torn line). When the storage still fails, :class:`StorageUnavailable` names it
+    (never its password), the cause, and the fix; each retry prints one line.
     """
-    for delay in RETRY_DELAYS_S:
+    deadline = time.monotonic() + (sum(RETRY_DELAYS_S) if patience is None else patience)
+    for attempt in itertools.count():
         try:
             return call()
         except Exception as e:
-            if not _connection_lost(e):
+            if not (_connection_lost(e) or _disk_full(e)):
                 raise
+            if url.startswith("journal:") and _disk_full(e):
+                _cut_torn_tail(Path(url[len("journal:") :]))
+            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailable(_unavailable(url, what, e)) from None
             print(
-                f"warning: storage {safe_url(url)}: connection lost while {what} ({_first_line(e)}); "
-                f"retrying in {delay} s",
+                f"warning: storage {safe_url(url)}: {_cause(e)} while {what}; retrying in {min(delay, left):.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
-            time.sleep(delay)
-    return call()
+            time.sleep(min(delay, left))
+    raise AssertionError("unreachable")
+
+
+def _cause(e: BaseException) -> str:
+    if _disk_full(e):
+        return f"{os.strerror(e.errno)} (errno {errno.errorcode[e.errno]})"
+    return f"connection lost ({_first_line(e)})"
+
+
+def _unavailable(url: str, what: str, e: BaseException) -> str:
+    fix = "free space on its disk" if _disk_full(e) else "check that the database server runs and is reachable"
+    return f"storage {safe_url(url)}: {_cause(e)} while {what}, after retrying; {fix}, then run again"
 
 
 @contextlib.contextmanager
@@ -332,6 +365,26 @@ def _repair_torn_tail(path: Path) -> None:
         f"so the study keeps every complete record",
         file=sys.stderr,
     )
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Cut a torn last record that a failed append (a full disk) left, without a backup copy (there is
+    no space for one, and the bytes are only the start of a record that was never written whole)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or not _torn(_last_line(path)[1]):
+        return
+    lock, held = JournalFileSymlinkLock(str(path)), False
+    with contextlib.suppress(OSError):  # the lock's link may find no space either; then cut without it
+        held = lock.acquire()
+    try:
+        start, line = _last_line(path)
+        if _torn(line) and not _is_record(line):
+            with path.open("r+b") as f:
+                f.truncate(start)
+    finally:
+        if held:
+            lock.release()
 
 
 def _broken_line(path: Path) -> int:

@@ -12,6 +12,18 @@ so a pruned trial is still a recorded DVC experiment, and the runner marks it PR
 torchrun only rank 0 has a hook (and opens the study); distill broadcasts its answer, so every
 rank stops at the same step.
 
+Every call to the study (loading it, the report, the pruner's answer) rides out a storage
+outage: a lost database connection or a journal on a full disk is retried with backoff for up
+to ``execution.grace_period`` seconds (:func:`kdsweep.optuna_io.with_retries`, the runner's own
+helper), so a database restart shorter than that loses nothing. A longer outage ends the run
+with one line naming the storage and the cause, which the runner records as an infrastructure
+interruption: the trial is run again and spends no budget.
+
+This module reaches the storage code (:mod:`kdsweep.optuna_io`), which does not change what
+distill computes, so distill's ``dvc.yaml`` deps do not list either (``tests/test_code_shape.py``
+keeps the hook out of the training closure and checks that editing the storage code leaves
+distill up to date).
+
 The hook also stops an orphaned run: if the runner that started it is gone (killed), or the
 trial is no longer RUNNING in the study (a restarted runner took it over), it raises, and the
 resumed study retries the trial under a new number.
@@ -75,8 +87,12 @@ class TrialReporter:
 
         self.ctx = ctx
         self.number, self.metric = ctx["number"], ctx["metric"]
-        storage = open_storage(ctx["storage"])
-        study = optuna.load_study(study_name=ctx["study"], storage=storage, pruner=make_pruner(ctx["pruner"]))
+        self.patience = ctx.get("grace_period")  # how long a storage outage is ridden out
+        storage = self._retried(lambda: open_storage(ctx["storage"]), "opening the study")
+        pruner = make_pruner(ctx["pruner"])
+        study = self._retried(
+            lambda: optuna.load_study(study_name=ctx["study"], storage=storage, pruner=pruner), "loading the study"
+        )
         self.trial = optuna.trial.Trial(study, ctx["trial_id"])
         self._check_running(storage)
         if params is not None and ctx.get("expected"):
@@ -97,10 +113,16 @@ class TrialReporter:
             flush=True,
         )
 
+    def _retried(self, call: Callable, what: str):
+        """``call()``, retried while the storage is unreachable, up to the grace period."""
+        from kdsweep.optuna_io import with_retries
+
+        return with_retries(call, self.ctx["storage"], f"{what} (trial {self.number})", patience=self.patience)
+
     def _check_running(self, storage) -> None:
         import optuna
 
-        state = storage.get_trial(self.ctx["trial_id"]).state
+        state = self._retried(lambda: storage.get_trial(self.ctx["trial_id"]), "reading the trial").state
         if state != optuna.trial.TrialState.RUNNING:
             raise UserError(
                 f"trial {self.number} is {state.name} in study {self.ctx['study']!r}, not running: "
@@ -129,13 +151,13 @@ class TrialReporter:
         if value is None or not math.isfinite(value):
             return False  # non-finite losses are distill's to handle
         try:
-            self.trial.report(float(value), step)
+            self._retried(lambda: self.trial.report(float(value), step), "reporting")
         except RuntimeError:
             self._check_running(self._storage)
             raise
         if self.total_steps is not None and step >= self.total_steps:
             return False  # the run is over anyway: it completes with this value
-        if self.trial.should_prune():
+        if self._retried(self.trial.should_prune, "asking the pruner"):
             print(
                 f"kdsweep: the pruner stops trial {self.number} at step {step} ({self.metric} {value:.4f})",
                 file=sys.stderr,

@@ -5,11 +5,19 @@ its CLI command (``kdsweep <command>`` in ``dvc.yaml``) and follows every ``kdsw
 module-level or inside a function, transitively. The CLI modules themselves only parse
 arguments and dispatch, so they are not deps (editing a help text must not re-run a teacher);
 package ``__init__`` modules hold only a docstring (checked below), so they are not deps either.
+
+One import is not followed, by rule: :data:`NOT_RESULTS` names the modules a stage imports that
+do not change what it computes. ``kdsweep distill`` imports :mod:`kdsweep.trial_hook`, which
+reports to the sweep's study through the storage code (``optuna_io.py``: journal repair,
+database retries); a fix there must not make ``dvc repro`` retrain the student.
+
+The record module is the only code that touches Optuna's user attributes (checked below).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +27,8 @@ from helpers import REPO
 PACKAGE = REPO / "kdsweep"
 CLI_MODULES = {"kdsweep/cli.py", "kdsweep/cache/cli.py", "kdsweep/sweep/cli.py"}
 MAX_FUNCTION_LINES, MAX_CLASS_LINES = 80, 250
+NOT_RESULTS = {"kdsweep.trial_hook"}  # imported by a stage, not part of what it computes (module docstring)
+RECORD_MODULE = "kdsweep/sweep/record.py"  # the one module that reads or writes Optuna's user attributes
 
 
 def module_file(name: str) -> Path | None:
@@ -55,7 +65,7 @@ def closure(start: set[str]) -> set[str]:
     seen, todo = set(), list(start)
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or name in NOT_RESULTS:
             continue
         seen.add(name)
         path = module_file(name)
@@ -112,6 +122,44 @@ def test_stages_do_not_import_the_sweep_package_or_each_other():
         assert not [f for f in files if f.startswith("kdsweep/sweep/")], f"stage {stage} imports the sweep package"
         others = [f for f in files if f.startswith("kdsweep/stages/") and Path(f).stem != stage]
         assert not others, f"stage {stage} imports another stage's module: {others}"
+
+
+def test_distill_deps_leave_out_the_trial_hook_and_the_storage_code():
+    distill = command_function(["distill"])
+    assert "kdsweep.trial_hook" in imported_modules(distill.body, "kdsweep")  # reached, by the rule above
+    hook = ast.parse((PACKAGE / "trial_hook.py").read_text())
+    assert "kdsweep.optuna_io" in imported_modules(list(ast.walk(hook)), "kdsweep")
+    needed, declared = stage_closures()["distill"]
+    for storage_code in ("kdsweep/optuna_io.py", "kdsweep/trial_hook.py"):
+        assert storage_code not in needed | declared, storage_code
+
+
+@pytest.mark.slow
+def test_editing_the_storage_code_leaves_distill_up_to_date(sweep_repo):
+    from sweeprepo import sh
+
+    sh(sweep_repo, "dvc", "repro", "distill")
+    assert "distill" not in sh(sweep_repo, "dvc", "status", "--json").stdout
+    with (sweep_repo / "kdsweep" / "optuna_io.py").open("a") as f:
+        f.write("\n# a fix to the storage code\n")
+    with (sweep_repo / "kdsweep" / "trial_hook.py").open("a") as f:
+        f.write("\n# a fix to the trial hook\n")
+    assert "distill" not in sh(sweep_repo, "dvc", "status", "--json").stdout
+    with (sweep_repo / "kdsweep" / "losses.py").open("a") as f:
+        f.write("\n# a change to the loss code\n")
+    assert "distill" in sh(sweep_repo, "dvc", "status", "--json").stdout  # training code still counts
+
+
+def test_only_the_record_module_touches_optuna_user_attributes():
+    words = re.compile(r"\b(user_attrs|set_user_attr|set_trial_user_attr|enqueue_trial)\b")
+    found = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if str(path.relative_to(REPO)) != RECORD_MODULE
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if words.search(line)
+    ]
+    assert not found, f"Optuna user attributes outside {RECORD_MODULE}: {found}"
 
 
 def test_package_init_modules_hold_only_a_docstring():

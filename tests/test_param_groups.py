@@ -170,7 +170,7 @@ def test_freezing_everything_is_an_error(model):
         assign_groups(named_numel(model), [(NORM, 0.0)], default_multiplier=0.0)
 
 
-def test_format_plan_table(model):
+def test_format_assignment_table(model):
     plan = assign_groups(named_numel(model), [(NORM, 0.5), (r".*embed_tokens.*", 0.0)])
     lines = format_assignment(plan, BASE_LR).splitlines()
     assert lines[0].split() == ["pattern", "tensors", "parameters", "lr"]

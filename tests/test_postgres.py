@@ -169,9 +169,12 @@ def test_processes_that_claim_trials_together_run_exactly_the_budget(pg, tmp_pat
 
 
 def test_a_trial_without_heartbeats_is_failed_and_enqueued_once_by_whichever_runner_looks_first(pg):
-    from kdsweep.sweep.outcome import retry_stale
-    from kdsweep.sweep.study import counts_toward_budget, retried
+    import functools
 
+    from kdsweep.sweep.outcome import retry_stale
+    from kdsweep.sweep.record import records, retried, spends_budget
+
+    retry_stale = functools.partial(retry_stale, 3)  # execution.infra_retries
     storage = open_storage(pg.url, connections=2, heartbeat=(1, 2), on_stale=retry_stale)
     study = optuna.create_study(study_name="stale", storage=storage)
     dead = study.ask()
@@ -188,10 +191,13 @@ def test_a_trial_without_heartbeats_is_failed_and_enqueued_once_by_whichever_run
         t.start()
     for t in threads:
         t.join()
-    trials = study.trials
+    trials = records(study)
     assert [t.state for t in trials] == [TS.FAIL, TS.WAITING]
-    assert trials[1].user_attrs == {"retry_of": 0} and trials[1].system_attrs["fixed_params"] == dead.params
-    assert retried(trials) == {0} and not counts_toward_budget(trials[0], retried(trials))
+    assert (trials[0].ended, trials[0].cause_kind) == ("interrupted", "heartbeat")
+    assert trials[0].cause.startswith("no heartbeat from its runner on ")
+    assert (trials[1].retry_of, trials[1].attempt) == (0, 2)
+    assert study.trials[1].system_attrs["fixed_params"] == dead.params
+    assert retried(trials) == {0} and not spends_budget(trials[0], retried(trials))
 
 
 def test_a_lost_connection_is_retried_until_the_database_takes_connections_again(pg, capfd):
@@ -222,5 +228,5 @@ def test_a_lost_connection_is_retried_until_the_database_takes_connections_again
     assert time.monotonic() - t0 >= 2.5
     assert "reconnect" in [s.study_name for s in studies]
     err = capfd.readouterr().err
-    assert "connection lost while listing studies" in err and "retrying in 1 s" in err
+    assert "connection lost (" in err and "while listing studies; retrying in 1 s" in err
     assert pg.password not in err

@@ -208,5 +208,6 @@ def test_a_machine_that_dies_mid_trial_is_retried_and_can_rejoin(machines, pg):
     assert sum(t.state == TS.COMPLETE for t in trials.values()) == 4
     assert "study pair-kill" in outputs[1]
     status = _kdsweep(m.b, "status", "pair-kill", env=m.env).stdout
-    assert "4 of 4 finished" in status and "1 interrupted and retried" in status
+    assert "4 of 4 finished" in status and "1 interrupted (spent no budget)" in status
+    assert f"spent no budget): trial {killed.number} (pair-kill-{killed.number}): " in status, status  # its cause
     _no_password(pg, *outputs, status)

@@ -10,13 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 import yaml
-from sweeprepo import SPEC, TS, UPSTREAM, experiments, kdsweep, lock, sh, start_long_study, study, write_spec
+from sweeprepo import SPEC, TS, UPSTREAM, experiments, kdsweep, lock, sh, study, write_spec
 
 
 # --------------------------------------------------------------------------- the default suite
@@ -203,72 +200,3 @@ def test_a_failing_trial_does_not_stop_the_study(sweep_repo):
     failed = experiments(sweep_repo)["fail-1"]  # DVC keeps no failed run; kdsweep records it
     assert failed["metrics"]["state"] == "failed" and "non-finite" in failed["metrics"]["reason"]
     assert failed["params"]["training"]["learning_rate"] == 1000000.0
-
-
-@pytest.mark.slow
-def test_sigkill_of_the_runner_then_resume(sweep_repo):
-    import psutil
-
-    spec, runner = start_long_study(sweep_repo, "kill", 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = sweep_repo / "studies" / "kill" / "logs" / "1.log"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and "Step 3: Val Loss" in log.read_text()):  # trial 1 is training
-        assert runner.poll() is None and time.monotonic() < deadline, "trial 1 never started"
-        time.sleep(0.1)
-    runner.send_signal(signal.SIGKILL)
-    runner.wait()
-
-    def orphans():
-        return [p for p in psutil.process_iter(["cmdline"]) if "kill-1" in " ".join(p.info["cmdline"] or [])]
-
-    deadline = time.monotonic() + 60
-    while orphans() and time.monotonic() < deadline:  # the trial notices its runner is gone and stops
-        time.sleep(0.5)
-    assert not orphans()
-    killed = study(sweep_repo, "kill")
-    assert killed.trials[1].state == TS.RUNNING  # what SIGKILL leaves behind
-
-    out = kdsweep(sweep_repo, "run", spec).stdout
-    assert "resume: trial 1 (kill-1) was interrupted; marked failed and re-enqueued" in out
-    s = study(sweep_repo, "kill")
-    numbers = [t.number for t in s.trials]
-    assert numbers == list(range(len(numbers))) == [0, 1, 2, 3]  # no number twice
-    interrupted = [t for t in s.trials if t.user_attrs.get("interrupted")]
-    assert [t.number for t in interrupted] == [1] and interrupted[0].state == TS.FAIL
-    retry = next(t for t in s.trials if t.user_attrs.get("retry_of") == 1)
-    assert retry.params == s.trials[1].params and retry.state == TS.COMPLETE
-    finished = [
-        t
-        for t in s.trials
-        if t.state in (TS.COMPLETE, TS.PRUNED) or (t.state == TS.FAIL and not t.user_attrs.get("interrupted"))
-    ]
-    assert len(finished) == 3  # n_trials reached, exactly
-    names = [t.user_attrs["experiment"] for t in s.trials]
-    assert len(set(names)) == len(names)
-    exps = experiments(sweep_repo)
-    assert {f"kill-{t.number}" for t in finished} <= exps.keys() and "kill-1" not in exps
-    assert not list((sweep_repo / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))  # no temp copy left
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_the_running_trial_and_resume_retries_it(sweep_repo):
-    import psutil
-
-    spec, runner = start_long_study(sweep_repo, "int", 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = sweep_repo / "studies" / "int" / "logs" / "0.log"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and "Step 3: Val Loss" in log.read_text()):
-        assert runner.poll() is None and time.monotonic() < deadline, "trial 0 never started"
-        time.sleep(0.1)
-    runner.send_signal(signal.SIGINT)
-    out = runner.communicate(timeout=120)[0]
-    assert runner.returncode == 130 and "interrupted: stopping the running trials" in out
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "int-0" in " ".join(p.info["cmdline"] or [])]
-    t0 = study(sweep_repo, "int").trials[0]
-    assert t0.state == TS.FAIL and t0.user_attrs["interrupted"]  # marked by the runner itself, at once
-
-    kdsweep(sweep_repo, "run", spec)
-    s = study(sweep_repo, "int")
-    assert [t.state for t in s.trials] == [TS.FAIL, TS.COMPLETE, TS.COMPLETE]
-    assert s.trials[1].user_attrs["retry_of"] == 0 and s.trials[1].params == t0.params
-    assert not list((sweep_repo / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))

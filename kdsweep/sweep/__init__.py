@@ -10,9 +10,12 @@ The pieces, in the order a sweep uses them:
                     the student's parameter names, before any trial runs
 ``dvcexp.py``       I/O with DVC and git: ``-S`` values, experiment refs, upstream checks
 ``preflight.py``    before the first trial: ``dvc repro`` upstream, the student's names
+``record.py``       the typed trial record: the only reader and writer of Optuna's user
+                    attributes; why each trial ended (complete, pruned, failed, interrupted)
+``selection.py``    ranked, best, baseline: one ranking for every reader
 ``budget.py``       the study's budget, shared by every runner; trial heartbeats
 ``exprun.py``       one trial's ``dvc exp run``: started, logged, stopped
-``outcome.py``      a trial's end in the study: tell, fail, requeue, push; dead runners' trials
+``outcome.py``      a trial's end in the study: tell, fail, interrupt and retry, push; dead runners' trials
 ``retention.py``    keep the best trials' outputs, free the others' DVC cache objects
 ``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``

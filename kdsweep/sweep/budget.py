@@ -4,7 +4,7 @@ Each worker thread of each runner gets its next trial from :meth:`StudyBudget.cl
 
     under the study's lock (optuna_io.storage_lock: flock beside a journal, pg_advisory_lock on PostgreSQL)
         reap(): fail the trials whose runner is gone, enqueue each once more      (outcome.py)
-        counted = complete + pruned + failed trials, less those that were retried
+        counted = complete + pruned + failed trials; interrupted ones (record.py) spend nothing
         running = RUNNING trials, whichever runner runs them
         past the study's deadline (its start + timeout)                -> None
         counted + running < n_trials                                   -> ask(), own(trial): the trial
@@ -29,8 +29,8 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from kdsweep.optuna_io import storage_lock, with_retries
+from kdsweep.sweep.record import StudyRecord, TrialRecord, retried, spends_budget
 from kdsweep.sweep.spec import Budget
-from kdsweep.sweep.study import STARTED, counts_toward_budget, retried
 
 _WAIT = object()  # claim's verdict: no trial now, but perhaps after another runner's trial ends
 
@@ -38,11 +38,17 @@ _WAIT = object()  # claim's verdict: no trial now, but perhaps after another run
 def study_start(study) -> float:
     """When the study started (unix time): set by its first runner, read by every later one.
     Call it under :func:`kdsweep.optuna_io.storage_lock`."""
-    started = study.user_attrs.get(STARTED)
+    started = StudyRecord.of(study).started
     if started is None:
         started = time.time()
-        study.set_user_attr(STARTED, started)
+        StudyRecord.set_started(study, started)
     return float(started)
+
+
+def spent(trials: list[TrialRecord]) -> int:
+    """How many trials spent the budget: complete, pruned and failed ones, not interrupted ones."""
+    again = retried(trials)
+    return sum(spends_budget(t, again) for t in trials)
 
 
 class StudyBudget:
@@ -86,9 +92,8 @@ class StudyBudget:
 
         with storage_lock(self.url, self.name):
             self.reap()
-            trials = self.study.get_trials(deepcopy=False)
-            again = retried(trials)
-            self.counted = sum(counts_toward_budget(t, again) for t in trials)
+            trials = [TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False)]
+            self.counted = spent(trials)
             running = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING}
             if self.deadline is not None and time.time() > self.deadline:
                 return None

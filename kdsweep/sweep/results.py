@@ -23,20 +23,11 @@ from kdsweep.errors import UserError
 from kdsweep.fsio import write_text
 from kdsweep.optuna_io import display, open_storage
 from kdsweep.sweep import dvcexp
+from kdsweep.sweep.record import StudyRecord, TrialRecord, records
+from kdsweep.sweep.selection import baseline, ranked
+from kdsweep.sweep.selection import best as best_of
 from kdsweep.sweep.spec import load_spec, parse_spec
-from kdsweep.sweep.study import (
-    EXPERIMENT,
-    FAIL_REASON,
-    OUTPUTS,
-    REMOVED,
-    RETRY_OF,
-    headline,
-    last_value,
-    owner_gone,
-    ranked,
-    retried,
-    storage_url,
-)
+from kdsweep.sweep.study import owner_gone, storage_url
 from kdsweep.sweep.testeval import SELECTION_NOTE, TEST_KEYS, HeldOut, held_out
 
 DISTILL_METRICS = "metrics/distill.json"  # the metrics file every trial writes (dvc.yaml's distill stage)
@@ -77,15 +68,20 @@ class StudyHandle:
             raise UserError(
                 f"no study {self.name!r} in {display(self.url, self.root)}; it has: {', '.join(names) or 'none'}"
             ) from None
-        self.spec = self.study.user_attrs.get("spec") or json.loads(spec.model_dump_json(warnings=False))
-        self.metric = self.spec["objective"]["metric"]
-        self.direction = self.spec["objective"]["direction"]
-        self.trials = self.study.get_trials(deepcopy=False)
-        self.removed = set(self.study.user_attrs.get(REMOVED, []))
+        stored = StudyRecord.of(self.study)
+        self.spec = stored.spec or json.loads(spec.model_dump_json(warnings=False))
+        objective = stored.objective or self.spec["objective"]
+        self.metric, self.direction = objective["metric"], objective["direction"]
+        self.trials = records(self.study)
+        self.removed = stored.removed
 
-    def outputs(self, t) -> str:
+    def best(self) -> TrialRecord | None:
+        """The best complete trial (:func:`kdsweep.sweep.selection.best`)."""
+        return best_of(self.trials, self.direction)
+
+    def outputs(self, t: TrialRecord) -> str:
         """Whether the trial's outputs are still in the DVC cache (retention removes all but the best)."""
-        if t.user_attrs.get(OUTPUTS) != "kept":
+        if not t.outputs_kept:
             return ""
         return "removed" if t.number in self.removed else "kept"
 
@@ -130,11 +126,11 @@ def ranked_rows(h: StudyHandle, top: int | None = None) -> tuple[list[str], list
         [
             i + 1,
             t.number,
-            t.user_attrs.get(EXPERIMENT),
+            t.experiment,
             t.state.name.lower(),
-            last_value(t),
-            t.user_attrs.get("best_val_loss"),
-            t.user_attrs.get("steps"),
+            t.last_value,
+            t.get("best_val_loss"),
+            t.get("steps"),
             h.outputs(t),
         ]
         + [t.params.get(p) for p in params]
@@ -150,27 +146,14 @@ def _test_rows(h: StudyHandle, order: list, scores: dict[int, HeldOut]) -> tuple
     for i, t in enumerate(order):
         s = scores[t.number]
         values = [s.metrics[k] for k in TEST_KEYS] if s.metrics else [NONE] * len(TEST_KEYS)
-        rows.append([i + 1, t.number, t.user_attrs.get(EXPERIMENT), last_value(t), *values, s.why])
+        rows.append([i + 1, t.number, t.experiment, t.last_value, *values, s.why])
     return header, rows
-
-
-def _baseline(h: StudyHandle):
-    """The trial the best is compared with: the first baseline's (its retry's, if it was interrupted),
-    else trial 0; and how to name it."""
-    by_number = {t.number: t for t in h.trials}
-    base = next((t for t in h.trials if t.user_attrs.get("baseline") == 0), None)
-    if base is None:
-        return by_number.get(0), "the first trial: the study has no baseline"
-    retries = {t.user_attrs[RETRY_OF]: t for t in h.trials if t.user_attrs.get(RETRY_OF) is not None}
-    while base.number in retries and base.value is None:
-        base = retries[base.number]
-    return base, "the baseline"
 
 
 def _against_baseline(h: StudyHandle, best_trial, scores: dict[int, HeldOut]) -> str:
     """One line: test CE of the best trial against the baseline's, with the relative difference."""
     head = "**Best against baseline** (test CE, lower is better):"
-    base, what = _baseline(h)
+    base, what = baseline(h.trials)
     if best_trial is None or base is None:
         return f"{head} {NONE} (no {'complete trial' if best_trial is None else 'trial 0'})"
     if base.number == best_trial.number:
@@ -183,8 +166,8 @@ def _against_baseline(h: StudyHandle, best_trial, scores: dict[int, HeldOut]) ->
         return f"{head} {NONE} (" + "; ".join(f"trial {t.number}: {why}" for t, why in missing) + ")"
     b, r = scores[best_trial.number].metrics["test_ce"], scores[base.number].metrics["test_ce"]
     return (
-        f"{head} trial {best_trial.number} (`{best_trial.user_attrs.get(EXPERIMENT)}`) {b:.4f} against trial "
-        f"{base.number} (`{base.user_attrs.get(EXPERIMENT)}`, {what}) {r:.4f}: {100 * (b - r) / r:+.2f}%"
+        f"{head} trial {best_trial.number} (`{best_trial.experiment}`) {b:.4f} against trial "
+        f"{base.number} (`{base.experiment}`, {what}) {r:.4f}: {100 * (b - r) / r:+.2f}%"
     )
 
 
@@ -196,11 +179,8 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
     header, rows, order = ranked_rows(h, top)
     print(f"study {h.name}: {h.direction} {h.metric} ({display(h.url, h.root)})")
     print(table(header, rows) if rows else "no complete or pruned trial yet")
-    again = retried(h.trials)
-    failed = [t for t in h.trials if t.state == optuna.trial.TrialState.FAIL and t.number not in again]
-    for t in failed:
-        why = headline(t.user_attrs.get(FAIL_REASON) or "")
-        print(f"failed: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {why}")
+    for line in cause_lines(h.trials):
+        print(line)
     if order:
         test_header, test_rows = _test_rows(h, order, h.held_out(order))
         print(SELECTION_NOTE.format(metric=h.metric))
@@ -212,7 +192,7 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
     if not complete:
         raise UserError(f"study {h.name} has no complete trial to apply")
     winner = complete[0]
-    name = winner.user_attrs.get(EXPERIMENT)
+    name = winner.experiment
     remote = (h.spec.get("execution") or {}).get("push") or "origin"
     if name not in dvcexp.exp_refs(h.root) and (why := dvcexp.pull_experiment(h.root, remote, name)):
         raise UserError(f"experiment {name} of trial {winner.number} is not in this repository, nor in {remote}: {why}")
@@ -230,6 +210,18 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
         _dvc(h.root, "exp", "branch", name, branch)
         print(f"branch {branch} holds {name}")
     return 0
+
+
+def cause_lines(trials: list[TrialRecord]) -> list[str]:
+    """One line per trial that failed or was interrupted: how it ended and why (its decisive line)."""
+    out = []
+    for t in trials:
+        if t.ended == "failed":
+            out.append(f"failed: trial {t.number} ({t.experiment}): {t.cause}")
+        elif t.ended == "interrupted":
+            kind = t.cause_kind or "runner"
+            out.append(f"interrupted ({kind}, spent no budget): trial {t.number} ({t.experiment}): {t.cause}")
+    return out
 
 
 def _dvc(root: Path, *args: str) -> str:
@@ -356,21 +348,18 @@ def status(study: str, storage: str | None = None) -> int:
     h = StudyHandle(study, storage)
     n = (h.spec.get("budget") or {}).get("n_trials")
     by = {s: [t for t in h.trials if t.state == s] for s in TS}
-    again = retried(h.trials)
-    interrupted = [t for t in by[TS.FAIL] if t.number in again]
-    failed = len(by[TS.FAIL]) - len(interrupted)
-    finished = len(by[TS.COMPLETE]) + len(by[TS.PRUNED]) + failed
+    ended = {e: sum(t.ended == e for t in h.trials) for e in ("complete", "pruned", "failed", "interrupted")}
+    finished = ended["complete"] + ended["pruned"] + ended["failed"]
     print(
         f"study {h.name} ({display(h.url, h.root)}): {finished}" + (f" of {n}" if n else "") + " finished: "
-        f"{len(by[TS.COMPLETE])} complete, {len(by[TS.PRUNED])} pruned, {failed} failed; "
+        f"{ended['complete']} complete, {ended['pruned']} pruned, {ended['failed']} failed; "
         f"{len(by[TS.RUNNING])} running, {len(by[TS.WAITING])} waiting"
-        + (f"; {len(interrupted)} interrupted and retried" if interrupted else "")
+        + (f"; {ended['interrupted']} interrupted (spent no budget)" if ended["interrupted"] else "")
     )
-    try:
-        b = h.study.best_trial
-        print(f"best: trial {b.number} ({b.user_attrs.get(EXPERIMENT)}) {h.metric} {b.value:.4f}")
-    except ValueError:
-        print("best: none yet")
+    for line in cause_lines(h.trials):
+        print(line)
+    b = h.best()
+    print(f"best: trial {b.number} ({b.experiment}) {h.metric} {b.value:.4f}" if b else "best: none yet")
     now = time.time()
     for t in by[TS.RUNNING]:
         step = max(t.intermediate_values) if t.intermediate_values else None
@@ -380,8 +369,8 @@ def status(study: str, storage: str | None = None) -> int:
             if step is not None
             else "starting"
         )
-        gone = "; owner gone; resumes on the next run" if owner_gone(t.user_attrs, now) else ""
-        print(f"running: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {at}, {since:.0f} s{gone}")
+        gone = "; owner gone; resumes on the next run" if owner_gone(t, now) else ""
+        print(f"running: trial {t.number} ({t.experiment}): {at}, {since:.0f} s{gone}")
     durations = [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in h.trials
@@ -404,8 +393,8 @@ def _exp_show_rows(h: StudyHandle) -> tuple[list[str], list[list[Any]]]:
     data = json.loads(_dvc(h.root, "exp", "show", "--json"))
     prefix = f"{h.name}-"
     rows = []
-    for baseline in data:
-        for exp in baseline.get("experiments") or []:
+    for commit in data:
+        for exp in commit.get("experiments") or []:
             rev = (exp.get("revs") or [{}])[0]
             name = exp.get("name") or rev.get("name") or ""
             if not (name.startswith(prefix) and name[len(prefix) :].isdigit()):
@@ -417,7 +406,7 @@ def _exp_show_rows(h: StudyHandle) -> tuple[list[str], list[list[Any]]]:
     rows.sort()
     keys: list[str] = []
     for t in h.trials:
-        keys += [k for k in (t.user_attrs.get("overrides") or {}) if k not in keys]
+        keys += [k for k in t.overrides if k not in keys]
     scalar = [k for k in keys if all(not isinstance(get_or(p, k), (dict, list)) for _, _, p, _ in rows)]
     header = ["Experiment", "state", "val_loss", "best_val_loss", "steps"] + scalar
     return header, [
@@ -474,7 +463,7 @@ def report(study: str, storage: str | None = None, out_dir: Path | None = None) 
     save("alpha x temperature", "alpha_temperature.png", lambda: _alpha_temperature(h, plt))
 
     order = ranked(h.trials, h.direction)[:TEST_ROWS]
-    compared = [t for t in (h.study.best_trial if complete else None, _baseline(h)[0]) if t is not None]
+    compared = [t for t in (h.best(), baseline(h.trials)[0]) if t is not None]
     scores = h.held_out(list({t.number: t for t in order + compared}.values()))
     lines = _report_lines(h, plots, order, scores)
     path = out / "report.md"
@@ -497,26 +486,25 @@ def _report_lines(
     complete = [t for t in h.trials if t.state == TS.COMPLETE]
     header, rows, _ = ranked_rows(h)
     exp_header, exp_rows = _exp_show_rows(h)
-    failed = [t for t in h.trials if t.state == TS.FAIL]
+    failed = [t for t in h.trials if t.ended == "failed"]
+    interrupted = sum(t.ended == "interrupted" for t in h.trials)
     lines = [
         f"# Study `{h.name}`",
         "",
         f"{h.direction.capitalize()} `{h.metric}` over {len(h.trials)} trials "
-        f"({len(complete)} complete, {sum(t.state == TS.PRUNED for t in h.trials)} pruned, {len(failed)} failed); "
-        f"storage `{display(h.url, h.root)}`.",
+        f"({len(complete)} complete, {sum(t.state == TS.PRUNED for t in h.trials)} pruned, {len(failed)} failed, "
+        f"{interrupted} interrupted by the infrastructure); storage `{display(h.url, h.root)}`.",
         "",
     ]
-    try:
-        b = h.study.best_trial
+    b = h.best()
+    if b is not None:
         lines += [
-            f"**Best**: trial {b.number} (`{b.user_attrs.get(EXPERIMENT)}`), {h.metric} = {b.value:.4f}: "
+            f"**Best**: trial {b.number} (`{b.experiment}`), {h.metric} = {b.value:.4f}: "
             + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in b.params.items()),
             "",
-            f"Reproduce it: `kdsweep best {h.name} --apply` (runs `dvc exp apply {b.user_attrs.get(EXPERIMENT)}`).",
+            f"Reproduce it: `kdsweep best {h.name} --apply` (runs `dvc exp apply {b.experiment}`).",
             "",
         ]
-    except ValueError:
-        b = None
     lines += [_against_baseline(h, b, scores), "", SELECTION_NOTE.format(metric=h.metric).capitalize() + ".", ""]
     for title, file, note in plots:
         lines += [f"## {title}", "", f"![{title}]({file})" if file else f"_{note}_", ""]
@@ -524,12 +512,9 @@ def _report_lines(
         test_header, test_rows = _test_rows(h, order, scores)
         lines += ["## Test metrics of the best trials", "", table(test_header, test_rows, markdown=True), ""]
     lines += ["## Trials, ranked", "", table(header, rows, markdown=True), ""]
-    if failed:
-        lines += ["## Failed trials", ""]
-        for t in failed:
-            why = headline(t.user_attrs.get(FAIL_REASON) or "")
-            lines.append(f"- trial {t.number} (`{t.user_attrs.get(EXPERIMENT)}`): {why}")
-        lines.append("")
+    causes = cause_lines(h.trials)
+    if causes:
+        lines += ["## Failed and interrupted trials", "", *(f"- {line}" for line in causes), ""]
     lines += [
         "## `dvc exp show`",
         "",
@@ -555,7 +540,7 @@ def _learning_curves(h: StudyHandle, plt):
     curves = [t for t in h.trials if t.intermediate_values and t.state in styles]
     if not curves:
         raise ValueError("no trial reported a value yet")
-    best_number = h.study.best_trial.number if any(t.state == TS.COMPLETE for t in h.trials) else None
+    best_number = b.number if (b := h.best()) else None
     fig, ax = plt.subplots(figsize=(9, 5.5))
     labelled = set()
     for t in curves:
@@ -592,9 +577,9 @@ def _alpha_temperature(h: StudyHandle, plt):
     TS = optuna.trial.TrialState
     pts = []
     for t in h.trials:
-        o = t.user_attrs.get("overrides") or {}
+        o = t.overrides
         a, temp = o.get("loss.alpha"), o.get("loss.temperature")
-        v = last_value(t)
+        v = t.last_value
         if (
             isinstance(a, (int, float))
             and isinstance(temp, (int, float))

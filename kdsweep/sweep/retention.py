@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.study import EXPERIMENT, OUTPUTS, REMOVED, RETRY_OF, ranked
+from kdsweep.sweep.record import StudyRecord, TrialRecord, records
+from kdsweep.sweep.selection import baselines, ranked
 
 
 def cache_dir(root: Path) -> Path:
@@ -93,18 +94,15 @@ class Retention:
         if self.keep_best is None:
             return
         with self.lock:
-            trials = ranked(study.get_trials(deepcopy=False), self.direction)
-            removed = set(study.user_attrs.get(REMOVED, []))
-            keep = baselines(trials)
-            drop = [
-                t
-                for t in trials[self.keep_best :]
-                if t.user_attrs.get(OUTPUTS) == "kept" and t.number not in removed | keep
-            ]
+            all_trials = records(study)
+            trials = ranked(all_trials, self.direction)
+            removed = StudyRecord.of(study).removed
+            keep = baselines(all_trials)
+            drop = [t for t in trials[self.keep_best :] if t.outputs_kept and t.number not in removed | keep]
             if not drop:
                 return
             freed = self._delete(drop)
-            study.set_user_attr(REMOVED, sorted(removed | {t.number for t in drop}))
+            StudyRecord.set_removed(study, removed | {t.number for t in drop})
             self.freed += freed
             kept = ", ".join(str(t.number) for t in trials[: self.keep_best])
             tqdm.write(
@@ -112,13 +110,13 @@ class Retention:
                 f"{', '.join(str(t.number) for t in drop)}: freed {freed / 2**20:.1f} MB"
             )
 
-    def _delete(self, drop: list) -> int:
+    def _delete(self, drop: list[TrialRecord]) -> int:
         """Delete the dropped trials' cache objects that nothing else uses, and their checkpoints."""
         refs = dvcexp.exp_refs(self.root)
-        dropped_names = {t.user_attrs.get(EXPERIMENT) for t in drop}
+        dropped_names = {t.experiment for t in drop}
         hashes = []
         for t in drop:
-            name = t.user_attrs.get(EXPERIMENT)
+            name = t.experiment
             if name in refs:
                 hashes += cached_outs(dvcexp.exp_lock(self.root, refs[name][1]), self.run_stages)
         protected = objects(self.cache, self._protected(refs, dropped_names))
@@ -138,12 +136,3 @@ class Retention:
         ]
         locks += [dvcexp.exp_lock(self.root, sha) for name, (_ref, sha) in refs.items() if name not in dropped_names]
         return [h for lock in locks for h in cached_outs(lock, list(lock))]
-
-
-def baselines(trials: list) -> set[int]:
-    """The baseline trials and their retries: kept, so that the best can be compared with them on test."""
-    keep = {t.number for t in trials if "baseline" in t.user_attrs}
-    for t in sorted(trials, key=lambda t: t.number):
-        if t.user_attrs.get(RETRY_OF) in keep:
-            keep.add(t.number)
-    return keep

@@ -18,6 +18,7 @@ how it reports to the pruner in :mod:`kdsweep.trial_hook`. Each trial's console 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -31,25 +32,19 @@ from tqdm import tqdm
 from kdsweep.config import Params, validate
 from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
-from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage, storage_lock
-from kdsweep.sweep import dvcexp, exprun
-from kdsweep.sweep.budget import Heartbeats, StudyBudget, study_start
+from kdsweep.optuna_io import StorageUnavailable, check_storage, display, make_pruner, open_storage, storage_lock
+from kdsweep.sweep import dvcexp, exprun, selection
+from kdsweep.sweep.budget import Heartbeats, StudyBudget, spent, study_start
 from kdsweep.sweep.devices import DevicePool, device_sets
-from kdsweep.sweep.outcome import Outcomes, retry_stale
+from kdsweep.sweep.outcome import Outcomes, backoff, out_of_retries, pause, retry_stale
 from kdsweep.sweep.plan import StudyPlan
 from kdsweep.sweep.preflight import Workspace, preflight
+from kdsweep.sweep.record import StudyRecord, TrialRecord, classify, enqueue, interruption, records
 from kdsweep.sweep.results import exp_show_command
 from kdsweep.sweep.retention import Retention
 from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
 from kdsweep.sweep.spec import StudySpec, load_spec
-from kdsweep.sweep.study import (
-    EXPERIMENT,
-    OVERRIDES,
-    counts_toward_budget,
-    make_sampler,
-    retried,
-    storage_url,
-)
+from kdsweep.sweep.study import make_sampler, storage_url
 from kdsweep.trial_hook import ENV as TRIAL_ENV
 
 
@@ -67,7 +62,8 @@ def open_study(spec: StudySpec, root: Path, url: str):
 
     ex = spec.execution
     heartbeat = None if url.startswith("journal:") else (ex.heartbeat_interval, ex.grace_period)
-    storage = open_storage(url, connections=spec.workers, heartbeat=heartbeat, on_stale=retry_stale)
+    on_stale = functools.partial(retry_stale, ex.infra_retries)
+    storage = open_storage(url, connections=spec.workers, heartbeat=heartbeat, on_stale=on_stale)
     direction = spec.objective.direction
     try:
         study = optuna.create_study(
@@ -79,24 +75,33 @@ def open_study(spec: StudySpec, root: Path, url: str):
         )
     except ValueError as e:
         raise UserError(f"study {spec.study!r} in {display(url, root)}: {e}") from None
-    if study.direction.name.lower() != direction:
-        raise UserError(
-            f"study {spec.study!r} already exists in {display(url, root)} and "
-            f"{study.direction.name.lower()}s; the spec says {direction}. Use another study name."
-        )
+    check_objective(study, spec, display(url, root))
     study.sampler = make_sampler(spec.sampler.model_dump(), offset=len(study.trials))
-    study.set_user_attr("spec", json.loads(spec.model_dump_json(warnings=False)))
-    study.set_user_attr("root", str(root))
+    StudyRecord.set_spec(study, json.loads(spec.model_dump_json(warnings=False)), str(root))
     return study, storage
+
+
+def check_objective(study, spec: StudySpec, where: str) -> None:
+    """Store the study's objective when it is new; refuse a spec whose metric or direction differs
+    from it (a resume would rank trials of two objectives together)."""
+    new = {"metric": spec.objective.metric, "direction": spec.objective.direction}
+    old = StudyRecord.of(study).objective or {"metric": new["metric"], "direction": study.direction.name.lower()}
+    if old != new:
+        raise UserError(
+            f"study {spec.study!r} in {where} {old['direction']}s {old['metric']}; the spec's objective says "
+            f"{new['direction']} {new['metric']}. Set objective back to metric: {old['metric']}, direction: "
+            f"{old['direction']}, or use another study name"
+        )
+    StudyRecord.set_objective(study, new["metric"], new["direction"])
 
 
 def enqueue_baselines(study, plan: StudyPlan) -> None:
     """Enqueue the spec's baselines, once per study."""
-    if study.user_attrs.get("baselines_enqueued"):
+    if StudyRecord.of(study).baselines_enqueued:
         return
     for k, values in enumerate(plan.baselines):
-        study.enqueue_trial(values, user_attrs={"baseline": k})
-    study.set_user_attr("baselines_enqueued", True)
+        enqueue(study, values, baseline=k)
+    StudyRecord.set_baselines_enqueued(study)
 
 
 def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = None, check: bool = False) -> int:
@@ -127,10 +132,9 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
         started = study_start(study)
         outcomes = Outcomes(study, storage, url, spec, root, ws.params_text, copy_paths)
         outcomes.recover(me)
+        outcomes.retry_abandoned()
         enqueue_baselines(study, plan)
-        trials = study.get_trials(deepcopy=False)
-    again = retried(trials)
-    done = sum(counts_toward_budget(t, again) for t in trials)
+        done = spent(records(study))
     n = spec.budget.n_trials
     print(
         f"study {spec.study} ({display(url, root)}): {done} finished"
@@ -165,6 +169,7 @@ class Runner:
         self.logs = self.root / "studies" / self.name / "logs"
         self.lock = threading.Lock()
         self.stop: str | None = None  # "interrupt", or why the study must stop
+        self.storage_lost = False  # the study's storage took no writes even after retries
         self.in_flight: set[int] = set()  # trial numbers being run
         started, done = progress  # the study's start (unix time), trials that count toward the budget
         self.finished_here = 0
@@ -209,6 +214,8 @@ class Runner:
             signal.signal(signal.SIGTERM, old_term)
             self.heartbeats.close()
             self.bar.close()
+        if self.storage_lost:  # nothing more can be written: say why, and leave the rest to the resume
+            raise UserError(f"study {self.name} stopped: {self.stop}")
         self.retention.retain(self.study)
         return self.summarise()
 
@@ -224,7 +231,12 @@ class Runner:
                 self.bar.refresh()
                 try:
                     with self.devices.take(trial.number):
-                        self._run_trial(trial)
+                        attempt = self._run_trial(trial)
+                    if attempt:
+                        pause(backoff(attempt - 1), lambda: self.stop is not None)
+                except StorageUnavailable as e:  # nothing more can be recorded: stop; a resume retries the trial
+                    self.stop = self.stop or str(e)
+                    self.storage_lost = True
                 except optuna.exceptions.UpdateFinishedTrialError:
                     tqdm.write(
                         f"trial {trial.number}: another runner failed it (no heartbeat from this one for the grace "
@@ -252,10 +264,12 @@ class Runner:
         with self.lock:
             return set(self.in_flight)
 
-    def _run_trial(self, trial) -> None:
+    def _run_trial(self, trial) -> int | None:
+        """Run one trial to its end in the study; returns the attempt number of its retry when the
+        infrastructure interrupted it (the worker backs off before its next claim), else None."""
         name = f"{self.name}-{trial.number}"
         overrides = resolve(self.spec, self.ws.params_data, sample(optuna_suggest(trial), self.plan.space.dims))
-        self.outcomes.set(trial, **{EXPERIMENT: name, OVERRIDES: json.loads(json.dumps(overrides, default=str))})
+        self.outcomes.set(trial, experiment=name, overrides=json.loads(json.dumps(overrides, default=str)))
         try:
             params = validate(apply_overrides(self.ws.params_data, overrides), Params, f"trial {trial.number} params")
         except (UserError, KeyError) as e:
@@ -282,11 +296,15 @@ class Runner:
             ),
         )
         if self.stop == "interrupt":
-            self.outcomes.requeue(trial, name, "interrupted (Ctrl-C); retried on resume")
+            cause = interruption("runner", "the runner was stopped (Ctrl-C or SIGTERM); retried on resume")
+            self.outcomes.interrupt(trial, name, cause, cause.line)
             return None
         refs = dvcexp.exp_refs(self.root)
         if name not in refs:
             reason = exprun.tail(run.output) or f"dvc exp run exited {run.rc}"
+            cause = classify(reason)
+            if cause.infra:
+                return self._interrupted(trial, name, cause, reason)
             return self._fail(trial, reason, overrides=overrides, wall=run.wall)
         rebuilt = dvcexp.upstream_problems(
             dvcexp.exp_lock(self.root, refs[name][1]), self.before, self.plan.upstream, run.output
@@ -302,6 +320,13 @@ class Runner:
         self._finished(trial)
         return None
 
+    def _interrupted(self, trial, name: str, cause, reason: str) -> int | None:
+        """An infrastructure interruption: retried, or past ``execution.infra_retries`` the study stops."""
+        attempt = self.outcomes.interrupt(trial, name, cause, reason)
+        if attempt == 0:
+            self.stop = self.stop or out_of_retries(trial.number, name, self.spec.execution.infra_retries, cause)
+        return attempt or None
+
     def _trial_env(self, trial, expected: dict) -> dict[str, str]:
         """The environment of a trial's ``dvc exp run``: its Optuna context, its own output directories and devices."""
         ctx = {
@@ -311,6 +336,7 @@ class Runner:
             "number": trial.number,
             "pruner": self.spec.pruner.model_dump(),
             "metric": self.spec.objective.report_metric,
+            "grace_period": self.spec.execution.grace_period,
             "runner_pid": self.me["pid"],
             "runner_started": self.me["started"],
             "expected": expected,
@@ -334,50 +360,44 @@ class Runner:
         with self.lock:
             self.finished_here += 1
         if not failed:
-            tqdm.write(_result_line(self.storage.get_trial(trial._trial_id), self.spec.objective.metric))
+            done = TrialRecord.of(self.storage.get_trial(trial._trial_id))
+            tqdm.write(_result_line(done, self.spec.objective.metric))
         self.bar.update(1)
-        try:
-            best = self.study.best_trial
+        best = selection.best(records(self.study), self.spec.objective.direction)
+        if best is not None:
             self.bar.set_postfix(best=f"{best.value:.4f} (trial {best.number})", running=len(self.in_flight) - 1)
-        except ValueError:
-            pass
         self.retention.retain(self.study)
 
     def summarise(self) -> int:
         """Print the study's totals and its best trial; a stop other than Ctrl-C is an error."""
-        trials = self.study.get_trials(deepcopy=False)
-        by = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        interrupted = len(retried(trials) & {t.number for t in trials if t.state.name == "FAIL"})
+        trials = records(self.study)
+        by = {s: sum(t.ended == s for t in trials) for s in ("complete", "pruned", "failed", "interrupted")}
         print(
-            f"study {self.name}: {by['COMPLETE']} complete, {by['PRUNED']} pruned, {by['FAIL'] - interrupted} failed"
-            + (f", {interrupted} interrupted and retried" if interrupted else "")
+            f"study {self.name}: {by['complete']} complete, {by['pruned']} pruned, {by['failed']} failed"
+            + (f", {by['interrupted']} interrupted (spent no budget)" if by["interrupted"] else "")
             + f"; {self.finished_here} run now; upstream recomputations: {self.recomputed}; "
             f"retention freed {self.retention.freed / 2**20:.1f} MB"
         )
-        try:
-            best = self.study.best_trial
+        best = selection.best(trials, self.spec.objective.direction)
+        if best is not None:
             print(
-                f"best: trial {best.number} ({best.user_attrs.get(EXPERIMENT)}) "
+                f"best: trial {best.number} ({best.experiment}) "
                 f"{self.spec.objective.metric} {best.value:.4f}; `kdsweep best {self.name}` ranks them"
             )
             print(f"the trials in DVC, best first: {exp_show_command(self.name, self.spec.storage)}")
-        except ValueError:
+        else:
             print("no complete trial yet")
         if self.stop and self.stop != "interrupt":
             raise UserError(f"study {self.name} stopped: {self.stop}")
         return 0
 
 
-def _result_line(t, metric: str) -> str:
+def _result_line(t: TrialRecord, metric: str) -> str:
     """One finished trial's line: state, objective (else its last report), steps and time."""
-    v = (
-        t.value
-        if t.value is not None
-        else (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else float("nan"))
-    )
+    v = t.last_value if t.last_value is not None else float("nan")
     return (
-        f"trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {t.user_attrs.get('state')} "
-        f"{metric} {v:.4f} after {t.user_attrs.get('steps')} steps; "
-        f"{t.user_attrs.get('wall_seconds', 0):.1f} s "
-        f"(training {t.user_attrs.get('train_seconds', 0):.1f} s)"
+        f"trial {t.number} ({t.experiment}): {t.get('state')} "
+        f"{metric} {v:.4f} after {t.get('steps')} steps; "
+        f"{t.get('wall_seconds', 0):.1f} s "
+        f"(training {t.get('train_seconds', 0):.1f} s)"
     )

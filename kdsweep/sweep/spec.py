@@ -326,6 +326,14 @@ class Execution(_Strict):
         "another runner and run again (its runner's machine died).",
     )
 
+    infra_retries: int = Field(
+        3,
+        ge=0,
+        description="Times a trial the infrastructure interrupted (storage unreachable, disk full, killed, "
+        "heartbeat lost) is run again with the same params, without spending the budget; past it the runner "
+        "stops with the cause.",
+    )
+
     @field_validator("stages")
     @classmethod
     def _order(cls, v: list[str]) -> list[str]:

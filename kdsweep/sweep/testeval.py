@@ -24,7 +24,7 @@ import yaml
 from kdsweep.errors import UserError
 from kdsweep.fsio import write_json
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.study import EXPERIMENT, OUTPUTS
+from kdsweep.sweep.record import TrialRecord
 
 TEST_KEYS = ("test_ce", "test_perplexity", "test_kl", "test_top1_agreement")
 # What the evaluation reads: the student, the test split and its teacher logits, the teacher (whose
@@ -51,14 +51,16 @@ def metrics_file(root: Path, study: str) -> Path:
     return root / "studies" / study / "test_metrics.json"
 
 
-def held_out(root: Path, study: str, trials: list, removed: set[int], keep_best: int | None) -> dict[int, HeldOut]:
+def held_out(
+    root: Path, study: str, trials: list[TrialRecord], removed: set[int], keep_best: int | None
+) -> dict[int, HeldOut]:
     """The test metrics of ``trials`` (Optuna trials of ``study``), evaluated where not stored yet."""
     path = metrics_file(root, study)
     stored = json.loads(path.read_text()) if path.is_file() else {}
     refs = dvcexp.exp_refs(root)
     out = {}
     for t in trials:
-        name = t.user_attrs.get(EXPERIMENT)
+        name = t.experiment
         rev = refs[name][1] if name in refs else None
         if rev is None:
             out[t.number] = HeldOut(why=f"experiment {name} is not in this repository")
@@ -68,7 +70,7 @@ def held_out(root: Path, study: str, trials: list, removed: set[int], keep_best:
             out[t.number] = HeldOut(recorded)
         elif t.number in removed:
             out[t.number] = HeldOut(why=f"outputs removed by retention (keep_best {keep_best})")
-        elif t.user_attrs.get(OUTPUTS) != "kept":
+        elif not t.outputs_kept:
             out[t.number] = HeldOut(why="no outputs recorded")
         else:
             print(f"test split: evaluating trial {t.number} ({name}) from its kept outputs", flush=True)
