@@ -46,11 +46,18 @@ def best(
         bool, typer.Option("--apply", help="`dvc exp apply` the best complete trial to the workspace.")
     ] = False,
     branch: Annotated[str | None, typer.Option(help="Make a git branch of the best trial (`dvc exp branch`).")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="--apply even though params.yaml has uncommitted changes (those the trial does not set stay).",
+        ),
+    ] = False,
 ) -> None:
     """Trials ranked by the objective (complete first, then pruned by last value), then their test metrics."""
     from kdsweep.sweep.results import best as show_best
 
-    show_best(study, storage, top=top, apply=apply, branch=branch)
+    show_best(study, storage, top=top, apply=apply, branch=branch, force=force)
 
 
 @sweep_app.command()
