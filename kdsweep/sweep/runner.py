@@ -31,7 +31,7 @@ from tqdm import tqdm
 from kdsweep.config import Params, validate
 from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
-from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage, storage_lock
+from kdsweep.optuna_io import check_storage, display, make_pruner, open_storage, safe_url, storage_lock
 from kdsweep.sweep import dvcexp, exprun
 from kdsweep.sweep.budget import Heartbeats, StudyBudget, study_start
 from kdsweep.sweep.devices import DevicePool, plan_devices
@@ -85,7 +85,9 @@ def open_study(spec: StudySpec, root: Path, url: str):
             f"{study.direction.name.lower()}s; the spec says {direction}. Use another study name."
         )
     study.sampler = make_sampler(spec.sampler.model_dump(), offset=len(study.trials))
-    study.set_user_attr("spec", json.loads(spec.model_dump_json(warnings=False)))
+    # The spec as the study keeps it: readers of the study need no password, so it is not stored.
+    stored = json.loads(spec.model_dump_json(warnings=False)) | {"storage": spec.storage and safe_url(spec.storage)}
+    study.set_user_attr("spec", stored)
     study.set_user_attr("root", str(root))
     return study, storage
 
