@@ -20,7 +20,6 @@ from optuna.storages.journal import JournalFileBackend
 from sweeprepo import kdsweep, sh, write_spec
 
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.apply import changed_keys, hand_edits
 
 OVERRIDES = {"loss.alpha": 0.25, "training.max_steps": 6}
 
@@ -60,17 +59,18 @@ def _edit(repo: Path, old: str, new: str) -> str:
 
 
 def test_changed_keys_names_every_dotted_key_that_differs():
+    from kdsweep.sweep import apply
+
     before = {"a": {"b": 1, "c": [1, 2]}, "d": True, "e": {}}
     after = {"a": {"b": 1.0, "c": [1, 3]}, "d": 1, "f": None, "e": {}}
-    assert changed_keys(before, after) == ["a.b", "a.c.1", "d", "f"]
-    assert changed_keys(before, before) == []
+    assert apply.changed_keys(before, after) == ["a.b", "a.c.1", "d", "f"]
+    assert apply.changed_keys(before, before) == []
 
 
 def test_apply_refuses_uncommitted_edits_and_names_the_keys(applied_repo):
     repo = applied_repo
     _edit(repo, "  num_train_epochs: 2\n", "  num_train_epochs: 3\n")
     text = _edit(repo, "  alpha: 0.5 ", "  alpha: 0.7 ")
-    assert hand_edits(repo) == ["loss.alpha", "training.num_train_epochs"]
     lock = (repo / "dvc.lock").exists()
 
     proc = kdsweep(repo, "best", "tiny", "--apply", check=False)
@@ -80,6 +80,9 @@ def test_apply_refuses_uncommitted_edits_and_names_the_keys(applied_repo):
     assert "loss.alpha" in line and "training.num_train_epochs" in line
     assert (repo / "params.yaml").read_text() == text  # nothing the user wrote is lost
     assert (repo / "dvc.lock").exists() == lock  # and nothing was applied
+    from kdsweep.sweep import apply
+
+    assert apply.hand_edits(repo) == ["loss.alpha", "training.num_train_epochs"]
 
 
 def test_apply_force_sets_only_the_trials_keys_and_keeps_other_edits_and_comments(applied_repo):
@@ -105,7 +108,9 @@ def test_apply_keeps_keys_committed_after_the_trial_ran(applied_repo):
 
     kdsweep(repo, "best", "tiny", "--apply")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert changed_keys(head, params) == list(OVERRIDES)
     assert params["training"]["num_train_epochs"] == 4
+    from kdsweep.sweep import apply
+
+    assert apply.changed_keys(head, params) == list(OVERRIDES)
     numstat = sh(repo, "git", "diff", "--numstat", "params.yaml").stdout.split()
     assert numstat == ["2", "2", "params.yaml"]  # one line per override, nothing else rewritten

@@ -24,7 +24,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from sweeprepo import kdsweep, sh, write_spec
 
-from kdsweep.sweep.dvcexp import experiment_name_problem
+from kdsweep.sweep import dvcexp
 
 SPEC = "experiments/s.yaml"
 JOURNAL = "studies/s.journal"
@@ -191,7 +191,7 @@ NAMES = ["kd.sweep_1", "a..b", "x.lock", "v1.0-rc"]
 
 
 def test_study_names_are_checked_as_dvc_checks_experiment_names(tmp_path):
-    """The verdict of :func:`experiment_name_problem` is what a real `dvc exp run -n` does, name by name."""
+    """``dvcexp.experiment_name_problem`` says what a real `dvc exp run -n` does, name by name."""
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "dvc.yaml").write_text('stages:\n  noop:\n    cmd: "true"\n')
@@ -202,7 +202,7 @@ def test_study_names_are_checked_as_dvc_checks_experiment_names(tmp_path):
     verdicts = {}
     for name in NAMES:
         run = sh(repo, "dvc", "exp", "run", "-n", f"{name}-0", check=False)
-        ours = experiment_name_problem(repo, f"{name}-0")
+        ours = dvcexp.experiment_name_problem(repo, f"{name}-0")
         verdicts[name] = (run.returncode == 0, ours is None)
         if ours is not None:
             assert "Invalid exp name" in run.stderr + run.stdout

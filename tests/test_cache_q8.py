@@ -12,10 +12,10 @@ import torch
 from helpers import tiny_params_dict
 from test_cache import assert_docs_reader_agrees, kdsweep_cli
 
+from kdsweep.cache import format as cache_format
 from kdsweep.cache.format import (
     decode_q8,
     encode_q8,
-    seal_metadata,
     summarize_logits,
     teacher_topk_probs,
     temperature_grid,
@@ -101,7 +101,7 @@ def test_verify_fails_on_a_tampered_bound(caches, tmp_path, kind):
     path.write_bytes(caches[kind].read_bytes())
     with h5py.File(path, "r+") as f:
         f.attrs["value_max_error"] = 5e-3  # below the 1e-2 limit, above what the stored values allow
-        seal_metadata(f)  # checksums rewritten too: the bound is still checked against the data
+        cache_format.seal_metadata(f)  # checksums rewritten too: the bound is still checked against the data
     with pytest.raises(UserError, match="value_max_error .* exceeds .* the most the stored values allow"):
         verify_cache(path, report=lambda *_: None)
     run = kdsweep_cli("cache", "verify", path, cwd=tmp_path)
@@ -118,7 +118,7 @@ def test_verify_with_the_teacher_fails_on_a_bound_lowered_below_the_real_error(c
     path.write_bytes(caches["q8"].read_bytes())
     with h5py.File(path, "r+") as f:
         f.attrs["value_max_error"] = 1e-7
-        seal_metadata(f)  # checksums rewritten too: the teacher still shows the bound is too low
+        cache_format.seal_metadata(f)  # checksums rewritten too: the teacher still shows the bound is too low
     with pytest.raises(UserError, match="below the error measured against a fresh forward"):
         verify_cache(path, teacher=teacher, report=lambda *_: None)
 
