@@ -77,7 +77,7 @@ def _cases() -> list:
             file,
             state,
             cmd,
-            id=f"{Path(file).name}-{state.replace(' ', '_')}-{'_'.join(cmd[:1] + cmd[2:])}",
+            id=f"{Path(file).name}-{state.replace(' ', '_')}-{'_'.join(c for c in cmd if c not in (SPEC, CACHE))}",
             marks=[pytest.mark.slow] if i else [],
         )
         for file, by_state in states.items()
