@@ -19,6 +19,8 @@ from kdsweep.cache.cli import cache_app
 from kdsweep.errors import UserError
 from kdsweep.sweep.cli import sweep_app
 
+TRIAL_ENV = "KDSWEEP_TRIAL"  # the sweep trial's context (kdsweep.trial_hook.ENV), storage password included
+
 app = typer.Typer(
     help="Declarative experiment sweeps for knowledge distillation of language models (DVC + Optuna).\n\n"
     "The pipeline stages (run by `dvc repro`, see dvc.yaml): prepare -> teacher -> teacher_logits "
@@ -83,7 +85,7 @@ def distill(
     trial: Annotated[
         str | None,
         typer.Option(
-            envvar="KDSWEEP_TRIAL",
+            envvar=TRIAL_ENV,
             help="The sweep trial this run belongs to (JSON, set by `kdsweep run`): each evaluation is "
             "reported to it, and its pruner can stop the run.",
         ),
@@ -107,8 +109,11 @@ def distill(
         _print_devices(nproc_per_node)
         if nproc_per_node > 1:
             options = {"--params": params, "--run-dir": run_dir, "--checkpoint-dir": checkpoint_dir}
-            options |= {"--hparam-keys": hparam_keys, "--trial": trial}
-            _exec_torchrun(nproc_per_node, ["distill", "--resume" if resume else "--no-resume"], options)
+            options |= {"--hparam-keys": hparam_keys}
+            # The trial context names the study's storage, password included: it goes to the ranks
+            # through their environment (torchrun passes it on), never on a command line.
+            secrets = {TRIAL_ENV: trial} if trial else {}
+            _exec_torchrun(nproc_per_node, ["distill", "--resume" if resume else "--no-resume"], options, secrets)
     from kdsweep.stages import distill as stage
     from kdsweep.trial_hook import eval_hook
 
@@ -136,18 +141,19 @@ def _print_devices(nproc: int) -> None:
         print(f"distill: {shown}; {nproc} process{'es' * (nproc > 1)}", flush=True)
 
 
-def _exec_torchrun(nproc: int, argv: list[str], options: dict) -> None:
+def _exec_torchrun(nproc: int, argv: list[str], options: dict, env: dict[str, str] | None = None) -> None:
     """Replace this process by ``torchrun --standalone --nproc_per_node <nproc> -m kdsweep.cli <argv> <options>``.
 
     Replacing it (rather than waiting on a child) keeps the process id DVC and the sweep stop, and
-    makes torchrun's exit status this command's.
+    makes torchrun's exit status this command's. ``env`` is added to the environment the ranks
+    inherit: what must not appear in the process table or the printed command.
     """
     args = [*argv] + [x for key, value in options.items() if value is not None for x in (key, str(value))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "kdsweep.cli", *args]
     print(f"distill: running under torchrun: {shlex.join(cmd[1:])}", flush=True)
     sys.stderr.flush()
-    os.execv(sys.executable, cmd)
+    os.execve(sys.executable, cmd, {**os.environ, **(env or {})})
 
 
 @app.command()

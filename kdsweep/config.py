@@ -660,20 +660,70 @@ def validate(data: Any, model: type[BaseModel] = Params, source: str = "params.y
     return obj
 
 
-def read_yaml(path: str | Path, missing: str = "run from the repository root, or pass --params PATH") -> Any:
-    """Parse a YAML file with the safe loader; a missing or malformed file is a :class:`UserError`.
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error
+    (PyYAML keeps the last silently, so an edit of the first copy would do nothing)."""
 
-    ``missing`` is the hint shown when the file does not exist: the caller knows the fix.
-    """
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {seen[key]} and {line})", key_node.start_mark
+                )
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what, and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{where}{what}"
+
+
+def parse_yaml(text: str, source: str | Path) -> Any:
+    """Parse YAML text with the safe loader, rejecting duplicate keys; a :class:`UserError` naming
+    ``source`` (the file) and the line when it is not valid YAML."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError as e:
+        raise UserError(f"{source}: not valid YAML ({_yaml_problem(e)}); fix that line") from None
+
+
+def read_text_file(path: str | Path, missing: str) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or binary file is a :class:`UserError`
+    naming it (``missing`` is the fix shown for a missing file)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found ({missing})")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8); it must be YAML") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+
+
+def read_yaml(path: str | Path, missing: str = "run from the repository root, or pass --params PATH") -> Any:
+    """Parse a YAML file with the safe loader (duplicate keys rejected); a missing, binary or
+    malformed file is a :class:`UserError`.
+
+    ``missing`` is the hint shown when the file does not exist: the caller knows the fix.
+    """
+    return parse_yaml(read_text_file(path, missing), path)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``."""
-    return validate(read_yaml(path), Params, str(path))
+    """Read and validate ``params.yaml`` (an empty file is an error: every stage would run on defaults)."""
+    return validate(nonempty(read_yaml(path), path), Params, str(path))
+
+
+def nonempty(data: Any, source: str | Path) -> Any:
+    """``data`` parsed from ``source``, which must not be empty (no document, or only comments)."""
+    if data is None:
+        raise UserError(f"{source}: the file is empty; write its sections, or restore it: `git checkout -- {source}`")
+    return data

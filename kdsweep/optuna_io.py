@@ -298,6 +298,7 @@ def _open_journal(path: Path):
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    _check_is_journal(path)
     if path.is_file() and _torn(_last_line(path)[1]):
         # The backend's own lock: a writer that is appending right now finishes first.
         lock = JournalFileSymlinkLock(str(path))
@@ -313,6 +314,25 @@ def _open_journal(path: Path):
         if not line:
             raise
         raise UserError(_damaged(path, line)) from None
+    except (AssertionError, KeyError, TypeError, IndexError) as e:  # whole JSON records Optuna cannot replay
+        raise UserError(
+            f"{path}: not a journal Optuna can read ({type(e).__name__} replaying its records): it was not "
+            f"written by Optuna; restore it from a copy, or move it away to start the study anew"
+        ) from None
+
+
+def _check_is_journal(path: Path) -> None:
+    """Refuse a file whose first line is a whole line but no journal record (binary or other text):
+    the torn-tail repair must not touch a file that is not a journal at all."""
+    if not path.is_file():
+        return
+    with path.open("rb") as f:
+        first = f.readline()
+    if first.endswith(b"\n") and not _is_record(first):
+        raise UserError(
+            f"{path}: not an Optuna journal (its first line is not a JSON record); restore it from a copy, "
+            f"or move it away to start the study anew"
+        )
 
 
 def _is_record(line: bytes) -> bool:

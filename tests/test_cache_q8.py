@@ -12,7 +12,14 @@ import torch
 from helpers import tiny_params_dict
 from test_cache import assert_docs_reader_agrees, kdsweep_cli
 
-from kdsweep.cache.format import decode_q8, encode_q8, summarize_logits, teacher_topk_probs, temperature_grid
+from kdsweep.cache import format as cache_format
+from kdsweep.cache.format import (
+    decode_q8,
+    encode_q8,
+    summarize_logits,
+    teacher_topk_probs,
+    temperature_grid,
+)
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.cache.verify import inspect_cache, verify_cache
 from kdsweep.cache.writer import generate
@@ -94,6 +101,7 @@ def test_verify_fails_on_a_tampered_bound(caches, tmp_path, kind):
     path.write_bytes(caches[kind].read_bytes())
     with h5py.File(path, "r+") as f:
         f.attrs["value_max_error"] = 5e-3  # below the 1e-2 limit, above what the stored values allow
+        cache_format.seal_metadata(f)  # checksums rewritten too: the bound is still checked against the data
     with pytest.raises(UserError, match="value_max_error .* exceeds .* the most the stored values allow"):
         verify_cache(path, report=lambda *_: None)
     run = kdsweep_cli("cache", "verify", path, cwd=tmp_path)
@@ -110,6 +118,7 @@ def test_verify_with_the_teacher_fails_on_a_bound_lowered_below_the_real_error(c
     path.write_bytes(caches["q8"].read_bytes())
     with h5py.File(path, "r+") as f:
         f.attrs["value_max_error"] = 1e-7
+        cache_format.seal_metadata(f)  # checksums rewritten too: the teacher still shows the bound is too low
     with pytest.raises(UserError, match="below the error measured against a fresh forward"):
         verify_cache(path, teacher=teacher, report=lambda *_: None)
 
@@ -157,3 +166,75 @@ def test_distill_and_evaluate_read_the_new_caches(pipeline_copy, teacher):
         scores = evaluate.main(params)
     assert np.isfinite(scores["val_loss"])
     assert np.isfinite(scores["test_ce"]) and np.isfinite(scores["test_kl"]) and scores["test_kl"] >= 0
+
+
+# --------------------------------------------------------------------------- metadata checksums
+# What the reader relies on in each kind of file (the attributes _read_header and the decoders use),
+# besides whatever else the file holds: each must be covered.
+READER_ATTRS = {
+    "format_version",
+    "top_k",
+    "vocab_size",
+    "betas",
+    "temperature_range",
+    "log_normalizer_quantum",
+    "log_normalizer_max_error",
+    "fingerprint",
+    "complete",
+    "sequence_offset",
+}
+READER_ATTRS_V3 = {"cache_mode", "cache_values", "value_max_error"}
+READER_ATTRS_SAMPLED = {"sample_draws", "sample_temperature"}
+
+
+def flip_one_bit(f: h5py.File, name: str) -> None:
+    """Flip the lowest bit of an attribute's first byte of content, keeping its type and shape
+    (for a float, the last bit of the mantissa: a value still in range, only slightly off)."""
+    value = f.attrs[name]
+    if isinstance(value, str):
+        raw = bytearray(value.encode())
+        raw[len(raw) // 2] ^= 0x01
+        f.attrs[name] = raw.decode("utf-8", errors="surrogateescape")
+        return
+    a = np.array(value)
+    a.reshape(-1).view(np.uint8)[0] ^= 0x01
+    f.attrs[name] = a
+
+
+@pytest.mark.parametrize("kind", ["fp16", "q8", "sampled-q8"])
+def test_a_one_bit_flip_in_any_attribute_fails_verify_and_training_refuses_the_file(caches, tmp_path, kind):
+    with h5py.File(caches[kind], "r") as f:
+        names = sorted(f.attrs)
+    wanted = READER_ATTRS | (READER_ATTRS_V3 if kind != "fp16" else set())
+    wanted |= READER_ATTRS_SAMPLED if kind.startswith("sampled") else set()
+    assert wanted <= set(names) and "metadata_sha256" in names
+    for name in names:
+        path = tmp_path / f"{kind}-{name}.h5"
+        path.write_bytes(caches[kind].read_bytes())
+        with h5py.File(path, "r+") as f:
+            before = f.attrs[name]
+            flip_one_bit(f, name)
+            assert not np.array_equal(np.asarray(f.attrs[name]), np.asarray(before)), name
+        with pytest.raises(UserError, match=rf"^{path}: .*(delete|regenerate|re-run)") as refused:
+            TeacherLogitCache(path)  # what distill, evaluate and verify open
+        assert name in str(refused.value) or name == "complete", str(refused.value)
+        with pytest.raises(UserError, match=rf"^{path}: "):
+            verify_cache(path, report=lambda *_: None)
+    betas = tmp_path / "betas.h5"
+    betas.write_bytes(caches[kind].read_bytes())
+    with h5py.File(betas, "r+") as f:
+        flip_one_bit(f, "betas")
+    run = kdsweep_cli("cache", "verify", betas, cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith(f"error: {betas}: metadata checksum mismatch (attribute betas changed")
+
+
+def test_a_cache_without_checksums_is_read_but_fails_verify(caches, tmp_path):
+    """A file written before the checksums existed still trains (backward compatible); verify says to regenerate it."""
+    path = tmp_path / "old.h5"
+    path.write_bytes(caches["fp16"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        del f.attrs["metadata_sha256"]
+    assert TeacherLogitCache(path).num_sequences > 0
+    with pytest.raises(UserError, match="metadata checksums: none stored .* regenerate it"):
+        verify_cache(path, report=lambda *_: None)

@@ -53,6 +53,8 @@ betas, 1 / T)`` is f(1/T) and callers never see the coding.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,6 +117,60 @@ def stored_names(mode: str, values: str) -> tuple[str, ...]:
     counts = ("sample_counts",) if mode == "sampled" else ()
     logits = (f"{prefix}_logits",) if values == "fp16" else (f"{prefix}_logit_codes", f"{prefix}_logit_min")
     return ("input_ids", f"{prefix}_id_deltas", *counts, *logits, *STORED[3:])
+
+
+# --------------------------------------------------------------------------- metadata checksums
+# HDF5 checks each chunk of data (fletcher32) but nothing of the attributes: a flipped bit in the
+# temperature grid, the quantum or the fingerprint would be read as a valid value, and the student
+# would train on shifted probabilities. So the writer stores, last, one checksum per attribute and
+# per dataset description (shape, dtype, chunks, filters, virtual sources), and the reader
+# compares them at open.
+METADATA_CHECKSUMS = "metadata_sha256"  # JSON {"attribute NAME" | "dataset NAME": sha256 hex}
+
+
+def _attr_bytes(value) -> bytes:
+    """A canonical byte string of an attribute value as h5py reads it (type, shape and content)."""
+    a = np.asarray(value)
+    content = repr(a.tolist()).encode() if a.dtype.kind == "O" else a.tobytes()
+    return f"{a.dtype.str}|{a.shape}|".encode() + content
+
+
+def _dataset_bytes(ds) -> bytes:
+    """A canonical byte string of what a reader relies on in a dataset besides its chunks' data."""
+    parts = [ds.shape, ds.dtype.str, ds.chunks, ds.compression, ds.compression_opts, ds.shuffle, ds.fletcher32]
+    if ds.is_virtual:
+        parts += [(v.file_name, v.dset_name, v.vspace.get_select_bounds()) for v in ds.virtual_sources()]
+    parts += sorted((k, _attr_bytes(v)) for k, v in ds.attrs.items())
+    return repr(parts).encode()
+
+
+def metadata_checksums(f) -> dict[str, str]:
+    """``{"attribute NAME" | "dataset NAME": sha256}`` of an open h5py file's root attributes (but the
+    checksums themselves) and its datasets' descriptions."""
+    out = {f"attribute {k}": _attr_bytes(v) for k, v in f.attrs.items() if k != METADATA_CHECKSUMS}
+    out |= {f"dataset {k}": _dataset_bytes(v) for k, v in f.items() if hasattr(v, "dtype")}
+    return {k: hashlib.sha256(v).hexdigest() for k, v in sorted(out.items())}
+
+
+def seal_metadata(f) -> None:
+    """Store :func:`metadata_checksums` of an h5py file open for writing (after every other attribute)."""
+    f.attrs[METADATA_CHECKSUMS] = json.dumps(metadata_checksums(f), sort_keys=True)
+
+
+def metadata_changes(f) -> list[str] | None:
+    """The attributes and datasets whose metadata changed since :func:`seal_metadata`: ``[]`` when
+    none did, None for a file sealed by no one (written before checksums existed)."""
+    raw = f.attrs.get(METADATA_CHECKSUMS)
+    if raw is None:
+        return None
+    try:
+        stored = json.loads(raw)
+    except (TypeError, ValueError):
+        stored = None
+    if not isinstance(stored, dict):
+        return [f"attribute {METADATA_CHECKSUMS}"]
+    now = metadata_checksums(f)
+    return [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
 
 
 # --------------------------------------------------------------------------- pure math

@@ -29,6 +29,7 @@ from kdsweep.cache.format import (
     decode_log_normalizer,
     decode_q8,
     deltas_to_ids,
+    metadata_changes,
     stored_names,
 )
 from kdsweep.errors import UserError
@@ -118,6 +119,7 @@ def _read_header(f: h5py.File, path: Path) -> Header:
             f"{path}: cache format version {version}, this kdsweep reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; regenerate it with `dvc repro teacher_logits`"
         )
+    _check_metadata(f, path)
     mode, values = str(attrs.get("cache_mode", "topk")), str(attrs.get("cache_values", "fp16"))
     if mode not in ("topk", "sampled") or values not in ("fp16", "q8"):
         raise _refuse(path, f"attributes cache_mode {mode!r} / cache_values {values!r} are damaged")
@@ -139,6 +141,17 @@ def _read_header(f: h5py.File, path: Path) -> Header:
         mode,
         code,
     )
+
+
+def _check_metadata(f: h5py.File, path: Path) -> None:
+    """Refuse a file whose attributes or dataset descriptions changed since the writer sealed them."""
+    try:
+        changed = metadata_changes(f)
+    except (OSError, KeyError, RuntimeError, ValueError):
+        return  # a dataset cannot even be opened: _open_datasets names it
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise _refuse(path, f"metadata checksum mismatch ({shown} changed since the file was written)")
 
 
 def _open_datasets(f: h5py.File, path: Path, names: tuple[str, ...]) -> dict[str, StoredDataset]:

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from kdsweep.cache.fingerprint import diff_fingerprints, expected_fingerprint
-from kdsweep.cache.format import MAX_INTERPOLATION_ERROR, Q8_LEVELS, TAIL_FLOOR, log_normalizer, teacher_topk_probs
+from kdsweep.cache.format import (
+    MAX_INTERPOLATION_ERROR,
+    METADATA_CHECKSUMS,
+    Q8_LEVELS,
+    TAIL_FLOOR,
+    log_normalizer,
+    teacher_topk_probs,
+)
 from kdsweep.cache.reader import TeacherLogitCache
 from kdsweep.config import load_params
 from kdsweep.data import load_prepared
@@ -506,6 +513,20 @@ def _regenerate(path: Path) -> str:
     )
 
 
+def _check_sealed(c: TeacherLogitCache, report: Report) -> list[str]:
+    """The metadata checksums: a changed one refused the file at open, so here they either hold or
+    are missing (a file written before they existed, whose attributes nothing covers)."""
+    if METADATA_CHECKSUMS in c.attrs:
+        n = len(json.loads(c.attrs[METADATA_CHECKSUMS]))
+        report(f"  metadata checksums: ok ({n} attributes and dataset descriptions)")
+        return []
+    report("  metadata checksums: FAILED (none stored)")
+    return [
+        "metadata checksums: none stored (the file predates them), so a damaged attribute (temperature grid, "
+        "quantum, fingerprint, ...) would go unnoticed; regenerate it"
+    ]
+
+
 def _check_bound(c: TeacherLogitCache, scan: Scan, report: Report) -> list[str]:
     bound = float(c.attrs["log_normalizer_max_error"])
     ok = bound <= MAX_INTERPOLATION_ERROR
@@ -556,7 +577,7 @@ def verify_cache(
     )
     try:
         scan = _scan(c, report)
-        problems = scan.problems + _check_bound(c, scan, report)
+        problems = _check_sealed(c, report) + scan.problems + _check_bound(c, scan, report)
         report("  fingerprint:")
         for line in _fingerprint_lines(c.fingerprint):
             report(line)

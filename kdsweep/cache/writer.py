@@ -29,9 +29,11 @@ from kdsweep.cache.fingerprint import diff_fingerprints
 from kdsweep.cache.format import (
     GZIP_LEVEL,
     LOG_NORMALIZER_QUANTUM,
+    METADATA_CHECKSUMS,
     CacheLayout,
     ids_dtype,
     ids_to_deltas,
+    seal_metadata,
     stored_dtypes,
     summarize_logits,
 )
@@ -354,7 +356,8 @@ def _assemble(
             shard=np.array(span.shard if span.shard else (0, 1)),
             **info,
         )
-        f.attrs["complete"] = True  # set last: a file without it was never finished
+        f.attrs["complete"] = True  # a file without it was never finished
+        seal_metadata(f)  # last: checksums of every attribute above and of the datasets
 
 
 # --------------------------------------------------------------------------- merge
@@ -435,7 +438,7 @@ def _write_virtual(path: Path, shards: list[ShardFile]) -> None:
             fill = _VDS_FILL[key]
             f.create_virtual_dataset(key, layout, fillvalue=np.iinfo(src.dtype).max if fill is None else fill)
         for attr, value in first.file.attrs.items():
-            if attr != "complete":
+            if attr not in ("complete", METADATA_CHECKSUMS):
                 f.attrs[attr] = value
         f.attrs["shard"] = np.array((0, 1))
         f.attrs["sequence_offset"] = 0
@@ -444,3 +447,4 @@ def _write_virtual(path: Path, shards: list[ShardFile]) -> None:
                 f.attrs[attr] = max(float(s.cache.attrs[attr]) for s in shards)
         f.attrs["shards"] = json.dumps([s.cache.path.name for s in shards])
         f.attrs["complete"] = True
+        seal_metadata(f)

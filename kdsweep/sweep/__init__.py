@@ -19,6 +19,7 @@ The pieces, in the order a sweep uses them:
 ``retention.py``    keep the best trials' outputs, free the others' DVC cache objects
 ``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``
+``apply.py``        ``best --apply``: the trial's overrides into ``params.yaml``, hand edits kept
 ``testeval.py``     the listed trials' test metrics, from their kept checkpoints (shown, never selected on)
 ``cli.py``          the typer commands
 ==================  ==============================================================

@@ -34,7 +34,19 @@ def run(
     """Run an Optuna study: every trial is a DVC experiment <study>-<number>; re-run to resume."""
     from kdsweep.sweep.runner import run as run_study
 
+    _at_least_one("--workers", workers, "workers")
+    _at_least_one("--n-trials", n_trials, "budget.n_trials")
     run_study(spec, workers=workers, n_trials=n_trials, check=check)
+
+
+def _at_least_one(option: str, value: int | None, key: str) -> None:
+    """An option that overrides a spec key is checked as the spec checks that key (>= 1)."""
+    from kdsweep.errors import UserError
+
+    if value is not None and value < 1:
+        raise UserError(
+            f"{option}: must be >= 1, got {value} (it overrides the spec's {key}); omit it to use the spec's"
+        )
 
 
 @sweep_app.command()
@@ -46,11 +58,23 @@ def best(
         bool, typer.Option("--apply", help="`dvc exp apply` the best complete trial to the workspace.")
     ] = False,
     branch: Annotated[str | None, typer.Option(help="Make a git branch of the best trial (`dvc exp branch`).")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="--apply even though params.yaml has uncommitted changes (those the trial does not set stay).",
+        ),
+    ] = False,
 ) -> None:
     """Trials ranked by the objective (complete first, then pruned by last value), then their test metrics."""
     from kdsweep.sweep.results import best as show_best
 
-    show_best(study, storage, top=top, apply=apply, branch=branch)
+    if top < 1:
+        from kdsweep.errors import UserError
+
+        raise UserError(f"--top: must be >= 1, got {top} (the number of ranked trials to show)")
+
+    show_best(study, storage, top=top, apply=apply, branch=branch, force=force)
 
 
 @sweep_app.command()

@@ -110,6 +110,26 @@ def roundtrip_problem(params_text: str, overrides: dict[str, Any], expected) -> 
     return None
 
 
+# --------------------------------------------------------------------------- experiment names
+def experiment_name_problem(root: Path, name: str) -> str | None:
+    """Why ``dvc exp run -n <name>`` would refuse ``name``, or None: DVC's own check (git's
+    ``check-ref-format`` rules on ``refs/exps/<baseline>/<name>``, and no ``/``)."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.repo.experiments.refs import ExpRefInfo
+    from dvc.repo.experiments.utils import check_ref_format
+    from scmrepo.git import Git
+
+    scm = Git(str(root))
+    try:
+        # The baseline commit does not change whether a name is valid: any well-formed one will do.
+        check_ref_format(scm, ExpRefInfo(baseline_sha="0" * 40, name=name))
+    except InvalidArgumentError as e:
+        return str(e)
+    finally:
+        scm.close()
+    return None
+
+
 # --------------------------------------------------------------------------- git
 def git(root: Path, *args: str, check: bool = True, env: dict | None = None, input: str | None = None) -> str:
     """``git <args>`` in ``root``; its stdout (raises RuntimeError with git's message when ``check``)."""

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kdsweep.config import nonempty, parse_yaml, read_text_file
 from kdsweep.errors import UserError
 from kdsweep.fsio import write_text
 from kdsweep.sweep import dvcexp
@@ -39,9 +38,16 @@ class Workspace:
     @classmethod
     def read(cls, root: Path) -> Workspace:
         """Read ``params.yaml`` and ``dvc.yaml`` of the repository at ``root``."""
-        params_text = (root / "params.yaml").read_text()
-        dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-        return cls(root, params_text, yaml.safe_load(params_text), dvc_yaml)
+        fix = "run kdsweep from the pipeline's repository, or restore it: `git checkout -- {}`"
+        params_text = read_text_file(root / "params.yaml", fix.format("params.yaml"))
+        params = nonempty(parse_yaml(params_text, root / "params.yaml"), root / "params.yaml")
+        dvc_path = root / "dvc.yaml"
+        dvc_yaml = nonempty(parse_yaml(read_text_file(dvc_path, fix.format("dvc.yaml")), dvc_path), dvc_path)
+        if not isinstance(dvc_yaml, dict) or not isinstance(dvc_yaml.get("stages"), dict):
+            raise UserError(
+                f"{dvc_path}: needs a `stages:` mapping of stage names to stages (see DVC's dvc.yaml format)"
+            )
+        return cls(root, params_text, params, dvc_yaml)
 
 
 def student_parameter_names(root: Path, student_dir: Path, key: str) -> list[str]:
@@ -106,6 +112,8 @@ def preflight(spec: StudySpec, spec_path: Path, ws: Workspace, *, check_only: bo
 
     Returns the plan and the upstream stages' ``dvc.lock`` entries every trial must keep.
     """
+    if why := dvcexp.experiment_name_problem(ws.root, f"{spec.study}-0"):
+        raise UserError(f"{spec_path}: study {spec.study!r} cannot name its trials' DVC experiments ({why}); rename it")
     static = build_plan(spec, ws.params_data, ws.dvc_yaml, None, source=str(spec_path))
     if not check_only:
         repro_upstream(ws.root, static.upstream)

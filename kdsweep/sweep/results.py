@@ -8,7 +8,6 @@ selected them (:mod:`kdsweep.sweep.testeval` evaluates kept checkpoints once and
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from kdsweep.errors import UserError
 from kdsweep.fsio import write_text
 from kdsweep.optuna_io import display, open_storage
 from kdsweep.sweep import dvcexp
+from kdsweep.sweep.apply import apply_trial
 from kdsweep.sweep.record import StudyRecord, TrialRecord, records
 from kdsweep.sweep.selection import baseline, ranked
 from kdsweep.sweep.selection import best as best_of
@@ -171,8 +171,16 @@ def _against_baseline(h: StudyHandle, best_trial, scores: dict[int, HeldOut]) ->
     )
 
 
-def best(study: str, storage: str | None = None, top: int = 20, apply: bool = False, branch: str | None = None) -> int:
-    """Print the ranked trials; optionally apply the best to the workspace or branch it."""
+def best(
+    study: str,
+    storage: str | None = None,
+    top: int = 20,
+    apply: bool = False,
+    branch: str | None = None,
+    force: bool = False,
+) -> int:
+    """Print the ranked trials; optionally apply the best to the workspace (:mod:`kdsweep.sweep.apply`)
+    or branch it."""
     import optuna
 
     h = StudyHandle(study, storage)
@@ -199,12 +207,10 @@ def best(study: str, storage: str | None = None, top: int = 20, apply: bool = Fa
     if h.outputs(winner) == "removed":
         print(f"warning: trial {winner.number}'s outputs were removed by retention; `dvc repro` rebuilds them")
     if apply:
-        before = (h.root / "params.yaml").read_text()
-        _dvc(h.root, "exp", "apply", name)
-        _keep_layout(h.root / "params.yaml", before)
+        changed = apply_trial(h.root, name, winner.overrides, force=force)
         print(
-            f"applied {name} (trial {winner.number}, {h.metric} {winner.value:.4f}): params.yaml, dvc.lock, "
-            f"metrics and models/student now hold it; `git diff params.yaml` shows the values it changed"
+            f"applied {name} (trial {winner.number}, {h.metric} {winner.value:.4f}): dvc.lock, metrics and "
+            f"models/student now hold it; params.yaml changed {', '.join(changed) or 'nothing'}"
         )
     if branch:
         _dvc(h.root, "exp", "branch", name, branch)
@@ -256,88 +262,6 @@ def _exp_show(spec: dict[str, Any]) -> str:
         ["dvc", "exp", "show", "--hide-workspace", "--sort-by", f"{DISTILL_METRICS}:{objective['metric']}"]
         + ["--sort-order", order, "--drop", ".*", "--keep", "^(" + "|".join(columns) + ")$"]
     )
-
-
-def _keep_layout(path: Path, before: str) -> None:
-    """Rewrite ``path``, as ``dvc exp apply`` left it, as the text ``before`` with only the values that
-    differ edited: DVC writes the whole file anew, dropping comments and spelling ``null`` as nothing."""
-    import yaml
-
-    applied = yaml.safe_load(path.read_text())
-    text = _edit_yaml(before, applied)
-    if yaml.safe_load(text) != applied:
-        print(f"note: {path.name} is as `dvc exp apply` wrote it (its layout could not be kept)")
-        return
-    write_text(path, text)
-
-
-def _edit_yaml(text: str, data: Any) -> str:
-    """``text`` (YAML) edited to hold ``data``: comments, quotes and layout of unchanged values stay."""
-    import yaml
-    from ruamel.yaml import YAML
-    from ruamel.yaml.representer import RoundTripRepresenter
-
-    class Representer(RoundTripRepresenter):
-        """Writes None as ``null`` (ruamel's default writes nothing) and floats as PyYAML reads them
-        (``1.0e-05``: PyYAML, which the stages use, reads ruamel's ``1e-05`` as a string)."""
-
-    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    pyyaml = yaml.representer.SafeRepresenter()
-    Representer.add_representer(
-        float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", pyyaml.represent_float(v).value)
-    )
-    rt = YAML()
-    rt.Representer = Representer
-    rt.preserve_quotes = True
-    rt.width = 4096  # never re-wrap a long line
-    mapping, offset = _indents(text)
-    rt.indent(mapping=mapping, sequence=offset + 2, offset=offset)
-    doc = rt.load(text)
-    _merge(doc, data)
-    out = io.StringIO()
-    rt.dump(doc, out)
-    return out.getvalue()
-
-
-def _indents(text: str) -> tuple[int, int]:
-    """(mapping indent, offset of a block list's dash) as ``text`` writes them; (2, 0) where it shows none."""
-    mapping = offset = None
-    lines = [re.sub(r"\s+#.*$", "", line) for line in text.splitlines() if line.strip() and line.lstrip()[0] != "#"]
-    for parent, line in zip(lines, lines[1:]):
-        depth = (len(line) - len(line.lstrip())) - (len(parent) - len(parent.lstrip()))
-        if parent.endswith(":") and depth >= 0:
-            if line.lstrip().startswith("- "):
-                offset = depth if offset is None else offset
-            elif depth > 0:
-                mapping = depth if mapping is None else mapping
-    return mapping or 2, offset or 0
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal values of the same YAML type (``1`` is not ``1.0``, ``true`` is not ``1``)."""
-    kinds = (bool, int, float, str, type(None))
-    kind = next((k for k in kinds if isinstance(a, k)), None)
-    return kind is not None and isinstance(b, kind) and (kind is not int or not isinstance(b, bool)) and a == b
-
-
-def _merge(node: Any, new: Any) -> None:
-    """Make ``node`` (a ruamel mapping or list) hold ``new``, assigning only the values that differ
-    (a list keeps its common head item by item, so the comments on those items stay)."""
-    if isinstance(node, dict):
-        for key in [k for k in node if k not in new]:
-            del node[key]
-        items = [(k, v, k in node) for k, v in new.items()]
-    else:
-        del node[len(new) :]
-        items = [(i, v, i < len(node)) for i, v in enumerate(new)]
-    for key, value, present in items:
-        old = node[key] if present else None
-        if present and any(isinstance(old, kind) and isinstance(value, kind) for kind in (dict, list)):
-            _merge(old, value)
-        elif not present and isinstance(node, list):
-            node.append(value)  # the missing indices are the tail, in order
-        elif not (present and _same(old, value)):
-            node[key] = value
 
 
 def status(study: str, storage: str | None = None) -> int:

@@ -32,7 +32,15 @@ from tqdm import tqdm
 from kdsweep.config import Params, validate
 from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
-from kdsweep.optuna_io import StorageUnavailable, check_storage, display, make_pruner, open_storage, storage_lock
+from kdsweep.optuna_io import (
+    StorageUnavailable,
+    check_storage,
+    display,
+    make_pruner,
+    open_storage,
+    safe_url,
+    storage_lock,
+)
 from kdsweep.sweep import dvcexp, exprun, selection
 from kdsweep.sweep.budget import Heartbeats, StudyBudget, spent, study_start
 from kdsweep.sweep.devices import DevicePool, device_sets
@@ -77,7 +85,9 @@ def open_study(spec: StudySpec, root: Path, url: str):
         raise UserError(f"study {spec.study!r} in {display(url, root)}: {e}") from None
     check_objective(study, spec, display(url, root))
     study.sampler = make_sampler(spec.sampler.model_dump(), offset=len(study.trials))
-    StudyRecord.set_spec(study, json.loads(spec.model_dump_json(warnings=False)), str(root))
+    # The spec as the study keeps it: readers of the study need no password, so it is not stored.
+    stored = json.loads(spec.model_dump_json(warnings=False)) | {"storage": spec.storage and safe_url(spec.storage)}
+    StudyRecord.set_spec(study, stored, str(root))
     return study, storage
 
 

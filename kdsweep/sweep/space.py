@@ -144,6 +144,17 @@ def dimensions(spec: StudySpec) -> Space:
         if not isinstance(rule.lr_multiplier, float):
             dims.append(Dim(lr_name(rule.pattern), rule.lr_multiplier, _when(rule.when), f"lr_multipliers.{i}"))
     dims += _layout_dims(spec, problems)
+    for d in dims:
+        if d.name != LAYOUT and isinstance(d.dist, CategoricalDist) and len(d.dist.choices) == 1:
+            problems.append(
+                f"  {d.path}: one choice ({d.dist.choices[0]!r}) samples nothing; make it a fixed value "
+                f"(a space key goes under `fixed:`)"
+            )
+    if not dims:
+        problems.append(
+            "  space: nothing to sample, so every trial would run the same params; declare at least one "
+            "distribution (values every trial shares go under `fixed:`)"
+        )
 
     names = [d.name for d in dims]
     for name in {n for n in names if names.count(n) > 1}:
