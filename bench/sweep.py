@@ -189,6 +189,9 @@ def short_spec(repo: Path, base: dict, name: str, *, steps: int, n_trials: int, 
             "training.eval_steps": steps,
             "training.logging_steps": steps,
             "training.warmup_steps": min(2, steps - 1),
+            # one batch per evaluation: evaluations count as training, not overhead, and would
+            # otherwise take most of a short trial's time on a loaded machine
+            "training.eval_max_batches": 1,
         },
         stage_layouts=None,
         baselines=[],
@@ -202,17 +205,19 @@ def short_spec(repo: Path, base: dict, name: str, *, steps: int, n_trials: int, 
 def set_cache_type(repo: Path, kind: str) -> None:
     """``cache.type`` of the bench repository, committed: ``--temp`` trial copies read the committed config."""
     run(repo, "dvc", "config", "cache.type", kind)
-    subprocess.run(["git", "commit", "-q", "-m", f"cache.type {kind}", ".dvc/config"], cwd=repo, env=env())
+    subprocess.run(["git", "commit", "-q", "-m", kind, ".dvc/config"], cwd=repo, env=env(), capture_output=True)
 
 
-def overhead_study(repo: Path, base: dict, name: str, workers: int, threads: int | None, warm: bool = True) -> list:
-    """Short trials (8 steps, one evaluation): the overhead row of ``name``."""
+def overhead_study(
+    repo: Path, base: dict, name: str, workers: int, threads: int | None, warm: bool = True, steps: int = 8
+) -> list:
+    """Short trials (``steps`` steps, one evaluation): the overhead row of ``name``."""
     spec_path = short_spec(
         repo,
         base,
         name,
-        steps=8,
-        n_trials=4 if workers == 1 else 6,
+        steps=steps,
+        n_trials=(4 if workers == 1 else 6) if steps == 8 else 3,
         workers=workers,
         retention={"keep_best": 1},
         execution={"threads_per_trial": threads, "warm_start": warm},
@@ -247,7 +252,8 @@ def overhead(repo: Path, base: dict) -> list:
 
 
 def levers(repo: Path, base: dict) -> list:
-    """Each lever's share of the 1-worker overhead: copied cache and cold processes, then links, then warm."""
+    """Each lever's share of the 1-worker overhead: copied cache and cold processes, then links, then warm
+    (3 trials of 2 steps each: the overhead leaves the training loop out)."""
     rows = []
     for label, kind, warm in (
         ("cache copied, cold process", "copy", False),
@@ -255,7 +261,7 @@ def levers(repo: Path, base: dict) -> list:
         ("cache linked, warm process", "hardlink,symlink", True),
     ):
         set_cache_type(repo, kind)
-        row = overhead_study(repo, base, f"lever-{len(rows)}", 1, None, warm)
+        row = overhead_study(repo, base, f"lever-{len(rows)}", 1, None, warm, steps=2)
         rows.append([label] + row[1:] + [load()])
     set_cache_type(repo, "hardlink,symlink")
     print(table(["configuration (1 worker)"] + OVERHEAD_HEADER[1:-2] + ["load"], rows), flush=True)
@@ -317,12 +323,21 @@ def scale(repo: Path, base: dict, n_trials: int) -> dict:
         points[n] = timed_commands(repo, name, spec_path) | {"load": load()}
         print(f"scale: {n} trials; {points[n]}; {disk[n]}", flush=True)
     ts = sorted((t for t in trials(repo, name) if "overhead_seconds" in t.user_attrs), key=lambda t: t.number)
+    # The runner's own time between one trial's end and the next one's start (1 worker): bookkeeping, retention.
+    gaps = {b.number: (b.datetime_start - a.datetime_complete).total_seconds() for a, b in zip(ts, ts[1:])}
     bands = []
     for lo in range(0, len(ts), 20):
-        band = [t.user_attrs["overhead_seconds"] for t in ts[lo : lo + 20]]
-        bands.append([f"{lo + 1}-{lo + len(band)}", f"{statistics.mean(band):.2f}", f"{max(band):.2f}"])
+        band = ts[lo : lo + 20]
+        o = [t.user_attrs["overhead_seconds"] for t in band]
+        g = [gaps[t.number] for t in band if t.number in gaps]
+        bands.append(
+            [f"{lo + 1}-{lo + len(band)}", f"{statistics.mean(o):.2f}", f"{max(o):.2f}"]
+            + [f"{statistics.mean(t.user_attrs['wall_seconds'] for t in band):.2f}"]
+            + [f"{statistics.mean(g):.2f}" if g else "-"]
+        )
     first, last = float(bands[0][1]), float(bands[-1][1])
-    print(table(["trials", "overhead mean (s)", "overhead max (s)"], bands))
+    header = ["trials", "overhead mean (s)", "overhead max (s)", "`dvc exp run` wall (s)", "runner between trials (s)"]
+    print(table(header, bands))
     print(f"last band against the first: {last / first - 1:+.0%} (goal: within 20%)")
     rows = [[n] + [f"{v:.2f}" for k, v in p.items() if k != "load"] + [p["load"]] for n, p in points.items()]
     print(table(["trials", "status (s)", "best (s)", "report (s)", "dvc exp show (s)", "load"], rows))
