@@ -48,6 +48,7 @@ def _metrics(root: Path) -> dict:
     return {k: v for k, v in json.loads((root / "metrics/distill.json").read_text()).items() if k not in TIMING}
 
 
+@pytest.mark.slow
 def test_a_warm_forked_distill_equals_a_cold_one_and_its_client_never_imports_torch(zygote, pipeline_copy, tmp_path):
     cold_dir, warm_dir = pipeline_copy, tmp_path / "warm"
     shutil.copytree(cold_dir, warm_dir)
@@ -116,6 +117,7 @@ def test_a_killed_client_takes_its_trial_with_it(zygote, pipeline_copy):
     assert psutil.Process(zygote.proc.pid).is_running()  # the zygote serves the next trial
 
 
+@pytest.mark.slow
 def test_a_studys_warm_trials_reproduce_exactly_with_best_apply_and_dvc_repro(small_study, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(small_study[0], repo, symlinks=True)
