@@ -146,14 +146,16 @@ def test_the_runner_starts_and_stops_its_zygote():
     assert warm.Zygote(enabled=False).env == {}
 
 
-def test_trials_link_the_cache_and_never_write_into_it(small_study):
-    """`cache.type` hardlink: the workspace and the trials' copies share the cached files, read-only;
-    after a study every cached object still hashes to its name (no stage wrote into a link)."""
-    repo = small_study[0]
+def test_trials_link_the_cache_and_never_write_into_it(small_study, tmp_path):
+    """`cache.type` hardlink: checkouts (the trials' temporary copies are checkouts) share the cached
+    files, read-only; after a study every cached object still hashes to its name (no stage wrote into a link)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(small_study[0], repo, symlinks=True)
     assert "hardlink" in sh(repo, "dvc", "config", "cache.type").stdout
-    teacher = next((repo / "models/teacher").glob("*.safetensors"))
-    assert teacher.stat().st_nlink >= 2 and teacher.stat().st_mode & 0o222 == 0  # linked, read-only
     objects = [p for p in (repo / ".dvc/cache/files/md5").rglob("*") if p.is_file() and p.suffix != ".dir"]
     assert len(objects) > 10
     for p in objects:
         assert hashlib.md5(p.read_bytes()).hexdigest() == p.parent.name + p.name, p
+    sh(repo, "dvc", "checkout", "--relink", "models/teacher")
+    teacher = next((repo / "models/teacher").glob("*.safetensors"))
+    assert teacher.stat().st_nlink >= 2 and teacher.stat().st_mode & 0o222 == 0  # linked, read-only
