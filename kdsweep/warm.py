@@ -2,8 +2,9 @@
 
 A trial's ``kdsweep distill`` would spend seconds importing torch and transformers before it
 reads a byte. The runner starts one *zygote* per study run (``python -m kdsweep.warm SOCKET``)
-that imports all of that once and then waits on a Unix socket; each trial's stage command
-becomes a thin client that hands its whole process over::
+that imports all of that once and then waits on a Unix socket (it forks a handler per
+connection, so one zygote serves every worker slot at once); each trial's stage command becomes
+a thin client that hands its whole process over::
 
     client (`kdsweep distill`, which DVC starts; torch never imported):
         connect to $KDSWEEP_WARM            (unset, or nothing listening: run in-process as always)
@@ -22,7 +23,8 @@ CUDA context are made in the trial, as in a cold process, so a forked trial comp
 what a cold one does (``tests/test_warm.py`` compares their metrics bit for bit). The
 environment is the trial's own from the fork on; only what libraries read when imported is the
 zygote's (the runner starts it with its own environment, which every trial's extends). The
-trial runs the code as the zygote imported it when the study run started.
+trial runs the code as the zygote imported it when the study run started: restart the runner
+after editing kdsweep, so that trials run the code DVC hashes as distill's deps.
 
 The zygote exits when the runner that started it is gone; the trial dies with its handler
 (``PR_SET_PDEATHSIG``), the handler ends it when the client goes.
