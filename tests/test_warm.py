@@ -75,6 +75,14 @@ def test_the_trials_exit_status_and_error_come_back_through_the_client(zygote, t
     assert last == "error: missing.yaml: file not found (run from the repository root, or pass --params PATH)"
 
 
+def test_without_a_listening_zygote_distill_runs_in_process(tmp_path):
+    proc = _distill(tmp_path, ENV | {warm.ENV: str(tmp_path / "gone.sock")}, "--params", "missing.yaml")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: missing.yaml: file not found (run from the repository root, or pass --params PATH)"
+    )
+
+
 def _trial_of(zygote, root: Path) -> psutil.Process:
     """The trial forked for a client in directory ``root`` (the zygote's grandchild), once it runs."""
     deadline = time.monotonic() + 60
