@@ -3,7 +3,8 @@
 A checkpoint directory holds::
 
     model/              save_pretrained (safetensors)
-    optimizer.pt        optimizer state_dict (AdamW moments and step counts of this phase)
+    optimizer.pt        optimizer state_dict (AdamW moments and step counts of this phase); left
+                        out of a final checkpoint nothing continues (a finished run, a sweep trial)
     rng.pt              torch (and CUDA) RNG states
     trainer_state.json  global step, training phase and step in it, position in the data, counters
     params.yaml         the resolved config the run used
@@ -30,6 +31,7 @@ import torch
 import yaml
 
 from kdsweep import distributed
+from kdsweep.errors import UserError
 from kdsweep.fsio import atomic_path
 
 
@@ -128,6 +130,11 @@ def restore(path: Path, model, optimizer) -> None:
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
     if optimizer is not None:
+        if not (path / "optimizer.pt").is_file():
+            raise UserError(
+                f"--resume: checkpoint {path} has no optimizer state (the final checkpoint of a finished run or of "
+                "a sweep trial, which nothing continues); run without --resume to start fresh"
+            )
         whole = torch.load(path / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(distributed.shard_optimizer_state(whole, optimizer))
     rng = torch.load(path / "rng.pt", weights_only=True)

@@ -106,6 +106,13 @@ def distill(
     their environment variables; they are ordinary options everywhere else.
     """
     if not _under_torchrun():
+        from kdsweep import warm
+
+        # In a sweep trial, hand the process over to the runner's warm process (torch already
+        # imported there); without one, or if it is gone, run here as always.
+        status = warm.delegate()
+        if status is not None:
+            raise typer.Exit(status)
         _print_devices(nproc_per_node)
         if nproc_per_node > 1:
             options = {"--params": params, "--run-dir": run_dir, "--checkpoint-dir": checkpoint_dir}

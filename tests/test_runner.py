@@ -57,5 +57,6 @@ def test_trial_timings_come_from_the_metrics_file_not_the_console():
         "overhead_seconds": 7.5,
         "dvc_setup_seconds": 3.25,
         "distill_import_seconds": 2.5,
+        "distill_save_seconds": 0.4,
     }
     assert "dvc_setup_seconds" not in timings(run, {"train_seconds": 12.5})  # an older metrics file

@@ -202,9 +202,11 @@ class TeacherSource:
         self.model = None
         self.top_k, self.vocab = params.teacher.top_k, data.meta["tokenizer"]["vocab_size"]
         if params.teacher.use_cached_logits:
+            # The splits' fingerprints differ only in "split": hash the teacher's weights once, not per split.
+            expected = expected_fingerprint(data, teacher_dir, params, "train")
             for split in self.caches:
                 self.caches[split] = TeacherLogitCache(cache_dir / f"{split}.h5")
-                self.caches[split].check_fingerprint(expected_fingerprint(data, teacher_dir, params, split))
+                self.caches[split].check_fingerprint({**expected, "split": split})
         else:
             self.model = load_teacher(teacher_dir, params.teacher, device)
 
@@ -443,7 +445,11 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     train_seconds, save_start = time.perf_counter() - start, time.perf_counter()
     # persist: true outputs: a crash never leaves a half-written student where DVC would pick it up.
     checkpoint.save_model(run.student, paths.student)
-    checkpoint.save(run.last_ckpt, run.student, optimizer, state, params.model_dump(mode="json"), status=status)
+    # Nothing continues a finished run's optimizer (its resume restores the weights alone), nor a sweep
+    # trial's (a pruned trial is never continued): its final checkpoint leaves the moments out.
+    resumable = status != "complete" and eval_hook is None
+    params_dict = params.model_dump(mode="json")
+    checkpoint.save(run.last_ckpt, run.student, optimizer if resumable else None, state, params_dict, status=status)
     # Where the process's time went, for the sweep runner (which reads this file, not the console).
     seconds = {
         "startup": round(startup_seconds, 2),

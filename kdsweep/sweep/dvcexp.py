@@ -194,7 +194,10 @@ def lock_stages(text: str | None) -> dict[str, Any]:
     """The ``stages`` mapping of a ``dvc.lock`` text (empty for None)."""
     if not text:
         return {}
-    return (yaml.safe_load(text) or {}).get("stages") or {}
+    # libyaml's parser: `best` and retention read one lock per trial, and the pure-Python one took
+    # ~0.25 s per lock (most of `kdsweep best`'s time at 40 trials); same constructor, same result.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return (yaml.load(text, Loader=loader) or {}).get("stages") or {}
 
 
 def upstream_problems(trial_lock: dict, before: dict, upstream: list[str], output: str) -> list[str]:

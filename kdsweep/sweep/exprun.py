@@ -190,14 +190,16 @@ def timings(run: TrialRun, metrics: dict) -> dict[str, float]:
 
     ``dvc_setup_seconds``: launch to the distill process's start (DVC's temporary copy,
     checkout); ``distill_import_seconds``: that process's start to its training loop (imports,
-    params, Optuna, loading the cache and the student).
+    params, Optuna, loading the cache and the student); ``distill_save_seconds``: writing the
+    student and the final checkpoint.
     """
     train = float(metrics.get("train_seconds") or 0.0)
     out = {"wall_seconds": round(run.wall, 2), "train_seconds": train, "overhead_seconds": round(run.wall - train, 2)}
     started_at = metrics.get("started_at")
     if isinstance(started_at, (int, float)):
         out["dvc_setup_seconds"] = round(started_at - run.launched_at, 2)
-    startup = (metrics.get("seconds") or {}).get("startup")
-    if isinstance(startup, (int, float)):
-        out["distill_import_seconds"] = round(float(startup), 2)
+    seconds = metrics.get("seconds") or {}
+    for key, name in (("startup", "distill_import_seconds"), ("save", "distill_save_seconds")):
+        if isinstance(seconds.get(key), (int, float)):
+            out[name] = round(float(seconds[key]), 2)
     return out

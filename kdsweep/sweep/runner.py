@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kdsweep import warm
 from kdsweep.config import Params, validate
 from kdsweep.dotted import get as dotted_get
 from kdsweep.errors import UserError
@@ -206,6 +207,7 @@ class Runner:
         """Run the workers until the budget, the timeout or a stop; then report. Ctrl-C re-raises."""
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         workers = [threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True) for i in range(self.active)]
+        self.zygote = warm.Zygote(self.spec.execution.warm_start)  # the trials' distill processes fork from it
         try:
             for w in workers:
                 w.start()
@@ -222,6 +224,7 @@ class Runner:
             raise
         finally:
             signal.signal(signal.SIGTERM, old_term)
+            self.zygote.stop()
             self.heartbeats.close()
             self.bar.close()
         if self.storage_lost:  # nothing more can be written: say why, and leave the rest to the resume
@@ -360,7 +363,7 @@ class Runner:
         }
         if self.spec.execution.threads_per_trial:
             env["OMP_NUM_THREADS"] = str(self.spec.execution.threads_per_trial)
-        return env | self.devices.env(trial.number)
+        return env | self.zygote.env | self.devices.env(trial.number)
 
     def _fail(self, trial, reason: str, *, overrides: dict | None = None, wall: float | None = None) -> None:
         self.outcomes.fail(trial, reason, overrides=overrides, wall=wall)

@@ -300,6 +300,11 @@ class Execution(_Strict):
     threads_per_trial: int | None = Field(
         None, ge=1, description="OMP_NUM_THREADS of each trial's process; null = inherit the environment."
     )
+    warm_start: bool = Field(
+        True,
+        description="Fork each trial's distill process from a warm process that imported torch and transformers "
+        "once (kdsweep/warm.py) instead of starting it cold; the trial computes the same either way.",
+    )
     devices: Literal["auto"] | list[int | str] = Field(
         "auto",
         description="GPUs the trials share out: auto = every GPU the runner sees (none on a CPU machine: trials "
