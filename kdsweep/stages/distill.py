@@ -321,7 +321,7 @@ class _Run:
     params: Params
     device: torch.device
     student: torch.nn.Module
-    model: torch.nn.Module  # the student's loss forward, wrapped for the ranks (kdsweep.distributed.wrap)
+    model: torch.nn.Module  # the student's loss forward, wrapped for the ranks (distributed.wrap, then for_phase)
     phases: list[Phase]
     plans: list[Plan]
     teacher: TeacherSource
@@ -388,7 +388,7 @@ def _setup(params: Params, paths: _Paths) -> _Run:
     teacher = TeacherSource(params, data, paths.teacher, paths.cache, device)
     teacher.check_temperatures(phases, params.stages.enabled)
     train_set = MicroBatches(data.train, teacher.caches["train"], global_batch, tr.seed, distributed.rank(), world)
-    model = distributed.wrap(student, tr.distributed)  # before any phase freezes a parameter
+    model = distributed.wrap(student, tr.distributed)
     return _Run(
         params, device, student, model, phases, plans, teacher, train_set, data.validation, paths.checkpoints / "last"
     )
@@ -472,6 +472,17 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     return metrics
 
 
+def _enter_phase(run: _Run, plan: Plan, phase: Phase, restore: bool) -> torch.optim.AdamW:
+    """A phase's start: its parameter groups (which freeze what the phase freezes) and a fresh
+    AdamW, the checkpoint's state in it when ``restore``; then the model wrapped for the ranks
+    over the parameters the phase trains (:func:`kdsweep.distributed.for_phase`)."""
+    optimizer = _phase_optimizer(run.student, plan, phase, run.params.training)
+    if restore:
+        checkpoint.restore(run.last_ckpt, run.student, optimizer)
+    run.model = distributed.for_phase(run.model)
+    return optimizer
+
+
 def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook: EvalHook | None, last_eval: dict):
     """The training loop, from ``state`` on (updated in place); returns the run's final state
     (``complete``, ``pruned``, ``stopped_nonfinite``), the last optimizer and the last evaluation."""
@@ -492,10 +503,8 @@ def _fit(run: _Run, log: _RunLog, state: dict, restore_at: int | None, eval_hook
         phase, plan = run.phases[phase_index], run.plans[phase_index]
         spec = _phase_loss(run.params.loss, phase)
         log.phase(phase_index, run.phases, plan, state["global_step"])
-        optimizer = _phase_optimizer(student, plan, phase, tr)
+        optimizer = _enter_phase(run, plan, phase, restore=phase_index == restore_at)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        if phase_index == restore_at:
-            checkpoint.restore(run.last_ckpt, student, optimizer)
         first = state["step_in_phase"]  # 0 unless resuming inside this phase
         batches = run.batches(state["micro_batch"], (phase.steps - first) * tr.gradient_accumulation_steps)
 
