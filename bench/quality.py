@@ -100,15 +100,23 @@ CACHES = {
     "sampled-d64": {**SAMPLED, "teacher.sample_draws": 64},
     "sampled-d6": {**SAMPLED, "teacher.sample_draws": 6},
 }
-# Sampled caches for one KD temperature (question s): drawn at the setting's T = 2, so the weights
-# are the counts (no importance ratio), and the normaliser stored for that one temperature.
-AT_T2 = {"teacher.sample_temperature": 2.0, "teacher.temperature_range": [2.0, 2.0], "teacher.temperature_grid": 2}
-FIXED_T = {f"sampled-t2-d{d}": {**SAMPLED, **AT_T2, "teacher.sample_draws": d} for d in (6, 12)}
+# Sampled caches for one KD temperature (question s): drawn at T = 1, the temperature the loss uses
+# (the common LLM-KD default) and the one evaluate's KL is taken at, so the weights are the counts
+# (no importance ratio) and the normaliser is stored for that one temperature (2 grid points
+# around it). They are compared with the top-64 + tail cache at the same T = 1.
+AT_T1 = {
+    "teacher.sample_temperature": 1.0,
+    "teacher.temperature_range": [1.0, 1.0],
+    "teacher.temperature_grid": 2,
+    "loss.temperature": 1.0,
+}
+FIXED_T = {f"sampled-t1-d{d}": {**SAMPLED, **AT_T1, "teacher.sample_draws": d} for d in (6, 10)}
 
 
 def fixed_t_configs() -> dict[str, dict]:
-    """Question s: the sampled caches for one KD temperature, by draw count (run in their own copies)."""
-    return {name.replace("-", "_"): keys for name, keys in FIXED_T.items()}
+    """Question s: top-64 + tail at T = 1, then the sampled caches for T = 1 only, by draw count
+    (each run in its own copy of the pipeline)."""
+    return {"topk_tail_t1": {"loss.temperature": 1.0}, **{n.replace("-", "_"): k for n, k in FIXED_T.items()}}
 
 
 def configs(steps: int) -> dict[str, dict]:
@@ -541,15 +549,15 @@ def spread_table(rows: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- main
 def fixed_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
-    """Question s alone (``--sampled-fixed-t``): the reference point (fp16 top-64 + tail) and the
-    sampled caches for T = 2 only, 3 seeds each, in a repository of their own; test CE against the
-    reference and each cache's train-split bytes per token at V = 4,096 (its stage's metrics)."""
+    """Question s alone (``--sampled-fixed-t``): the fp16 top-64 + tail cache and the sampled caches
+    for T = 1 only (:data:`FIXED_T`), all at loss.temperature 1, 3 seeds each, in a repository of their
+    own; test CE against the first and each cache's train-split bytes per token at V = 4,096."""
     repo = work / "repo" if (work / "repo").exists() else build(work, params, spec, 0)
     run(repo, "dvc", "repro", "student", "teacher_logits", log=work / "pipeline.log")
     if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
         run(repo, "git", "add", "dvc.lock", "metrics")
         run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
-    configs_ = {"reference": {}, **fixed_t_configs()}
+    configs_ = fixed_t_configs()
     jobs = {f"q-{c}-s{s}": {**o, "training.seed": s} for c, o in configs_.items() for s in SEEDS}
     repos = {None: repo, **{name: cache_copy(repo, work, name) for name in FIXED_T}}
     runs = run_configs(repos, work / "logs", jobs, workers)
@@ -568,7 +576,7 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, help="a repository this script built (experiments that exist are reused)")
     ap.add_argument("--work", type=Path, help="where to build the repository (default: under /tmp)")
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one thread each")
-    ap.add_argument("--sampled-fixed-t", action="store_true", help="only question s (sampled caches for T = 2)")
+    ap.add_argument("--sampled-fixed-t", action="store_true", help="only question s (sampled caches for T = 1)")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # two one-thread trainings on two cores (bench/sweep.py's finding)
     t_start = time.perf_counter()
