@@ -10,6 +10,7 @@ PostgreSQL study, the password in ``PGPASSWORD`` only.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,11 +31,14 @@ def test_dashboard_shows_the_study_and_its_trial_count_in_chromium(small_study, 
     with server(cmd, f"http://127.0.0.1:{port}/api/studies", repo, log), chromium(tmp_path / "profile") as browser:
         page = f"http://127.0.0.1:{port}/dashboard/studies/0"
         text = rendered_text(browser, f"{page}/trials", ["small (id=0)", f"{n} Trials"])
+        second = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)  # the port is taken
     assert n == 2
     assert "small (id=0)" in text and f"{n} Trials" in text, text[:2000]
     assert all(f"Trial {i} Complete" in text for i in range(n)), text[:2000]
     # What the command printed: the study, its trial count and the URL, before the server's own lines.
     assert f"dashboard: study 'small' ({n} trials) in studies/small.journal: {page} " in log.read_text()
+    assert second.returncode == 2 and f"--port {port}: Address already in use" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ is repaired first (:func:`kdsweep.optuna_io.open_storage`), and a PostgreSQL pas
 
 from __future__ import annotations
 
+from kdsweep.errors import UserError
 from kdsweep.optuna_io import display
 
 
@@ -28,4 +29,7 @@ def serve(study: str, storage: str | None, host: str, port: int) -> None:
         f"http://{host}:{port}/dashboard/studies/{study_id}  (Ctrl-C stops it)",
         flush=True,
     )
-    run_server(h.storage, host=host, port=port)
+    try:
+        run_server(h.storage, host=host, port=port)
+    except OSError as err:  # the port is taken, or the host is not this machine's
+        raise UserError(f"--host {host} --port {port}: {err.strerror}; pick another --port") from None
