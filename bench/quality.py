@@ -100,6 +100,23 @@ CACHES = {
     "sampled-d64": {**SAMPLED, "teacher.sample_draws": 64},
     "sampled-d6": {**SAMPLED, "teacher.sample_draws": 6},
 }
+# Sampled caches for one KD temperature (question s): drawn at T = 1, the temperature the loss uses
+# (the common LLM-KD default) and the one evaluate's KL is taken at, so the weights are the counts
+# (no importance ratio) and the normaliser is stored for that one temperature (2 grid points
+# around it). They are compared with the top-64 + tail cache at the same T = 1.
+AT_T1 = {
+    "teacher.sample_temperature": 1.0,
+    "teacher.temperature_range": [1.0, 1.0],
+    "teacher.temperature_grid": 2,
+    "loss.temperature": 1.0,
+}
+FIXED_T = {f"sampled-t1-d{d}": {**SAMPLED, **AT_T1, "teacher.sample_draws": d} for d in (6, 10)}
+
+
+def fixed_t_configs() -> dict[str, dict]:
+    """Question s: top-64 + tail at T = 1, then the sampled caches for T = 1 only, by draw count
+    (each run in its own copy of the pipeline)."""
+    return {"topk_tail_t1": {"loss.temperature": 1.0}, **{n.replace("-", "_"): k for n, k in FIXED_T.items()}}
 
 
 def configs(steps: int) -> dict[str, dict]:
@@ -303,9 +320,11 @@ def exp_run(repo: Path, logs: Path, name: str, overrides: dict, *options: str) -
 
 
 def cache_of(overrides: dict) -> str | None:
-    """The copy (a :data:`CACHES` name) whose cache keys ``overrides`` sets, the most specific; None: the setting's."""
-    names = [n for n, keys in CACHES.items() if keys and all(overrides.get(k) == v for k, v in keys.items())]
-    return max(names, key=lambda n: len(CACHES[n]), default=None)
+    """The copy (a :data:`CACHES` or :data:`FIXED_T` name) whose cache keys ``overrides`` sets, the most
+    specific; None: the setting's."""
+    every = {**CACHES, **FIXED_T}
+    names = [n for n, keys in every.items() if keys and all(overrides.get(k) == v for k, v in keys.items())]
+    return max(names, key=lambda n: len(every[n]), default=None)
 
 
 def run_configs(repos: dict[str | None, Path], logs: Path, jobs: dict[str, dict], workers: int) -> dict[str, dict]:
@@ -330,13 +349,13 @@ def cache_copy(repo: Path, work: Path, name: str) -> Path:
     if not other.exists():
         shutil.copytree(repo, other, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
         params = yaml.safe_load((other / "params.yaml").read_text())
-        for key, value in CACHES[name].items():
+        for key, value in {**CACHES, **FIXED_T}[name].items():
             dotted.set_(params, key, value)
         write_text(other / "params.yaml", yaml.safe_dump(params, sort_keys=False))
         # The stage's outputs persist (an interrupted generation resumes): without the old files
         # every batch is written again, and the fp16 copy's unchanged cache is not just reused.
         shutil.rmtree(other / "data" / "teacher_logits")
-        force = () if CACHES[name] else ("--force", "--single-item")
+        force = () if {**CACHES, **FIXED_T}[name] else ("--force", "--single-item")
         t0 = time.perf_counter()
         out = run(other, "dvc", "repro", *force, "teacher_logits", log=work / f"pipeline-{name}.log")[1]
         seconds = time.perf_counter() - t0
@@ -529,6 +548,27 @@ def spread_table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def fixed_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
+    """Question s alone (``--sampled-fixed-t``): the fp16 top-64 + tail cache and the sampled caches
+    for T = 1 only (:data:`FIXED_T`), all at loss.temperature 1, 3 seeds each, in a repository of their
+    own; test CE against the first and each cache's train-split bytes per token at V = 4,096."""
+    repo = work / "repo" if (work / "repo").exists() else build(work, params, spec, 0)
+    run(repo, "dvc", "repro", "student", "teacher_logits", log=work / "pipeline.log")
+    if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
+        run(repo, "git", "add", "dvc.lock", "metrics")
+        run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
+    configs_ = fixed_t_configs()
+    jobs = {f"q-{c}-s{s}": {**o, "training.seed": s} for c, o in configs_.items() for s in SEEDS}
+    repos = {None: repo, **{name: cache_copy(repo, work, name) for name in FIXED_T}}
+    runs = run_configs(repos, work / "logs", jobs, workers)
+    rows = [(c, [runs[f"q-{c}-s{s}"] for s in SEEDS]) for c in configs_]
+    print(table(HEADER, question_rows(rows, stats(rows[0][1]))))
+    for name in FIXED_T:
+        sizes = json.loads((work / f"repo-{name}" / "metrics" / "teacher_logits.json").read_text())["train"]
+        print(f"{name}: train split {json.dumps(sizes)}; file {work / f'repo-{name}/data/teacher_logits/train.h5'}")
+    write_json(work / "fixed_t.json", {"runs": runs, "by_config": {c: stats(r) for c, r in rows}})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="toy size: checks that every step runs (minutes)")
@@ -536,6 +576,7 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, help="a repository this script built (experiments that exist are reused)")
     ap.add_argument("--work", type=Path, help="where to build the repository (default: under /tmp)")
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one thread each")
+    ap.add_argument("--sampled-fixed-t", action="store_true", help="only question s (sampled caches for T = 1)")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # two one-thread trainings on two cores (bench/sweep.py's finding)
     t_start = time.perf_counter()
@@ -551,6 +592,11 @@ def main() -> None:
         params, spec = smoke_size(params, spec)
         n_spread = 3
     seeds = SEEDS[:1] if args.smoke else SEEDS
+    if args.sampled_fixed_t:
+        work = args.work or Path(f"/tmp/kdsweep-bench-quality-s-{int(time.time())}")
+        work.mkdir(parents=True, exist_ok=True)
+        fixed_t_question(work, params, spec, args.workers)
+        return
     repo = args.repo
     if repo is None:
         work = args.work or Path(f"/tmp/kdsweep-bench-quality-{int(time.time())}")

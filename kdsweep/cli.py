@@ -173,7 +173,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
 
 # Every command module has its own typer app; they are joined here, one way for all.
 app.add_typer(cache_app, name="cache")  # kdsweep cache generate | merge | inspect | verify
-app.add_typer(sweep_app)  # kdsweep run | best | report | status
+app.add_typer(sweep_app)  # kdsweep run | best | report | status | dashboard
 
 
 def main() -> None:

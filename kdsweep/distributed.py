@@ -120,40 +120,59 @@ class LossForward(torch.nn.Module):
 
 
 def wrap(student: torch.nn.Module, kind: str) -> torch.nn.Module:
-    """The student's :class:`LossForward`, wrapped for the ranks (left alone in one process).
+    """The student's :class:`LossForward`, prepared for the ranks (left alone in one process).
 
-    ``ddp``: DistributedDataParallel, built while every parameter still requires a gradient;
-    ``find_unused_parameters`` then covers those a training phase freezes later (and experts
-    no token of a rank's part was routed to). ``fsdp``: FSDP2 ``fully_shard`` on each decoder
-    layer, then on the whole, for students that do not fit on one device; frozen parameters
-    are fine (FSDP2 reduces only the gradients that exist, the same ones on every rank).
+    ``fsdp``: FSDP2 ``fully_shard`` on each decoder layer, then on the whole, for students that
+    do not fit on one device; frozen parameters are fine (FSDP2 reduces only the gradients that
+    exist, the same ones on every rank). ``ddp``: the plain :class:`LossForward` (evaluation
+    needs no DDP); each training phase wraps it with :func:`for_phase`.
     """
     model = LossForward(student)
-    if world_size() == 1:
-        return model
-    if kind == "fsdp":
+    if world_size() > 1 and kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for layer in student.get_decoder().layers:
             fully_shard(layer)
         fully_shard(model)
+    return model
+
+
+def for_phase(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a training phase runs, once the phase has set each parameter's ``requires_grad``.
+
+    Under torchrun with DDP: a fresh DistributedDataParallel around the :class:`LossForward`,
+    since DDP reduces the gradients of exactly the parameters that required one when it was
+    built. Built per phase, it never waits for a frozen parameter, so it needs no
+    ``find_unused_parameters`` (and its extra graph traversal and warning each run): every
+    trainable parameter of the student gets a gradient from every forward (the experts of a
+    layer are 3D tensors, so an expert no token was routed to still belongs to a used one).
+    FSDP and one process: ``model`` itself.
+    """
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if world_size() == 1 or _is_fsdp(model):
         return model
+    if isinstance(model, ddp):
+        model._remove_autograd_hooks()  # the previous phase's reducer must not act on the new phase's gradients
+        model = model.module
     device = default_device()
-    return torch.nn.parallel.DistributedDataParallel(
+    return ddp(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # rotary tables only: the same on every rank, no collective per forward
-        find_unused_parameters=True,
+        forward_sync_buffers=False,  # rotary tables only: the same on every rank, no collective per forward
     )
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def reshard(model: torch.nn.Module) -> None:
     """Free the gathered parameters an FSDP root keeps after a forward without backward (an
     evaluation), so that ``named_parameters()`` gives the sharded ones again: an optimizer built
     on the gathered copies would update tensors the next gather overwrites."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
+    if _is_fsdp(model):
         model.reshard()
 
 

@@ -238,3 +238,36 @@ def test_a_cache_without_checksums_is_read_but_fails_verify(caches, tmp_path):
     assert TeacherLogitCache(path).num_sequences > 0
     with pytest.raises(UserError, match="metadata checksums: none stored .* regenerate it"):
         verify_cache(path, report=lambda *_: None)
+
+
+def test_a_sampled_cache_for_one_temperature_passes_verify_and_trains_at_it(pipeline_copy):
+    """temperature_range [1, 1] with 2 grid points: the normaliser for T = 1 only (the smallest
+    sampled cache); verify passes with the teacher, distill weights the draws by their counts, and
+    evaluate's KL at T = 1 is finite (T = 1 is in range)."""
+    from contextlib import chdir
+
+    from kdsweep.stages import distill, evaluate, teacher_logits
+
+    one_t = {"temperature_range": [1.0, 1.0], "temperature_grid": 2, "sample_temperature": 1.0}
+    teacher = {"cache_mode": "sampled", "cache_values": "q8", "sample_draws": 6, **one_t}
+    params = validate(
+        tiny_params_dict(
+            teacher=teacher,
+            loss={"mode": "sampled", "temperature": 1.0},
+            training={"max_steps": 2, "eval_steps": 2},
+        )
+    )
+    with chdir(pipeline_copy):
+        teacher_logits.main(params)
+        lines = []
+        verify_cache(Path("data/teacher_logits/train.h5"), teacher="models/teacher", report=lines.append)
+        assert lines[-1].endswith(": ok"), lines
+        cache = TeacherLogitCache(Path("data/teacher_logits/train.h5"))
+        batch = batch_to_tensors(cache.read([0, 1]), torch.device("cpu"))
+        counts = batch["sample_counts"][:, :-1].reshape(-1, 6).float()
+        torch.testing.assert_close(cached_teacher_fn(batch, cache.betas, 1.0)(0, 20).weights, (counts / 6)[:20])
+        assert float(cache.attrs["log_normalizer_max_error"]) < 1e-3
+        cache.close()
+        distill.main(params)
+        scores = evaluate.main(params)
+    assert np.isfinite(scores["test_ce"]) and np.isfinite(scores["test_kl"]) and scores["test_kl"] >= 0

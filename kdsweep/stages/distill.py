@@ -325,7 +325,7 @@ class _Run:
     params: Params
     device: torch.device
     student: torch.nn.Module
-    model: torch.nn.Module  # the student's loss forward, wrapped for the ranks (kdsweep.distributed.wrap)
+    model: torch.nn.Module  # the student's loss forward, wrapped for the ranks (distributed.wrap, then for_phase)
     phases: list[Phase]
     assignments: list[GroupAssignment]
     teacher: TeacherSource
@@ -394,7 +394,7 @@ def _setup(params: Params, paths: _Paths) -> _Run:
     teacher = TeacherSource(params, data, paths.teacher, paths.cache, device)
     teacher.check_temperatures(phases, params.stages.enabled)
     train_set = MicroBatches(data.train, teacher.caches["train"], global_batch, tr.seed, distributed.rank(), world)
-    model = distributed.wrap(student, tr.distributed)  # before any phase freezes a parameter
+    model = distributed.wrap(student, tr.distributed)
     return _Run(
         params,
         device,
@@ -482,6 +482,17 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     return metrics
 
 
+def _enter_phase(run: _Run, assignment: GroupAssignment, phase: Phase, restore: bool) -> torch.optim.AdamW:
+    """A phase's start: its parameter groups (which freeze what the phase freezes) and a fresh
+    AdamW, the checkpoint's state in it when ``restore``; then the model wrapped for the ranks
+    over the parameters the phase trains (:func:`kdsweep.distributed.for_phase`)."""
+    optimizer = _phase_optimizer(run.student, assignment, phase, run.params.training)
+    if restore:
+        checkpoint.restore(run.last_ckpt, run.student, optimizer)
+    run.model = distributed.for_phase(run.model)
+    return optimizer
+
+
 def _fit(
     run: _Run,
     log: _RunLog,
@@ -502,10 +513,8 @@ def _fit(
         phase, assignment = run.phases[phase_index], run.assignments[phase_index]
         spec = _phase_loss(run.params.loss, phase)
         log.phase(phase_index, run.phases, assignment, state.global_step)
-        optimizer = _phase_optimizer(student, assignment, phase, tr)
+        optimizer = _enter_phase(run, assignment, phase, restore=phase_index == restore_at)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        if phase_index == restore_at:
-            checkpoint.restore(run.last_ckpt, student, optimizer)
         first = state.step_in_phase  # 0 unless resuming inside this phase
         batches = run.batches(state.micro_batch, (phase.steps - first) * tr.gradient_accumulation_steps)
 

@@ -1,4 +1,4 @@
-"""The sweep's commands: ``kdsweep run``, ``best``, ``report``, ``status``.
+"""The sweep's commands: ``kdsweep run``, ``best``, ``report``, ``status``, ``dashboard``.
 
 Each imports its module inside the command, so ``kdsweep --help`` stays fast.
 """
@@ -96,3 +96,16 @@ def status(study: StudyArg, storage: StorageOpt = None) -> None:
     from kdsweep.sweep.results import status as show_status
 
     show_status(study, storage)
+
+
+@sweep_app.command()
+def dashboard(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
+) -> None:
+    """optuna-dashboard over the study's storage (live while it runs): history, importances, every trial."""
+    from kdsweep.sweep.dashboard import serve
+
+    serve(study, storage, host, port)
