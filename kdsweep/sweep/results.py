@@ -23,6 +23,7 @@ from kdsweep.errors import UserError
 from kdsweep.fsio import write_text
 from kdsweep.optuna_io import display, open_storage
 from kdsweep.sweep import dvcexp
+from kdsweep.sweep.slurm import describe_task
 from kdsweep.sweep.spec import load_spec, parse_spec
 from kdsweep.sweep.study import (
     EXPERIMENT,
@@ -30,6 +31,7 @@ from kdsweep.sweep.study import (
     OUTPUTS,
     REMOVED,
     RETRY_OF,
+    RUNNER,
     headline,
     last_value,
     owner_gone,
@@ -381,7 +383,11 @@ def status(study: str, storage: str | None = None) -> int:
             else "starting"
         )
         gone = "; owner gone; resumes on the next run" if owner_gone(t.user_attrs, now) else ""
-        print(f"running: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {at}, {since:.0f} s{gone}")
+        where = describe_task(t.user_attrs.get(RUNNER) or {})
+        print(
+            f"running: trial {t.number} ({t.user_attrs.get(EXPERIMENT)}): {at}, {since:.0f} s{gone}"
+            + (f"; {where}" if where else "")
+        )
     durations = [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in h.trials
