@@ -92,7 +92,10 @@ def _binary(name: str) -> str:
 
 def _start_munged(work: Path) -> Path:
     """munged as user munge with a fresh key in ``work/munge``; returns its socket."""
-    user = pwd.getpwnam(MUNGE_USER)
+    try:
+        user = pwd.getpwnam(MUNGE_USER)
+    except KeyError:
+        raise SlurmError(f"no user {MUNGE_USER!r}: apt-get install -y munge (.ci/run does this)") from None
     home = work / "munge"
     home.mkdir()
     home.chmod(0o711)  # munged requires its socket directory to be searchable by everyone

@@ -15,6 +15,7 @@ The pieces, in the order a sweep uses them:
 ``outcome.py``      a trial's end in the study: tell, fail, requeue, push; dead runners' trials
 ``retention.py``    keep the best trials' outputs, free the others' DVC cache objects
 ``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
+``slurm.py``        ``kdsweep run --slurm N``: the runners as one Slurm job array (sbatch)
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``
 ``testeval.py``     the listed trials' test metrics, from their kept checkpoints (shown, never selected on)
 ``cli.py``          the typer commands

@@ -24,6 +24,7 @@ Each runner records its Slurm job and array task in its identity (:func:`task_id
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
 import sys
@@ -138,8 +139,10 @@ def launch(spec_path: Path, tasks: int, *, workers: int | None, n_trials: int | 
             f"execution.devices: {spec.execution.devices} names one machine's GPUs; a Slurm task uses the GPUs "
             f"Slurm gives it: set devices: auto (or execution.slurm.gres: null for CPU-only tasks)"
         )
-    plan, _ = prepare(spec, spec_path, Workspace.read(root), check_only=True)
-    print(plan.summary(), file=sys.stderr if dry_run else sys.stdout)
+    # With --dry-run stdout is the script alone (`> job.sbatch`); the checks' notes go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if dry_run else contextlib.nullcontext():
+        plan, _ = prepare(spec, spec_path, Workspace.read(root), check_only=True)
+        print(plan.summary())
     url = storage_url(spec, root)
     if problems := check_storage(url):
         raise UserError("\n".join(problems))
