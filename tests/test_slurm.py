@@ -8,8 +8,10 @@ DVC remote shared as in ``test_scaleout.py``, then ``scancel``s one task mid-tri
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -124,15 +126,15 @@ def pg() -> PostgresServer:
         yield server
 
 
-def _shared_clone(template: Path, top: Path, spec_changes: dict) -> tuple[Path, str]:
+def _shared_clone(template: Path, top: Path, name: str, spec_changes: dict) -> tuple[Path, str]:
     """A clone whose upstream outputs are on a DVC remote and whose commit is on a bare git remote
-    (the first machine of docs/scale-out.md); returns it and the spec path."""
+    (the first machine of docs/scale-out.md); returns it and the path of study ``name``'s spec."""
     repo, origin = top / "login" / "kdsweep", top / "origin.git"
     shutil.copytree(template, repo, symlinks=True)
-    spec = write_spec(repo, "array", **spec_changes)
+    spec = write_spec(repo, name, **spec_changes)
     sh(repo, "dvc", "remote", "add", "-d", "shared", str(top / "dvc-remote"))
     sh(repo, "git", "add", "dvc.lock", "metrics", ".dvc/config", spec)
-    sh(repo, "git", "commit", "-q", "-m", "upstream outputs; study array")
+    sh(repo, "git", "commit", "-q", "-m", f"upstream outputs; study {name}")
     sh(repo, "dvc", "push")
     sh(top, "git", "init", "-q", "--bare", str(origin))
     sh(repo, "git", "remote", "add", "origin", str(origin))
@@ -140,12 +142,12 @@ def _shared_clone(template: Path, top: Path, spec_changes: dict) -> tuple[Path, 
     return repo, spec
 
 
-def _running_in_task(storage: str, job: str, task: str, timeout: float = 300):
-    """The first trial of study ``array`` that array task ``job_task`` runs, once its `dvc exp run` started."""
+def _running_in_task(storage: str, name: str, job: str, task: str, timeout: float = 300):
+    """The first trial of study ``name`` that array task ``job_task`` runs, once its `dvc exp run` started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            trials = optuna.load_study(study_name="array", storage=storage).trials
+            trials = optuna.load_study(study_name=name, storage=storage).trials
         except KeyError:  # no runner has created the study yet
             trials = []
         for t in trials:
@@ -168,14 +170,30 @@ def _wait_for_job(slurm: SlurmCluster, job: str, timeout: float = 600) -> None:
     raise AssertionError(f"job {job} still queued or running after {timeout} s:\n{slurm.logs()}")
 
 
+def _end_task(slurm: SlurmCluster, job: str, trial, ending: str) -> None:
+    """End array task ``job``_1 while it runs ``trial``: ``scancel`` it (SIGTERM, as a preemption or the time
+    limit does: its runner requeues the trial itself), or SIGKILL its runner and the trial's processes at
+    once, as when its node dies (the runner records nothing more; the trial's heartbeats stop)."""
+    if ending == "scancel":
+        subprocess.run(["scancel", f"{job}_1"], env=slurm.env, check=True, timeout=30)
+        return
+    os.kill(trial.user_attrs["runner"]["pid"], signal.SIGKILL)  # the task's process (the script exec'd it)
+    os.killpg(trial.user_attrs["child"]["pid"], signal.SIGKILL)  # its trial's `dvc exp run`: a session of its own
+
+
 @pytest.mark.slow
-def test_a_slurm_array_shares_the_budget_and_reruns_a_cancelled_tasks_trial(sweep_template, tmp_path, pg, slurm):
+@pytest.mark.parametrize("ending", ["scancel", "died"])
+def test_a_slurm_array_shares_the_budget_and_reruns_a_cancelled_tasks_trial(
+    sweep_template, tmp_path, pg, slurm, ending
+):
+    name = f"array-{ending}"
     url = f"postgresql+psycopg://{pg.user}@{pg.host}:{pg.port}/{pg.database}"  # the password: PGPASSWORD
     execution = {"push": "origin", "heartbeat_interval": 1, "grace_period": 8}
     slurm_opts = {"gres": None, "partition": slurm.partition, "time": "20:00", "extra": ["--cpus-per-task=1"]}
     repo, spec = _shared_clone(
         sweep_template,
         tmp_path,
+        name,
         {"storage": url, "baselines": [], "budget": {"n_trials": 4}, "execution": {**execution, "slurm": slurm_opts}},
     )
     env = {**ENV, "SLURM_CONF": slurm.env["SLURM_CONF"], "PGPASSWORD": pg.password}
@@ -183,35 +201,36 @@ def test_a_slurm_array_shares_the_budget_and_reruns_a_cancelled_tasks_trial(swee
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job = re.search(r"submitted Slurm job (\d+)", submitted.stdout).group(1)
 
-    cancelled = _running_in_task(pg.url, job, "1")
-    status = _kdsweep(repo, "status", "array", env=env).stdout
+    cancelled = _running_in_task(pg.url, name, job, "1")
+    status = _kdsweep(repo, "status", name, env=env).stdout
     assert re.search(rf"running: trial {cancelled.number} .*; slurm {job}_1 \(job \d+\)", status), status
     time.sleep(1.0)  # mid-trial: `dvc exp run` is copying or training
-    subprocess.run(["scancel", f"{job}_1"], env=slurm.env, check=True, timeout=30)
+    _end_task(slurm, job, cancelled, ending)
     _wait_for_job(slurm, job)
 
-    trials = {t.number: t for t in optuna.load_study(study_name="array", storage=pg.url).trials}
-    logs = {p.name: p.read_text() for p in (repo / "studies" / "array" / "slurm").glob("*.log")}
+    trials = {t.number: t for t in optuna.load_study(study_name=name, storage=pg.url).trials}
+    logs = {p.name: p.read_text() for p in (repo / "studies" / name / "slurm").glob("*.log")}
     assert sum(counts_toward_budget(t, retried(trials.values())) for t in trials.values()) == 4, logs
     assert sorted(trials) == list(range(5))
-    assert trials[cancelled.number].state == TS.FAIL and trials[cancelled.number].user_attrs.get("interrupted")
+    assert trials[cancelled.number].state == TS.FAIL
+    # scancel: the task's runner marked it interrupted; died: another runner failed it for its stale heartbeat.
+    assert bool(trials[cancelled.number].user_attrs.get("interrupted")) == (ending == "scancel")
     retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == cancelled.number)
     assert retry.state == TS.COMPLETE and retry.params == cancelled.params
     assert sum(t.state == TS.COMPLETE for t in trials.values()) == 4
     assert {t.user_attrs["runner"]["slurm"]["array_job"] for t in trials.values()} == {job}
-    assert "CANCELLED" in logs[f"{job}_1.log"]
-    status = _kdsweep(repo, "status", "array", env=env).stdout
+    status = _kdsweep(repo, "status", name, env=env).stdout
     assert "4 of 4 finished" in status and "1 interrupted and retried" in status
 
     # Every counted trial is an experiment on the shared remotes: a fresh clone pulls them all, outputs included.
     clone = tmp_path / "elsewhere"
     sh(tmp_path, "git", "clone", "-q", str(tmp_path / "origin.git"), str(clone))
     sh(clone, "dvc", "exp", "pull", "origin")
-    counted = {f"array-{n}" for n, t in trials.items() if t.state == TS.COMPLETE}
+    counted = {f"{name}-{n}" for n, t in trials.items() if t.state == TS.COMPLETE}
     pulled = experiments(clone)
     assert counted <= set(pulled) and all(pulled[n]["metrics"]["state"] == "complete" for n in counted)
 
-    script = (repo / "studies" / "array" / "slurm" / "array.sbatch").read_text()
+    script = (repo / "studies" / name / "slurm" / f"{name}.sbatch").read_text()
     shown = subprocess.run(["scontrol", "show", "job", job], env=slurm.env, capture_output=True, text=True).stdout
-    leaks = [name for name, text in {"script": script, "scontrol": shown, **logs}.items() if pg.password in text]
+    leaks = [n for n, text in {"script": script, "scontrol": shown, **logs}.items() if pg.password in text]
     assert not leaks
