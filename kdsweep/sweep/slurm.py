@@ -1,6 +1,6 @@
 """``kdsweep run experiments/<study>.yaml --slurm N``: the study's runners as one Slurm job array.
 
-    check the spec as --check does (params.yaml, dvc.yaml, the student, the storage)   (prepare.py)
+    check the spec as --check does (params.yaml, dvc.yaml, the student, the storage)   (preflight.py)
     script = #SBATCH lines (array 0..N-1, the spec's execution.slurm) + `exec kdsweep run <spec>`
     --dry-run: print the script; else write studies/<study>/slurm/<study>.sbatch and `sbatch` it
     each array task is one runner (runner.py) with its own workers: it claims trials until the
@@ -35,7 +35,7 @@ from kdsweep.errors import UserError
 from kdsweep.fsio import write_text
 from kdsweep.optuna_io import check_storage, display
 from kdsweep.sweep import dvcexp
-from kdsweep.sweep.prepare import Workspace, prepare
+from kdsweep.sweep.preflight import Workspace, preflight
 from kdsweep.sweep.spec import StudySpec, load_spec
 from kdsweep.sweep.study import storage_url
 
@@ -141,7 +141,7 @@ def launch(spec_path: Path, tasks: int, *, workers: int | None, n_trials: int | 
         )
     # With --dry-run stdout is the script alone (`> job.sbatch`); the checks' notes go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if dry_run else contextlib.nullcontext():
-        plan, _ = prepare(spec, spec_path, Workspace.read(root), check_only=True)
+        plan, _ = preflight(spec, spec_path, Workspace.read(root), check_only=True)
         print(plan.summary())
     url = storage_url(spec, root)
     if problems := check_storage(url):
