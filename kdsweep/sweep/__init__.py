@@ -18,6 +18,7 @@ The pieces, in the order a sweep uses them:
 ``outcome.py``      a trial's end in the study: tell, fail, interrupt and retry, push; dead runners' trials
 ``retention.py``    keep the best trials' outputs, free the others' DVC cache objects
 ``runner.py``       ``kdsweep run``: workers, one DVC experiment per trial, resume
+``slurm.py``        ``kdsweep run --slurm N``: the runners as one Slurm job array (sbatch)
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``
 ``apply.py``        ``best --apply``: the trial's overrides into ``params.yaml``, hand edits kept
 ``testeval.py``     the listed trials' test metrics, from their kept checkpoints (shown, never selected on)

@@ -1,4 +1,5 @@
-"""The sweep's commands: ``kdsweep run``, ``best``, ``report``, ``status``, ``dashboard``.
+"""The sweep's commands: ``kdsweep run`` (here, or ``--slurm N`` as a job array), ``best``, ``report``,
+``status``, ``dashboard``.
 
 Each imports its module inside the command, so ``kdsweep --help`` stays fast.
 """
@@ -30,8 +31,29 @@ def run(
     ] = None,
     n_trials: Annotated[int | None, typer.Option(help="Overrides the spec's budget.n_trials.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the spec and print the plan; run nothing.")] = False,
+    slurm: Annotated[
+        int | None,
+        typer.Option(
+            help="Submit N runners as a Slurm job array (`sbatch`, options from execution.slurm); they share the "
+            "study's budget. See docs/scale-out.md."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --slurm: print the sbatch script; submit nothing.")
+    ] = False,
 ) -> None:
     """Run an Optuna study: every trial is a DVC experiment <study>-<number>; re-run to resume."""
+    from kdsweep.errors import UserError
+
+    if slurm is None and dry_run:
+        raise UserError("--dry-run goes with --slurm N (it prints the sbatch script); --check validates a spec")
+    if slurm is not None:
+        if check:
+            raise UserError("--check and --slurm: use --slurm N --dry-run to validate and print the script")
+        from kdsweep.sweep.slurm import launch
+
+        launch(spec, slurm, workers=workers, n_trials=n_trials, dry_run=dry_run)
+        return
     from kdsweep.sweep.runner import run as run_study
 
     _at_least_one("--workers", workers, "workers")

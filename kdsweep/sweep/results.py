@@ -26,6 +26,7 @@ from kdsweep.sweep.apply import apply_trial
 from kdsweep.sweep.record import StudyRecord, TrialRecord, records
 from kdsweep.sweep.selection import baseline, ranked
 from kdsweep.sweep.selection import best as best_of
+from kdsweep.sweep.slurm import describe_task
 from kdsweep.sweep.spec import load_spec, parse_spec
 from kdsweep.sweep.study import owner_gone, storage_url
 from kdsweep.sweep.testeval import SELECTION_NOTE, TEST_KEYS, HeldOut, held_out
@@ -294,7 +295,10 @@ def status(study: str, storage: str | None = None) -> int:
             else "starting"
         )
         gone = "; owner gone; resumes on the next run" if owner_gone(t, now) else ""
-        print(f"running: trial {t.number} ({t.experiment}): {at}, {since:.0f} s{gone}")
+        where = describe_task(t.owner)
+        print(
+            f"running: trial {t.number} ({t.experiment}): {at}, {since:.0f} s{gone}" + (f"; {where}" if where else "")
+        )
     durations = [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in h.trials

@@ -51,6 +51,7 @@ from kdsweep.sweep.preflight import Workspace, preflight
 from kdsweep.sweep.record import StudyRecord, TrialRecord, classify, enqueue, interruption, records
 from kdsweep.sweep.results import exp_show_command
 from kdsweep.sweep.retention import Retention
+from kdsweep.sweep.slurm import task_identity
 from kdsweep.sweep.space import apply_overrides, optuna_suggest, resolve, sample
 from kdsweep.sweep.spec import StudySpec, load_spec
 from kdsweep.sweep.study import make_sampler, storage_url
@@ -135,7 +136,7 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
         print("spec OK: nothing run (--check)")
         return 0
     copy_paths = [p for p in ("dvc.lock",) if dvcexp.is_untracked(root, p)]
-    me = exprun.process_identity()
+    me = exprun.process_identity() | task_identity(os.environ)  # a Slurm task also names its job and task
     url = storage_url(spec, root)
     # Runners started together: one creates the study (and Optuna's tables), and baselines are enqueued once.
     with storage_lock(url, spec.study):

@@ -20,7 +20,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kdsweep.config import RegexPattern, problem_lines, read_yaml
 from kdsweep.errors import UserError
@@ -289,6 +299,90 @@ class Retention(_Strict):
     )
 
 
+_SLURM_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2}|UNLIMITED|INFINITE)$")
+# sbatch options `kdsweep run --slurm` writes itself, and the spec key (or flag) that sets each.
+SLURM_OWN_OPTIONS = {
+    "--array": "kdsweep run --slurm N",
+    "--chdir": "the repository root, always",
+    "--output": "studies/<study>/slurm/, always",
+    "--open-mode": "append, always",
+    "--export": "ALL, always",
+    "--job-name": "kdsweep-<study>, always",
+    "--ntasks": "one runner per array task, always",
+    "--gres": "execution.slurm.gres",
+    "--partition": "execution.slurm.partition",
+    "--time": "execution.slurm.time",
+    "--account": "execution.slurm.account",
+}
+_SHORT = {"-a": "--array", "-D": "--chdir", "-o": "--output", "-J": "--job-name", "-n": "--ntasks"}
+_SHORT |= {"-p": "--partition", "-t": "--time", "-A": "--account", "-c": "--cpus-per-task"}
+
+
+def sbatch_option_name(line: str) -> str:
+    """The long name of the option an sbatch line sets: ``--mem=4G`` -> ``--mem``, ``-c4`` -> ``--cpus-per-task``."""
+    head = line.split("=", 1)[0].split()[0] if line.split() else ""
+    if not head.startswith("--"):
+        head = head[:2]
+    return _SHORT.get(head, head)
+
+
+def _sbatch_line(v: str) -> str:
+    v = v.strip()
+    if not v.startswith("-") or "\n" in v or "\r" in v:
+        raise ValueError(f"{v!r}: one sbatch option per line, as after `#SBATCH` (e.g. --mem=16G)")
+    name = sbatch_option_name(v)
+    if name in SLURM_OWN_OPTIONS:
+        raise ValueError(f"{name} is written by kdsweep ({SLURM_OWN_OPTIONS[name]}); leave it out of extra")
+    return v
+
+
+class SlurmSpec(_Strict):
+    """``kdsweep run --slurm N``: the sbatch options of the job array whose tasks are the study's runners."""
+
+    partition: str | None = Field(None, description="sbatch --partition (or a comma list); null = the default.")
+    time: str | None = Field(
+        None,
+        description="sbatch --time of each task (a runner): minutes, HH:MM:SS or D-HH:MM:SS; null = the "
+        "partition's limit.",
+    )
+    account: str | None = Field(None, description="sbatch --account; null = your default.")
+    gres: str | None = Field(
+        "gpu",
+        description="Each task asks for --gres=<gres>:<devices_per_trial x workers> (e.g. gpu, gpu:a100); "
+        "null = CPU only, no --gres.",
+    )
+    extra: list[Annotated[str, AfterValidator(_sbatch_line)]] = Field(
+        default_factory=list,
+        description="More sbatch options, one per line as after `#SBATCH` (--mem=32G, --qos=high, "
+        "--cpus-per-task=8, --constraint=a100).",
+    )
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_TIME.match(v):
+            raise ValueError(f"{v!r}: use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time)")
+        return v
+
+    @field_validator("partition", "account")
+    @classmethod
+    def _name(cls, v: str | None, info) -> str | None:
+        allowed = r"[\w.,-]+" if info.field_name == "partition" else r"[\w.-]+"
+        if v is not None and not re.fullmatch(allowed, v):
+            raise ValueError(f"{v!r} is not a Slurm {info.field_name} name (letters, digits, '_', '.', '-')")
+        return v
+
+    @field_validator("gres")
+    @classmethod
+    def _gres(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_]\w*(:[A-Za-z_][\w.-]*)?", v):
+            raise ValueError(
+                f"{v!r}: a gres name, optionally with a type (gpu, gpu:a100); the count comes from "
+                f"devices_per_trial x workers"
+            )
+        return v
+
+
 class Execution(_Strict):
     stages: list[Literal["distill", "evaluate"]] = Field(
         default_factory=lambda: ["distill"],
@@ -329,6 +423,9 @@ class Execution(_Strict):
         ge=2,
         description="Database storage: a running trial with no heartbeat for this many seconds is failed by "
         "another runner and run again (its runner's machine died).",
+    )
+    slurm: SlurmSpec = Field(
+        default_factory=SlurmSpec, description="sbatch options of `kdsweep run --slurm N` (docs/scale-out.md)."
     )
 
     infra_retries: int = Field(
