@@ -176,6 +176,13 @@ def test_package_init_modules_hold_only_a_docstring():
         assert not code, f"{init.relative_to(REPO)}: code in a package __init__ (it would hide from the stage deps)"
 
 
+def test_the_sweep_package_index_names_every_module():
+    index = ast.get_docstring(ast.parse((PACKAGE / "sweep" / "__init__.py").read_text()))
+    modules = sorted(p.name for p in (PACKAGE / "sweep").glob("*.py") if p.name != "__init__.py")
+    missing = [name for name in modules if f"``{name}``" not in index]
+    assert not missing, f"kdsweep/sweep/__init__.py's index does not name {missing}"
+
+
 def test_no_function_or_class_is_too_long():
     too_long = []
     for path in sorted(PACKAGE.rglob("*.py")):

@@ -13,6 +13,8 @@ The pieces, in the order a sweep uses them:
 ``record.py``       the typed trial record: the only reader and writer of Optuna's user
                     attributes; why each trial ended (complete, pruned, failed, interrupted)
 ``selection.py``    ranked, best, baseline: one ranking for every reader
+``study.py``        Optuna glue: the storage string, the sampler, whether a trial's runner is gone
+``devices.py``      each running trial's own GPUs (device sets of ``devices_per_trial``)
 ``budget.py``       the study's budget, shared by every runner; trial heartbeats
 ``exprun.py``       one trial's ``dvc exp run``: started, logged, stopped
 ``outcome.py``      a trial's end in the study: tell, fail, interrupt and retry, push; dead runners' trials
@@ -22,6 +24,7 @@ The pieces, in the order a sweep uses them:
 ``results.py``      ``kdsweep best``, ``kdsweep report``, ``kdsweep status``
 ``apply.py``        ``best --apply``: the trial's overrides into ``params.yaml``, hand edits kept
 ``testeval.py``     the listed trials' test metrics, from their kept checkpoints (shown, never selected on)
+``dashboard.py``    ``kdsweep dashboard``: optuna-dashboard over the study's own storage
 ``cli.py``          the typer commands
 ==================  ==============================================================
 
