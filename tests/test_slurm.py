@@ -22,8 +22,9 @@ from pgserver import PostgresServer, postgres_server
 from slurmcluster import SlurmCluster, slurm_cluster
 from sweeprepo import BIN, ENV, TS, experiments, sh, write_spec
 
+from kdsweep.sweep.budget import spent
+from kdsweep.sweep.record import TrialRecord, retried
 from kdsweep.sweep.slurm import describe_task, task_identity
-from kdsweep.sweep.study import counts_toward_budget, retried
 
 
 def _kdsweep(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -210,17 +211,19 @@ def test_a_slurm_array_shares_the_budget_and_reruns_a_cancelled_tasks_trial(
 
     trials = {t.number: t for t in optuna.load_study(study_name=name, storage=pg.url).trials}
     logs = {p.name: p.read_text() for p in (repo / "studies" / name / "slurm").glob("*.log")}
-    assert sum(counts_toward_budget(t, retried(trials.values())) for t in trials.values()) == 4, logs
+    recs = [TrialRecord.of(t) for t in trials.values()]
+    assert spent(recs) == 4, logs
     assert sorted(trials) == list(range(5))
     assert trials[cancelled.number].state == TS.FAIL
     # scancel: the task's runner marked it interrupted; died: another runner failed it for its stale heartbeat.
-    assert bool(trials[cancelled.number].user_attrs.get("interrupted")) == (ending == "scancel")
+    # Either way it spent no budget and was run again.
+    assert cancelled.number in retried(recs)
     retry = next(t for t in trials.values() if t.user_attrs.get("retry_of") == cancelled.number)
     assert retry.state == TS.COMPLETE and retry.params == cancelled.params
     assert sum(t.state == TS.COMPLETE for t in trials.values()) == 4
     assert {t.user_attrs["runner"]["slurm"]["array_job"] for t in trials.values()} == {job}
     status = _kdsweep(repo, "status", name, env=env).stdout
-    assert "4 of 4 finished" in status and "1 interrupted and retried" in status
+    assert "4 of 4 finished" in status and "1 interrupted (spent no budget)" in status
 
     # Every counted trial is an experiment on the shared remotes: a fresh clone pulls them all, outputs included.
     clone = tmp_path / "elsewhere"
