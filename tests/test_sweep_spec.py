@@ -220,8 +220,8 @@ def test_upstream_key_would_rebuild_the_cache():
 
 
 def test_key_of_a_stage_the_trials_do_not_run():
-    text = "\n".join(problems(with_(**{"fixed/evaluate.batch_size": 4})))
-    assert "fixed.evaluate.batch_size: no stage a trial runs (distill) reads it; 'evaluate' does" in text
+    text = "\n".join(problems(with_(**{"fixed/evaluate.max_batches": 4})))
+    assert "fixed.evaluate.max_batches: no stage a trial runs (distill) reads it; 'evaluate' does" in text
 
 
 def test_every_problem_is_listed_at_once(names):

@@ -66,6 +66,7 @@ TRIAL_FIELDS = {
     "overhead_seconds",
     "dvc_setup_seconds",
     "distill_import_seconds",
+    "distill_save_seconds",
     "runner",  # the runner that owns a RUNNING trial: {host, pid, started}
     "heartbeat",  # when that runner last said it is alive (time.time())
     "child",  # the trial's `dvc exp run` process: {host, pid, started}
