@@ -634,7 +634,7 @@ def kd_table(by: dict) -> tuple[str, list[dict]]:
                 f"{k['mean']:.4f} ({k['min']:.4f} - {k['max']:.4f})",
                 f"{c['mean']:.4f} ({c['min']:.4f} - {c['max']:.4f})",
                 f"{gain:+.2%}",
-                "apart" if apart else "overlap",
+                ("apart" if apart else "overlap") if min(k["n"], c["n"]) > 1 else "one seed",
             ]
         )
     header = ["KD against CE-only", "KD test CE (min - max)", "CE-only test CE (min - max)", "KD's gain", "ranges"]
