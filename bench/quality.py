@@ -15,7 +15,7 @@ number is read from the experiments' own `metrics/evaluate.json` (test split) an
 read, not run again, so a second run with `--repo` resumes.
 
 The setting (`bench/quality/params.yaml`, over the shipped params.yaml): a teacher trained 1.5x
-longer than the demo's (600 steps), a student with a quarter of the demo student's expert capacity
+longer than the demo's (600 steps), a student with a quarter of the pre-issue-19 demo student's expert capacity
 (wrapper rank 2, 32-wide shared core, fitted to the teacher), trained 120 steps of 4 sequences
 (two thirds of one pass over the training split). The reference point is the reference's recommended
 starting point in that setting: alpha 0.5, T 2, top-64 cache with tail, forward KL, one phase, the
