@@ -4,6 +4,7 @@
     python bench/quality.py --calibrate     # the pipeline and the 8-random-config spread only
     python bench/quality.py --smoke         # everything at toy size (minutes), outputs under --work
     python bench/quality.py --repo DIR      # reuse (resume in) a repository this script built
+    python bench/quality.py --demo [--repo CLONE]   # the embedded default's demo study (issue 19)
 
 Everything runs in a throwaway git + DVC repository built from this checkout as
 bench/sweep.py builds one, through the command line a user has: `dvc repro` for the pipeline,
@@ -14,7 +15,7 @@ number is read from the experiments' own `metrics/evaluate.json` (test split) an
 read, not run again, so a second run with `--repo` resumes.
 
 The setting (`bench/quality/params.yaml`, over the shipped params.yaml): a teacher trained 1.5x
-longer than the demo's (600 steps), a student with a quarter of the demo student's expert capacity
+longer than the demo's (600 steps), a student with a quarter of the pre-issue-19 demo student's expert capacity
 (wrapper rank 2, 32-wide shared core, fitted to the teacher), trained 120 steps of 4 sequences
 (two thirds of one pass over the training split). The reference point is the reference's recommended
 starting point in that setting: alpha 0.5, T 2, top-64 cache with tail, forward KL, one phase, the
@@ -42,6 +43,15 @@ Questions (each configuration with training.seed 0, 1, 2; test CE mean and min-m
      test CE compares across the codes;
   h. KD against CE-only again, at the study's best config: its alpha against alpha 0, all else
      equal (at the reference point's learning rate the student barely moves in 120 steps).
+--demo measures the embedded default itself (the shipped params.yaml and experiments/demo.yaml,
+no bench/quality/params.yaml): it runs the demo study as `make demo` does (or reads it back from
+``--repo``, say the clone `make demo` ran in), records `kdsweep report demo`'s best-against-baseline
+line, then retrains with seeds 0, 1, 2 (outputs in bench/quality/demo/):
+  i. the study's best (selected on validation) against trial 0, the reference's starting point;
+  j. KD against CE-only: the best's config and trial 0's, each with alpha 0, equal steps;
+  k. where the best's gain comes from: its config with trial 0's alpha, T or both, with 2x the
+     steps (2x the sequences) and with the previous default's larger student (rank 8, core 128),
+     the last two each against CE-only as well.
 The setting is checked too: the spread (worst - best) / best of the test CE of 8 random configs
 of the study's search space (the `kdsweep run` random sampler, one seed) must be >= 5%.
 The reference point is one run per seed shared by a, b (topk_tail k 64), c (forward), d (one
@@ -77,6 +87,7 @@ from kdsweep.fsio import atomic_path, write_json, write_text
 HERE = ROOT / "bench" / "quality"
 SEEDS = (0, 1, 2)
 STUDY = "quality"
+DEMO = "demo"
 SPREAD = "quality-spread"
 SPREAD_GOAL, BEST_GOAL, TAIL_GOAL, KD_GOAL, REPRO_GOAL = 0.05, 0.02, 0.01, 0.03, 0.005
 Q8_GOAL, SAMPLED_GOAL = 0.002, 0.01
@@ -327,15 +338,21 @@ def cache_of(overrides: dict) -> str | None:
     return max(names, key=lambda n: len(every[n]), default=None)
 
 
-def run_configs(repos: dict[str | None, Path], logs: Path, jobs: dict[str, dict], workers: int) -> dict[str, dict]:
+def run_configs(
+    repos: dict[str | None, Path], logs: Path, jobs: dict[str, dict], workers: int, rebuild: frozenset = frozenset()
+) -> dict[str, dict]:
     """Every named job, ``workers`` at a time, each in the repository whose cache it reads (:func:`cache_of`).
 
     A job trains and evaluates with ``--force --downstream distill``: DVC's run-cache never
     stands in for a training (a study trial with the same params may be in it), and upstream
-    stages are taken as committed, never rebuilt.
+    stages are taken as committed, never rebuilt. A job named in ``rebuild`` (one that changes
+    the student stage's params) runs plainly instead: DVC reruns what its params changed.
     """
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(exp_run, repos[cache_of(o)], logs, n, o, *FORCE_TRAINING): n for n, o in jobs.items()}
+        futures = {
+            pool.submit(exp_run, repos[cache_of(o)], logs, n, o, *(() if n in rebuild else FORCE_TRAINING)): n
+            for n, o in jobs.items()
+        }
         return {futures[f]: f.result() for f in concurrent.futures.as_completed(futures)}
 
 
@@ -547,6 +564,206 @@ def spread_table(rows: list[dict]) -> str:
     return table(["trial", "state", "test CE", "val CE", "configuration"], body)
 
 
+# --------------------------------------------------------------------------- --demo
+def demo_configs(trial0: dict, best: dict, steps: int) -> dict[str, dict]:
+    """--demo's configurations: trial 0, the study's best, and the best with one thing changed each.
+
+    ``trial0`` and ``best`` are the trials' params overrides as ``kdsweep run`` resolved them;
+    ``steps`` is the trials' ``training.max_steps``. "more data" trains 2x the steps (2x the
+    sequences); "larger student" is the previous embedded default's (wrapper rank 8, core 128).
+    """
+    ref_loss = {k: trial0[k] for k in ("loss.alpha", "loss.temperature")}
+    more = {"training.max_steps": 2 * steps}
+    out = {
+        "trial0": trial0,
+        "trial0_ce_only": {**trial0, "loss.alpha": 0.0},
+        "best": best,
+        "best_ce_only": {**best, "loss.alpha": 0.0},
+        "best_alpha_ref": {**best, "loss.alpha": ref_loss["loss.alpha"]},
+        "best_t_ref": {**best, "loss.temperature": ref_loss["loss.temperature"]},
+        "best_loss_ref": {**best, **ref_loss},
+        "best_more_data": {**best, **more},
+        "best_more_data_ce_only": {**best, **more, "loss.alpha": 0.0},
+    }
+    for name in ("best", "best_ce_only"):
+        out[f"{name.replace('best', 'best_larger_student')}"] = {**out[name], **LARGER_STUDENT}
+    return out
+
+
+DEMO_GOAL_CONFIGS = ("trial0", "best", "best_ce_only")
+# The embedded default's student before issue 19, for the student-size question of --demo.
+LARGER_STUDENT = {"student.wrapper_rank": 8, "student.core_intermediate_size": 128}
+DEMO_QUESTIONS = {
+    "i": ("the demo study's best (selected on validation) against trial 0", [("trial 0", "trial0"), ("best", "best")]),
+    "j": (
+        "KD against CE-only (equal steps)",
+        [
+            ("study best (reference of this table)", "best"),
+            ("the same config, alpha 0 (CE only)", "best_ce_only"),
+            ("trial 0", "trial0"),
+            ("trial 0, alpha 0 (CE only)", "trial0_ce_only"),
+        ],
+    ),
+    "k": (
+        "where the best's gain comes from: its config with one part changed",
+        [
+            ("study best (reference of this table)", "best"),
+            ("alpha of trial 0", "best_alpha_ref"),
+            ("T of trial 0", "best_t_ref"),
+            ("alpha and T of trial 0", "best_loss_ref"),
+            ("2x the steps (more data)", "best_more_data"),
+            ("2x the steps, alpha 0 (CE only)", "best_more_data_ce_only"),
+            ("larger student (rank 8, core 128)", "best_larger_student"),
+            ("larger student, alpha 0 (CE only)", "best_larger_student_ce_only"),
+        ],
+    ),
+}
+KD_PAIRS = (
+    ("trial 0 (the reference's starting point)", "trial0", "trial0_ce_only"),
+    ("the study's best", "best", "best_ce_only"),
+    ("the study's best, 2x the steps (more data)", "best_more_data", "best_more_data_ce_only"),
+    ("the study's best, larger student (rank 8, core 128)", "best_larger_student", "best_larger_student_ce_only"),
+)
+
+
+def trial_overrides(repo: Path, params: dict) -> tuple[dict, dict, dict]:
+    """The demo study's trial 0 and best trial (by validation): (trial 0's overrides, the best's, the best's row)."""
+    from kdsweep.sweep.space import resolve
+    from kdsweep.sweep.spec import load_spec
+
+    spec, _ = load_spec(repo / "experiments" / f"{DEMO}.yaml")
+    done = [t for t in trials(repo, DEMO) if t.state.name == "COMPLETE"]
+    best = min(done, key=lambda t: t.value)
+    zero = next(t for t in trials(repo, DEMO) if t.number == 0)
+    row = {"number": best.number, "value": best.value, "params": best.params, "trial0_value": zero.value}
+    return resolve(spec, params, zero.params), resolve(spec, params, best.params), row
+
+
+def kd_table(by: dict) -> tuple[str, list[dict]]:
+    """KD against CE-only per setting: test CE means, the gain, whether the seed ranges are apart."""
+    body, rows = [], []
+    for label, kd, ce in (pair for pair in KD_PAIRS if pair[1] in by and pair[2] in by):
+        k, c = stats(by[kd]), stats(by[ce])
+        gain = (c["mean"] - k["mean"]) / c["mean"]
+        apart = k["max"] < c["min"] or c["max"] < k["min"]
+        rows.append({"setting": label, "kd": k, "ce_only": c, "gain": gain, "apart": apart})
+        body.append(
+            [
+                label,
+                f"{k['mean']:.4f} ({k['min']:.4f} - {k['max']:.4f})",
+                f"{c['mean']:.4f} ({c['min']:.4f} - {c['max']:.4f})",
+                f"{gain:+.2%}",
+                ("apart" if apart else "overlap") if min(k["n"], c["n"]) > 1 else "one seed",
+            ]
+        )
+    header = ["KD against CE-only", "KD test CE (min - max)", "CE-only test CE (min - max)", "KD's gain", "ranges"]
+    return table(header, body), rows
+
+
+def demo_goals(by: dict, kd_rows: list[dict]) -> list[list]:
+    """Issue 19's goals on the embedded default: the best >= 3% under trial 0, KD >= 3% under CE-only."""
+    t0, best = stats(by["trial0"]), stats(by["best"])
+    gain = (t0["mean"] - best["mean"]) / t0["mean"]
+    apart = best["max"] < t0["min"]
+    kd = next(r for r in kd_rows if r["setting"] == "the study's best")
+    return [
+        goal(
+            f"the demo study's best beats trial 0 by >= {KD_GOAL:.0%} test CE, seed ranges apart",
+            f"{gain:+.2%} (best {best['min']:.4f}-{best['max']:.4f}, trial 0 {t0['min']:.4f}-{t0['max']:.4f}; "
+            f"ranges {'apart' if apart else 'overlap'})",
+            gain >= KD_GOAL and apart,
+        ),
+        goal(
+            f"KD beats CE-only by >= {KD_GOAL:.0%} test CE at the study's best config, seed ranges apart",
+            f"{kd['gain']:+.2%} (KD {kd['kd']['min']:.4f}-{kd['kd']['max']:.4f}, "
+            f"CE-only {kd['ce_only']['min']:.4f}-{kd['ce_only']['max']:.4f})",
+            kd["gain"] >= KD_GOAL and kd["apart"],
+        ),
+    ]
+
+
+def demo_repo(args, params: dict) -> Path:
+    """--demo's repository: a new one with the shipped params.yaml and studies, or ``--repo`` as it is
+    (say, the clone `make demo` ran in: its demo study is reused)."""
+    if args.repo is None:
+        work = args.work or Path(f"/tmp/kdsweep-bench-demo-{int(time.time())}")
+        work.mkdir(parents=True, exist_ok=True)
+        return make_repo(work)
+    if yaml.safe_load((args.repo / "params.yaml").read_text()) != params:
+        raise SystemExit(f"{args.repo}/params.yaml is not the shipped params.yaml: omit --repo")
+    return args.repo
+
+
+def demo_study(params: dict, repo: Path) -> tuple[str, dict, dict, dict]:
+    """The pipeline and the demo study in ``repo`` (each a no-op where done): the report's
+    best-against-baseline line, trial 0's and the best's overrides, the best's row."""
+    work = repo.parent
+    run(repo, "dvc", "repro", "student", "teacher_logits", log=work / "demo-pipeline.log")
+    # Committed with their metrics: a temporary experiment copy without them would rebuild them.
+    if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
+        run(repo, "git", "add", "dvc.lock", "metrics")
+        run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
+    run(repo, str(BIN / "kdsweep"), "run", f"experiments/{DEMO}.yaml", log=work / "demo-study.log")
+    report = run(repo, str(BIN / "kdsweep"), "report", DEMO, log=work / "demo-report.log")[1]
+    line = next((x.strip() for x in report.splitlines() if "Best against baseline" in x), "")
+    if not line:  # `kdsweep report` writes the line into its report.md
+        text = (repo / "reports" / DEMO / "report.md").read_text()
+        line = next((x.strip() for x in text.splitlines() if "Best against baseline" in x), "")
+    return (line, *trial_overrides(repo, params))
+
+
+def demo_sections(repo: Path, line: str, best: dict, best_row: dict, by: dict, seeds_of: dict) -> list[str]:
+    """--demo's tables (questions i, j, k, KD against CE-only, goals); the PNGs beside them."""
+    sections = [f"`kdsweep report {DEMO}`: {line}", study_section(study_numbers(repo, DEMO), best_row, best, DEMO)]
+    for q, (title, rows) in DEMO_QUESTIONS.items():
+        rows = [(label, by[c]) for label, c in rows if c in by]
+        seeds = sorted({s for label, c in DEMO_QUESTIONS[q][1] if c in by for s in seeds_of[c]})
+        sections.append(
+            f"{q}. {title} (test split; seeds {', '.join(map(str, seeds))}: see the seeds column)\n\n"
+            + table(HEADER, question_rows(rows, stats(rows[0][1])))
+        )
+        plot(HERE / "demo" / f"{q}.png", f"{q}. {title}", rows)
+    kd_text, kd_rows = kd_table(by)
+    return [*sections, kd_text, "Goals\n\n" + table(["goal", "measured", ""], demo_goals(by, kd_rows))]
+
+
+def demo_main(args, seeds: tuple[int, ...]) -> None:
+    """--demo: the demo study (run, or read back where it finished), then its best and trial 0 at 3 seeds,
+    KD against CE-only, and the ablations at one seed; results written after each of the two phases."""
+    t_start = time.perf_counter()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    repo = demo_repo(args, params)
+    logs, times = repo.parent / "logs-demo", {}
+    print(f"repository: {repo}; outputs: {HERE / 'demo'}", flush=True)
+    t0 = time.perf_counter()
+    line, trial0, best, best_row = demo_study(params, repo)
+    times["pipeline and the demo study (kdsweep run, kdsweep report)"] = time.perf_counter() - t0
+    configs_ = demo_configs(trial0, best, trial0.get("training.max_steps", params["training"]["max_steps"]))
+    print(f"study best: trial {best_row['number']}; {line}", flush=True)
+    # The goals' configurations at every seed first; then the ablations at the first seed.
+    seeds_of = {c: seeds if c in DEMO_GOAL_CONFIGS else seeds[:1] for c in configs_}
+    runs: dict[str, dict] = {}
+    for phase in (DEMO_GOAL_CONFIGS, [c for c in configs_ if c not in DEMO_GOAL_CONFIGS]):
+        t0 = time.perf_counter()
+        jobs = {f"d-{c}-s{s}": {**configs_[c], "training.seed": s} for c in phase for s in seeds_of[c]}
+        rebuild = frozenset(j for j, o in jobs.items() if "student.wrapper_rank" in o)
+        runs.update(run_configs({None: repo}, logs, jobs, args.workers, rebuild))
+        times[f"configurations ({len(jobs)} runs, {args.workers} at a time)"] = time.perf_counter() - t0
+        by = {c: [runs[f"d-{c}-s{s}"] for s in seeds_of[c]] for c in configs_ if f"d-{c}-s{seeds[0]}" in runs}
+        sections = demo_sections(repo, line, best, best_row, by, seeds_of)
+        print("\n\n".join(sections[-3:]), flush=True)
+        result = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": f"{platform.node()}, {platform.machine()}, nproc {os.cpu_count()}",
+            "report_line": line,
+            "best": best_row,
+            "configs": configs_,
+            "runs": runs,
+            "by_config": {c: {"test_ce": stats(r), "val_loss": stats(r, "val_loss")} for c, r in by.items()},
+        }
+        finish(HERE / "demo", result, sections, dict(times), t_start)
+
+
 # --------------------------------------------------------------------------- main
 def fixed_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
     """Question s alone (``--sampled-fixed-t``): the fp16 top-64 + tail cache and the sampled caches
@@ -577,8 +794,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="where to build the repository (default: under /tmp)")
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one thread each")
     ap.add_argument("--sampled-fixed-t", action="store_true", help="only question s (sampled caches for T = 1)")
+    ap.add_argument("--demo", action="store_true", help="the demo study's best and trial 0 on the embedded default")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # two one-thread trainings on two cores (bench/sweep.py's finding)
+    if args.demo:
+        demo_main(args, SEEDS)
+        return
     t_start = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     machine = f"{platform.node()}, {platform.machine()}, nproc {os.cpu_count()}, python {platform.python_version()}"
@@ -725,7 +946,7 @@ def main() -> None:
     finish(out_dir, result, sections, times, t_start)
 
 
-def study_section(rows: list[dict], best: dict, overrides: dict) -> str:
+def study_section(rows: list[dict], best: dict, overrides: dict, name: str = STUDY) -> str:
     body = [
         [
             r["number"],
@@ -737,7 +958,7 @@ def study_section(rows: list[dict], best: dict, overrides: dict) -> str:
     ]
     keys = ", ".join(f"`{k}`" for k in overrides)
     return (
-        f"Study `{STUDY}` ({len(rows)} trials; value = final validation CE, pruned: last reported)\n\n"
+        f"Study `{name}` ({len(rows)} trials; value = final validation CE, pruned: last reported)\n\n"
         + table(["trial", "state", "val CE", "configuration"], body)
         + f"\n\nbest: trial {best['number']}; its config differs from the setting in {keys}"
     )

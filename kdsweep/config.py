@@ -272,9 +272,9 @@ class StudentConfig(_Section):
     init: Literal["teacher", "random"] = Field(
         "teacher", description="teacher: weights fitted to / copied from the teacher; random: fresh initialisation."
     )
-    wrapper_rank: int = Field(8, ge=1, description="Rank of each expert's wrapper (compressed only).")
+    wrapper_rank: int = Field(1, ge=1, description="Rank of each expert's wrapper (compressed only).")
     core_intermediate_size: int | None = Field(
-        128, ge=1, description="Width of the shared core FFN; null = the teacher's expert width."
+        16, ge=1, description="Width of the shared core FFN; null = the teacher's expert width."
     )
     layers: list[int] | None = Field(None, description="MoE layers to compress; null = all.")
     copy_attention: bool = Field(True, description="Copy attention, norms and router weights from the teacher.")
@@ -332,9 +332,9 @@ class LossConfig(_Section):
 # --------------------------------------------------------------------------- training
 class TrainingConfig(_Section):
     num_train_epochs: float = Field(2, gt=0, description="Passes over the training sequences (if max_steps is null).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_train_epochs.")
+    max_steps: int | None = Field(64, ge=1, description="Optimizer steps; overrides num_train_epochs.")
     per_device_train_batch_size: int = Field(
-        8,
+        4,
         ge=1,
         description="Sequences per micro-batch on each rank: a micro-batch holds this x the number of torchrun "
         "processes (1 without torchrun).",
@@ -348,7 +348,7 @@ class TrainingConfig(_Section):
         "fully_shard per decoder layer, for students that do not fit on one device. Ignored in one process.",
     )
     learning_rate: float = Field(5e-4, gt=0, description="Base learning rate; each group gets base x multiplier.")
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(6, ge=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine, linear).")
     weight_decay: float = Field(0.01, ge=0)
@@ -365,8 +365,8 @@ class TrainingConfig(_Section):
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights (GPU or recent CPU).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
     gradient_checkpointing: bool = False
-    logging_steps: int = Field(10, ge=1, description="Console line and TensorBoard scalars every N steps.")
-    eval_steps: int = Field(25, ge=1, description="Validation every N steps (reported to the sweep's pruner).")
+    logging_steps: int = Field(16, ge=1, description="Console line and TensorBoard scalars every N steps.")
+    eval_steps: int = Field(16, ge=1, description="Validation every N steps (reported to the sweep's pruner).")
     eval_max_batches: int | None = Field(
         None, ge=1, description="Cap on validation batches per evaluation; null = all."
     )

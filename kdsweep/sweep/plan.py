@@ -161,7 +161,7 @@ def key_problem(key: str, *, scalar: bool) -> str | None:
         hint = (
             " (sweep its multipliers with `lr_multipliers`)"
             if key == "parameter_lr_multipliers"
-            else (" (sweep stage layouts with `stage_layouts`)" if key.startswith("stages") else "")
+            else (" (sweep phase layouts with `stage_layouts`)" if key.startswith("stages") else "")
         )
         return f"`{key}` is a section or list, not a value a distribution can take; name a key inside it{hint}"
     return None
@@ -191,7 +191,7 @@ def _with(space: Space, fixed: dict[str, Any]) -> Callable[[Dim], Any]:
 
 def _probe(space: Space, name: str, value: Any) -> dict[str, Any] | None:
     """Values with ``name`` set, its ``when`` parents set so that it is sampled, and the other knobs
-    of a chosen stage layout at their first edge (a layout's stages need all of theirs).
+    of a chosen phase layout at their first edge (a layout's phases need all of theirs).
     None if no value of a parent makes ``name`` sampled (reported as a ``when`` problem)."""
     out = {name: value}
     todo = [name]
@@ -302,7 +302,7 @@ def _edge_problems(spec: StudySpec, space: Space, base: dict, seen: set[str]) ->
     Adds every problem line found to ``seen``, so later checks do not repeat them.
     """
     problems = []
-    # Knobs inside stage layouts first: their problems name the layout's own path.
+    # Knobs inside phase layouts first: their problems name the layout's own path.
     for d in sorted(space.dims, key=lambda d: not d.name.startswith("stages[")):
         for edge in d.edges():
             values = _probe(space, d.name, edge)

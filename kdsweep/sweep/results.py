@@ -243,7 +243,7 @@ def exp_show_command(study: str, storage: str | None = None) -> str:
     """One ``dvc exp show`` command that lists the study's trials one per row, best first.
 
     Its columns are the experiment, distill's ``state`` and ``val_loss`` (and the objective, if
-    another metric), the params the spec's ``space`` sweeps and, with stage layouts,
+    another metric), the params the spec's ``space`` sweeps and, with phase layouts,
     ``stages.enabled``; everything else is dropped, so the table fits a 120-column terminal.
     Trials of other studies from the same commit are listed too: DVC has no filter by name.
     """
