@@ -24,27 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import sync, timed
 from loss import loss_inputs, variant_loss
 
 from kdsweep.cache.format import summarize_logits, temperature_grid
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def timed(fn, dev: torch.device, repeats: int = 3) -> float:
-    """Fastest of ``repeats`` calls after one warm-up, in seconds."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(dev)
-        start = time.perf_counter()
-        fn()
-        sync(dev)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def peak_mb(fn, dev: torch.device) -> str:
@@ -84,7 +67,7 @@ def loss_part(tokens: int, vocab: int, hidden: int, k: int, chunks: list[int], d
     print("| variant | time | extra peak memory |\n|---|---|---|")
     for variant in ["naive_dense"] + [f"chunked_{c}" for c in chunks]:
         mem = peak_mb(lambda v=variant: step(v), dev)
-        print(f"| {variant} | {1000 * timed(lambda v=variant: step(v), dev):.1f} ms | {mem} |", flush=True)
+        print(f"| {variant} | {1000 * timed(lambda v=variant: step(v), dev, 3):.1f} ms | {mem} |", flush=True)
     print(f"\nTop operators of chunked_{chunks[0]}:\n```\n{top_ops(lambda: step(f'chunked_{chunks[0]}'), dev)}\n```")
 
 
@@ -102,7 +85,7 @@ def summary_part(tokens: int, vocab: int, k: int, rows: list[int], dev: torch.de
     print(f"\n## cache summary, {tokens:,} positions, V={vocab:,}, top-{k}, grid 8, bf16 logits\n")
     print("| chunk (positions) | summary only | summary + copy to host |\n|---|---|---|")
     for chunk in rows:
-        bare, host = timed(lambda c=chunk: run(c, False), dev), timed(lambda c=chunk: run(c, True), dev)
+        bare, host = timed(lambda c=chunk: run(c, False), dev, 3), timed(lambda c=chunk: run(c, True), dev, 3)
         print(f"| {chunk:,} | {1000 * bare:.1f} ms | {1000 * host:.1f} ms |", flush=True)
     print(f"\nTop operators of one chunk of {rows[0]} positions:\n```")
     print(top_ops(lambda: summarize_logits(logits[: rows[0]], k, betas), dev) + "\n```")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -62,3 +64,24 @@ def tiny_qwen3_moe(vocab_size: int, **config):
     shape = dict(hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2)
     heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2)
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=vocab_size, **shape, **heads, **config))
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str = "1m"):
+    """A real tmpfs of ``size`` mounted at ``where`` for the block (the tests run as root), then unmounted."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; returns the file to delete to free it."""
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb") as f:
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+    return filler

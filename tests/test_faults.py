@@ -18,7 +18,6 @@ mounted by the test (CI runs as root) and filled up, a runner killed with SIGKIL
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import signal
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import fill_disk, small_disk
 from pgserver import PostgresServer, postgres_server, server_bin_dir
 from sweeprepo import BIN, ENV, SPEC, TS, experiments, kdsweep, start_long_study, study, write_spec
 
@@ -59,27 +59,6 @@ def _finish(runner: subprocess.Popen, repo: Path, timeout: float) -> str:
     """Wait for a runner :func:`_start` started; returns its console output."""
     runner.wait(timeout=timeout)
     return (repo / "runner.out").read_text()
-
-
-@contextlib.contextmanager
-def _small_disk(where: Path, size: str = "1m"):
-    """A tmpfs of ``size`` mounted at ``where`` for the block."""
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
-def _fill(disk: Path) -> Path:
-    """Fill ``disk`` to the last byte; returns the file to delete to free it."""
-    filler = disk / "filler"
-    with contextlib.suppress(OSError), filler.open("wb") as f:
-        while True:
-            f.write(b"\0" * 4096)
-            f.flush()
-    return filler
 
 
 def _summary(fault: str, budget: int, trials: list) -> str:
@@ -129,7 +108,7 @@ def test_a_database_down_for_30_s_mid_trial_loses_no_trial_and_spends_no_budget(
 
 
 def test_a_journal_on_a_disk_full_for_8_s_mid_trial_loses_no_trial_and_spends_no_budget(sweep_repo, tmp_path):
-    with _small_disk(tmp_path / "disk") as disk:
+    with small_disk(tmp_path / "disk") as disk:
         spec = write_spec(
             sweep_repo,
             "jfull",
@@ -141,7 +120,7 @@ def test_a_journal_on_a_disk_full_for_8_s_mid_trial_loses_no_trial_and_spends_no
         )
         runner = _start(sweep_repo, spec)
         _wait_for(sweep_repo / "studies" / "jfull" / "logs" / "0.log", "Step 3: Val Loss", runner)
-        filler = _fill(disk)
+        filler = fill_disk(disk)
         time.sleep(8)
         filler.unlink()
         out = _finish(runner, sweep_repo, 600)
@@ -154,9 +133,9 @@ def test_a_journal_on_a_disk_full_for_8_s_mid_trial_loses_no_trial_and_spends_no
 
 
 def test_outputs_on_a_full_disk_interrupt_without_spending_the_budget_then_resume(sweep_repo, tmp_path):
-    with _small_disk(tmp_path / "disk") as disk:
+    with small_disk(tmp_path / "disk") as disk:
         (sweep_repo / "checkpoints").symlink_to(disk)  # each trial's checkpoints/<study>/<number>
-        filler = _fill(disk)
+        filler = fill_disk(disk)
         spec = write_spec(
             sweep_repo,
             "full",

@@ -4,17 +4,15 @@ for every reader: on real Optuna journal studies (and a real full disk: a small 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
-from helpers import REPO
+from helpers import REPO, fill_disk, small_disk
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from sweeprepo import kdsweep, sh, write_spec
@@ -171,45 +169,31 @@ def test_selection_ranks_complete_then_pruned_and_follows_an_interrupted_baselin
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def tiny_disk(tmp_path):
     """A 512 KiB tmpfs mounted for the test (CI runs as root), unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
-    try:
+    with small_disk(tmp_path / "disk", "512k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def _fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with contextlib.suppress(OSError), filler.open("wb") as f:
-        while True:
-            f.write(b"\0" * 4096)
-            f.flush()
-    return filler
-
-
-def test_a_journal_write_on_a_full_disk_waits_for_space_and_leaves_no_torn_record(small_disk, capfd):
-    study, storage, url = _journal(small_disk / "s.journal")
+def test_a_journal_write_on_a_full_disk_waits_for_space_and_leaves_no_torn_record(tiny_disk, capfd):
+    study, storage, url = _journal(tiny_disk / "s.journal")
     t = study.ask()
-    filler = _fill(small_disk)
+    filler = fill_disk(tiny_disk)
     threading.Timer(2.0, filler.unlink).start()  # space comes back after 2 s
     t0 = time.monotonic()
     with_retries(lambda: storage.set_trial_user_attr(t._trial_id, "experiment", "x" * 5000), url, "writing", 20)
     assert time.monotonic() - t0 >= 2.0
     assert "No space left on device (errno ENOSPC) while writing; retrying" in capfd.readouterr().err
-    lines = (small_disk / "s.journal").read_bytes().splitlines()
+    lines = (tiny_disk / "s.journal").read_bytes().splitlines()
     assert all(isinstance(json.loads(line), dict) for line in lines)  # every record whole
-    reread = JournalStorage(JournalFileBackend(str(small_disk / "s.journal")))
+    reread = JournalStorage(JournalFileBackend(str(tiny_disk / "s.journal")))
     assert reread.get_trial(t._trial_id).user_attrs == {"experiment": "x" * 5000}
 
 
-def test_a_journal_write_on_a_disk_that_stays_full_is_one_clear_error(small_disk):
-    study, storage, url = _journal(small_disk / "s.journal")
+def test_a_journal_write_on_a_disk_that_stays_full_is_one_clear_error(tiny_disk):
+    study, storage, url = _journal(tiny_disk / "s.journal")
     t = study.ask()
-    _fill(small_disk)
+    fill_disk(tiny_disk)
     with pytest.raises(StorageUnavailable) as e:
         with_retries(lambda: storage.set_trial_user_attr(t._trial_id, "experiment", "x" * 5000), url, "writing", 2)
     message = str(e.value)
