@@ -4,7 +4,7 @@ A checkpoint directory holds::
 
     model/              save_pretrained (safetensors)
     optimizer.pt        optimizer state_dict (AdamW moments and step counts of this phase); left
-                        out of a final checkpoint nothing continues (a finished run, a sweep trial)
+                        out of a sweep trial's final checkpoint, which nothing continues
     rng.pt              torch (and CUDA) RNG states
     trainer_state.json  global step, training phase and step in it, position in the data, counters
     params.yaml         the resolved config the run used
@@ -132,8 +132,8 @@ def restore(path: Path, model, optimizer) -> None:
     if optimizer is not None:
         if not (path / "optimizer.pt").is_file():
             raise UserError(
-                f"--resume: checkpoint {path} has no optimizer state (the final checkpoint of a finished run or of "
-                "a sweep trial, which nothing continues); run without --resume to start fresh"
+                f"--resume: checkpoint {path} has no optimizer state (the final checkpoint of a sweep trial, "
+                "which nothing continues); run without --resume to start fresh"
             )
         whole = torch.load(path / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(distributed.shard_optimizer_state(whole, optimizer))

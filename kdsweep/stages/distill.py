@@ -445,9 +445,10 @@ def _distill(params: Params, paths: _Paths, hparam_keys: list[str], resume: bool
     train_seconds, save_start = time.perf_counter() - start, time.perf_counter()
     # persist: true outputs: a crash never leaves a half-written student where DVC would pick it up.
     checkpoint.save_model(run.student, paths.student)
-    # Nothing continues a finished run's optimizer (its resume restores the weights alone), nor a sweep
-    # trial's (a pruned trial is never continued): its final checkpoint leaves the moments out.
-    resumable = status != "complete" and eval_hook is None
+    # Nothing continues a sweep trial (a pruned one is never resumed, a finished one is selected or
+    # dropped): its final checkpoint leaves the moments out. A plain run keeps them, so that
+    # `--resume` after raising training.max_steps trains on with the same optimizer.
+    resumable = eval_hook is None
     params_dict = params.model_dump(mode="json")
     checkpoint.save(run.last_ckpt, run.student, optimizer if resumable else None, state, params_dict, status=status)
     # Where the process's time went, for the sweep runner (which reads this file, not the console).
