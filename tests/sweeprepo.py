@@ -49,6 +49,18 @@ def sh(repo: Path, *cmd: str, timeout: float = 600, check: bool = True) -> subpr
     return proc
 
 
+def committed_repo(repo: Path, files: dict[str, str]) -> Path:
+    """A new git + DVC repository at ``repo`` holding ``files`` (name -> text), committed."""
+    repo.mkdir(parents=True)
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "base")
+    return repo
+
+
 def kdsweep(repo: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     return sh(repo, str(BIN / "kdsweep"), *args, **kw)
 

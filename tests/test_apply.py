@@ -8,7 +8,6 @@ study with one complete trial, and that trial's DVC experiment (a real ref under
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import optuna
@@ -17,7 +16,7 @@ import yaml
 from helpers import REPO
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from sweeprepo import kdsweep, sh, write_spec
+from sweeprepo import committed_repo, kdsweep, sh, write_spec
 
 from kdsweep.sweep import dvcexp
 
@@ -27,14 +26,8 @@ OVERRIDES = {"loss.alpha": 0.25, "training.max_steps": 6}
 @pytest.fixture
 def applied_repo(tmp_path) -> Path:
     """A repository whose study ``tiny`` has one complete trial, ``tiny-0``, that set :data:`OVERRIDES`."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
-    (repo / "dvc.yaml").write_text('stages:\n  distill:\n    cmd: "true"\n    params: [loss, training]\n')
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "base")
+    dvc_yaml = 'stages:\n  distill:\n    cmd: "true"\n    params: [loss, training]\n'
+    repo = committed_repo(tmp_path / "repo", {"params.yaml": (REPO / "params.yaml").read_text(), "dvc.yaml": dvc_yaml})
     write_spec(repo, "tiny")
     (repo / "studies").mkdir()
     storage = JournalStorage(JournalFileBackend(str(repo / "studies" / "tiny.journal")))

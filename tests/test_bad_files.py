@@ -22,7 +22,7 @@ import pytest
 from helpers import REPO
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from sweeprepo import kdsweep, sh, write_spec
+from sweeprepo import committed_repo, kdsweep, sh, write_spec
 
 from kdsweep.sweep import dvcexp
 
@@ -98,14 +98,8 @@ def _write_cache(path: Path) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A repository with a spec, a journal study ``s`` with one complete trial, and a cache file."""
-    repo = tmp_path_factory.mktemp("bad-files") / "repo"
-    repo.mkdir()
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(REPO / name, repo / name)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "pipeline")
+    pipeline = {name: (REPO / name).read_text() for name in ("params.yaml", "dvc.yaml")}
+    repo = committed_repo(tmp_path_factory.mktemp("bad-files") / "repo", pipeline)
     write_spec(repo, "s")
     (repo / "studies").mkdir()
     study = optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(repo / JOURNAL))))

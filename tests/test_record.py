@@ -5,7 +5,6 @@ for every reader: on real Optuna journal studies (and a real full disk: a small 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from helpers import REPO, fill_disk, small_disk
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from sweeprepo import kdsweep, sh, write_spec
+from sweeprepo import committed_repo, kdsweep, write_spec
 
 from kdsweep.errors import UserError
 from kdsweep.optuna_io import StorageUnavailable, open_storage, with_retries
@@ -203,14 +202,7 @@ def test_a_journal_write_on_a_disk_that_stays_full_is_one_clear_error(tiny_disk)
 
 
 def test_status_best_and_report_show_why_a_trial_ended_in_one_line(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(REPO / name, repo / name)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "bare")
+    repo = committed_repo(tmp_path / "repo", {name: (REPO / name).read_text() for name in ("params.yaml", "dvc.yaml")})
     write_spec(repo, "causes")
     (repo / "studies").mkdir()
     study, storage, url = _journal(repo / "studies" / "causes.journal", "causes")
