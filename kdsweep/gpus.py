@@ -7,11 +7,24 @@ of that list, not GPU i of the machine, so the ids handed on must come from the 
 
 from __future__ import annotations
 
+import glob
 import os
+
+# Device nodes a GPU driver creates (NVIDIA's, in containers too; ROCm's kernel driver for AMD GPUs).
+# Without any of them no GPU can be used, and importing torch only to count none costs a
+# second or more in every `kdsweep run`.
+_DRIVER_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def gpu_driver_present() -> bool:
+    """Whether this machine has a GPU driver's device nodes (cheap: no torch import)."""
+    return any(glob.glob(pattern) for pattern in _DRIVER_NODES)
 
 
 def visible_gpus() -> list[str]:
     """Ids of the GPUs this process can use (empty on a machine without CUDA), as ``CUDA_VISIBLE_DEVICES`` entries."""
+    if not gpu_driver_present():
+        return []
     import torch
 
     count = torch.cuda.device_count()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from kdsweep.errors import UserError
+
+if TYPE_CHECKING:  # the sweep runner checks patterns with this module and must not pay torch's import
+    import torch
 
 
 @dataclass
@@ -121,6 +123,8 @@ def assign_groups(
 
 def no_decay_names(model: torch.nn.Module) -> set[str]:
     """Norm weights, biases and embeddings: excluded from weight decay by default."""
+    import torch
+
     out = set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):

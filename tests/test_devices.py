@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -280,3 +281,14 @@ def test_a_killed_shard_fails_the_stage_with_its_log_and_a_rerun_resumes_it(pipe
     assert "merged 2 shards" in again.stdout
     assert "resuming" in (logs / "shard-1-of-2.log").read_text()
     verify_cache(pipeline_copy / "data/teacher_logits/train.h5", report=lambda line: None)
+
+
+def test_the_runner_never_imports_torch_on_a_machine_without_a_gpu_driver():
+    """`kdsweep run` counts GPUs and checks patterns without torch where no GPU driver exists."""
+    code = (
+        "import json, sys; import kdsweep.sweep.runner, kdsweep.param_groups; from kdsweep import gpus; "
+        "print(json.dumps([gpus.gpu_driver_present(), gpus.visible_gpus(), 'torch' in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    driver, visible, torch_imported = json.loads(out.stdout)
+    assert driver or (visible == [] and not torch_imported)

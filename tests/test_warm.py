@@ -13,14 +13,16 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-from sweeprepo import BIN, ENV, experiments, kdsweep, lock, sh, study
+from sweeprepo import BIN, ENV, committed_repo, experiments, kdsweep, lock, sh, study
 
 from kdsweep import warm
 
@@ -88,8 +90,8 @@ def _trial_of(zygote, root: Path) -> psutil.Process:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for handler in psutil.Process(zygote.proc.pid).children():
-            for trial in handler.children():
-                with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error):  # a handler (or its trial) may end while we look
+                for trial in handler.children():
                     if Path(trial.cwd()) == root:
                         return trial
         time.sleep(0.05)
@@ -143,6 +145,44 @@ def test_a_studys_warm_trials_reproduce_exactly_with_best_apply_and_dvc_repro(sm
 
 def _student_out(stages: dict) -> dict:
     return next(o for o in stages["distill"]["outs"] if o["path"] == "models/student")
+
+
+def _ready(zygote) -> None:
+    deadline = time.monotonic() + 120
+    while not os.path.exists(zygote.env[warm.ENV] + warm.READY):
+        assert time.monotonic() < deadline, "the zygote never finished its imports"
+        time.sleep(0.1)
+
+
+def test_a_trials_dvc_command_runs_forked_from_the_zygote_with_dvcs_own_output_and_status(zygote, tmp_path):
+    repo = committed_repo(tmp_path / "repo", {"params.yaml": "lr: 0.1\n"})
+    sh(repo, "dvc", "stage", "add", "-n", "echo", "-p", "lr", "-o", "out.txt", "echo done > out.txt")
+    _ready(zygote)
+    cold = sh(repo, "dvc", "status", check=False)
+    client = [*zygote.command(["dvc", "status"])]
+    client[1:1] = ["-X", "importtime"]  # after the interpreter: which modules the client itself imported
+    hot = subprocess.run(client, cwd=repo, env=ENV | zygote.env, capture_output=True, text=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in hot.stderr.splitlines() if line.startswith("import time")}
+    assert "kdsweep.warm" in imported and not any(m.split(".")[0] == "dvc" for m in imported)
+    assert (hot.returncode, hot.stdout) == (cold.returncode, cold.stdout) and "echo" in hot.stdout
+    missing = zygote.command(["dvc", "repro", "missing"])
+    failed = subprocess.run(missing, cwd=repo, env=ENV | zygote.env, capture_output=True, text=True)
+    cold_failed = sh(repo, "dvc", "repro", "missing", check=False)
+    assert (failed.returncode, failed.stderr) == (cold_failed.returncode, cold_failed.stderr) != (0, "")
+
+
+def test_a_dvc_client_runs_dvc_itself_while_the_zygote_is_still_importing(tmp_path):
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a zygote whose imports have not finished
+    listening.bind(str(tmp_path / "socket"))
+    listening.listen(1)
+    code = "import sys; from kdsweep import warm; print(warm.delegate(warm.DVC_ENTRY)); print('dvc' in sys.modules)"
+    env = ENV | {warm.ENV: str(tmp_path / "socket")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "False"]  # nothing connected: the caller runs DVC itself
+    listening.settimeout(0.1)
+    with pytest.raises(TimeoutError):
+        listening.accept()
+    listening.close()
 
 
 def test_the_runner_starts_and_stops_its_zygote():

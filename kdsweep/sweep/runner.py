@@ -124,6 +124,16 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
     if n_trials is not None:
         updates["budget"] = spec.budget.model_copy(update={"n_trials": n_trials})
     spec = spec.model_copy(update=updates)
+    # The trials' warm process starts first: its imports (seconds) overlap the checks, the
+    # upstream stages and opening the study, instead of delaying the first trial.
+    zygote = warm.Zygote(spec.execution.warm_start and not check)
+    try:
+        return _run(spec, spec_path, root, zygote, check=check)
+    finally:
+        zygote.stop()
+
+
+def _run(spec: StudySpec, spec_path: Path, root: Path, zygote: warm.Zygote, *, check: bool) -> int:
     devices = device_sets(spec)
     spec = spec.model_copy(update={"workers": devices.workers})
     ws = Workspace.read(root)
@@ -153,7 +163,7 @@ def run(spec_path: Path, *, workers: int | None = None, n_trials: int | None = N
         + (f", {max(0, n - done)} to run by this and any other runner" if n else "")
         + f", {spec.workers} worker(s) here"
     )
-    return Runner(ws, plan, before, outcomes, url, me, copy_paths, (started, done)).run()
+    return Runner(ws, plan, before, outcomes, url, me, copy_paths, (started, done), zygote).run()
 
 
 class Runner:
@@ -169,12 +179,14 @@ class Runner:
         me: dict,
         copy_paths: list[str],
         progress: tuple[float, int],
+        zygote: warm.Zygote,
     ):
         self.ws, self.root, self.plan, self.spec = ws, ws.root, plan, plan.spec
         self.name = self.spec.study
         self.before = before  # upstream stages' dvc.lock entries, which every trial must keep
         self.outcomes, self.study, self.storage = outcomes, outcomes.study, outcomes.storage
         self.url, self.me, self.copy_paths = url, me, copy_paths
+        self.zygote = zygote  # the trials' distill processes fork from it (kdsweep.warm)
         self.retention = Retention(
             self.root, self.name, self.spec.retention.keep_best, self.spec.objective.direction, plan.run_stages
         )
@@ -208,7 +220,6 @@ class Runner:
         """Run the workers until the budget, the timeout or a stop; then report. Ctrl-C re-raises."""
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         workers = [threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True) for i in range(self.active)]
-        self.zygote = warm.Zygote(self.spec.execution.warm_start)  # the trials' distill processes fork from it
         try:
             for w in workers:
                 w.start()
@@ -225,7 +236,6 @@ class Runner:
             raise
         finally:
             signal.signal(signal.SIGTERM, old_term)
-            self.zygote.stop()
             self.heartbeats.close()
             self.bar.close()
         if self.storage_lost:  # nothing more can be written: say why, and leave the rest to the resume
@@ -298,7 +308,7 @@ class Runner:
             dvcexp.remove_experiment(self.root, name)
         dumped = params.model_dump(mode="json")
         run = exprun.run_experiment(
-            exprun.exp_run_command(name, overrides, self.plan.run_stages, self.copy_paths),
+            self.zygote.command(exprun.exp_run_command(name, overrides, self.plan.run_stages, self.copy_paths)),
             root=self.root,
             env=self._trial_env(trial, {k: dotted_get(dumped, k) for k in overrides}),
             log=self.logs / f"{trial.number}.log",
