@@ -285,6 +285,21 @@ class StudentConfig(_Section):
 
 
 # --------------------------------------------------------------------------- loss
+class KDPositionsConfig(_Section):
+    fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share f of each sequence's real positions the KD term covers (CE covers all); "
+        "1 = every position. The KD term is averaged over the selected positions.",
+    )
+    by: Literal["student_entropy"] = Field(
+        "student_entropy",
+        description="student_entropy: the ceil(f * n) positions where the student's own distribution "
+        "(temperature 1, detached) has the highest entropy, chosen afresh at every step (SE-KD).",
+    )
+
+
 class LossConfig(_Section):
     alpha: float = Field(
         0.5,
@@ -326,6 +341,10 @@ class LossConfig(_Section):
         ge=1,
         description="Tokens per chunk of the LM head + loss; the loss holds about 4 x chunk_size x vocabulary "
         "float32 values at a time (256 x 151,936: ~0.6 GB).",
+    )
+    kd_positions: KDPositionsConfig = Field(
+        default_factory=KDPositionsConfig,
+        description="Which positions the KD term covers (position selection); the cache's bytes are unchanged.",
     )
 
 

@@ -49,6 +49,22 @@ Modes (how p_T is represented):
   error of the mean over M positions or draws shrinks as 1 / sqrt(N M) (tests/test_sampled.py).
   p_T and q_tau at the kept ids come from the cache exactly as in ``topk_tail``.
 
+Position selection (``kd_fraction`` f < 1; Tavor et al., 2026, "Rethinking Selective Knowledge
+Distillation", SE-KD): the KD term covers only the positions where the student is most
+uncertain, CE still covers every real position. In each sequence with n real targets the
+ceil(f * n) positions of highest student entropy H_n = -sum_v q_1(v) log q_1(v) are selected
+(the student's own logits, detached, at temperature 1: its actual predictive uncertainty, so the
+choice does not move when T is tuned, and the same score the initial student gives a cache
+before T is known). With S the selected set of the whole accumulated batch::
+
+    total = (1 - alpha) * CE + alpha * T^2 * (1/|S|) sum_{n in S} KL_n
+
+so ``batchmean`` averages the KD term over the *selected* positions. One
+``weighted_sum / N`` carries both terms: the KD sum is scaled by ``kd_scale = N / |S|``
+(:func:`kd_position_count` gives |S| from the sequences' lengths before any forward pass).
+Selecting per sequence makes the choice independent of micro-batch size, gradient accumulation
+and the number of ranks. f = 1 (the default) selects every real position and skips the entropy.
+
 Memory and time: the student's logits are never materialised for the whole batch. The LM
 head and the loss run on ``chunk_size`` tokens at a time, and each chunk's gradient with
 respect to its logits is taken right there, in the forward pass (analytically for the
@@ -56,7 +72,8 @@ respect to its logits is taken right there, in the forward pass (analytically fo
 states and the head weight (as Liger-Kernel's fused linear losses do). So backward needs no
 recomputation (three head matmuls, as the naive path), and peak extra memory is about four
 (chunk_size, V) float32 buffers plus one head-weight gradient, independent of batch x
-sequence (``bench/loss.py``: 6% of the naive path's at V = 151,936, chunk 256).
+sequence (``bench/loss.py``: 6% of the naive path's at V = 151,936, chunk 256). With f < 1 a first
+pass over the chunks (no gradient) takes the student's entropies: one head matmul more per chunk.
 :func:`loss_sums` is the same loss written for plain autograd (the reference).
 """
 
@@ -88,6 +105,8 @@ class LossSpec:
     scale_by_t2: bool = True
     chunk_size: int = 1024
     jsd_beta: float = 0.5
+    kd_fraction: float = 1.0  # share f of each sequence's real positions the KD term covers
+    kd_scale: float = 1.0  # N / |S| of the accumulated batch (1 when f = 1)
 
     @property
     def ce_weight(self) -> float:
@@ -95,8 +114,41 @@ class LossSpec:
 
     @property
     def kl_weight(self) -> float:
-        """``alpha * T^2`` (or ``alpha`` without the T^2 convention)."""
-        return self.alpha * (self.temperature**2 if self.scale_by_t2 else 1.0)
+        """``alpha * T^2 * kd_scale`` (``alpha * kd_scale`` without the T^2 convention)."""
+        return self.alpha * (self.temperature**2 if self.scale_by_t2 else 1.0) * self.kd_scale
+
+
+def kd_position_count(real_positions: int, fraction: float) -> int:
+    """How many of a sequence's ``real_positions`` the KD term covers: ceil(f * n), 0 only if n = 0.
+
+    The 1e-9 keeps products like 0.3 * 10 = 3.0000000000000004 from rounding up.
+    """
+    return math.ceil(real_positions * fraction - 1e-9)
+
+
+def student_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(C,) entropy in nats of softmax(logits) at temperature 1, from (C, V) logits (no gradient)."""
+    with torch.no_grad():
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        return -(lp.exp() * lp).sum(-1)
+
+
+def select_kd_positions(entropy: torch.Tensor, real: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The KD positions: in each row (a sequence), the ceil(f * n) real positions of highest entropy.
+
+    Args:
+        entropy: (S, L) the student's entropy at each position.
+        real: (S, L) bool, positions with a target (n = real.sum(-1) per row).
+        fraction: f in (0, 1].
+    Returns:
+        (S, L) bool mask, a subset of ``real``; ties go to the earlier position.
+    """
+    counts = torch.tensor([kd_position_count(int(n), fraction) for n in real.sum(-1)], device=real.device)
+    order = entropy.masked_fill(~real, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    return (rank < counts.unsqueeze(-1)) & real
 
 
 @dataclass
@@ -173,24 +225,30 @@ def _ce_and_top1(z: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk):
 
 
 def sampled_chunk_loss_and_grad(
-    z: torch.Tensor, targets: torch.Tensor, teacher: SampledTeacher, spec: LossSpec, need_grad: bool
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: SampledTeacher,
+    spec: LossSpec,
+    need_grad: bool,
+    kd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What :func:`chunk_loss_and_grad` is for the other modes, for loss mode ``sampled`` (the gradient in closed form).
 
     d(KL^)/dz = (W q_T - w) / T with W = sum_u w_u, w scattered onto the sampled ids;
-    dCE/dz = softmax(z) - onehot(y). ``z`` (C, V) float32 is **overwritten**.
+    dCE/dz = softmax(z) - onehot(y). ``z`` (C, V) float32 is **overwritten**; ``kd`` as there.
     """
     if spec.direction != "forward":
         raise ValueError("loss mode 'sampled' estimates the forward KL only")
     t, vocab = spec.temperature, z.shape[-1]
     real, y, lse1, ce, top1 = _ce_and_top1(z, targets, teacher)
+    kd = real if kd is None else kd
     with torch.no_grad():
         lq = (z / t).log_softmax(-1)
-        kl = sampled_divergence(lq, teacher).masked_fill(~real, 0).sum()
+        kl = sampled_divergence(lq, teacher).masked_fill(~kd, 0).sum()
         sums = torch.stack([spec.ce_weight * ce + spec.kl_weight * kl, ce, kl, top1, real.sum()]).double()
         if not need_grad:
             return sums, None
-        w = teacher.weights.float().masked_fill(~real.unsqueeze(-1) | (teacher.ids >= vocab), 0)
+        w = teacher.weights.float().masked_fill(~kd.unsqueeze(-1) | (teacher.ids >= vocab), 0)
         grad = lq.exp_().mul_(w.sum(-1, keepdim=True))
         grad.scatter_add_(-1, teacher.ids.clamp(max=vocab - 1), -w).mul_(spec.kl_weight / t)
         coef = (spec.ce_weight * real).to(grad.dtype).unsqueeze(-1)
@@ -207,8 +265,9 @@ TeacherFn = Callable[[int, int], TeacherChunk]
 class LossOutput:
     """Sums over the real tokens of a chunk or batch; divide by a token count to average.
 
-    ``weighted_sum = (1 - alpha) * ce_sum + alpha * T^2 * kl_sum`` carries the gradient;
-    from :func:`distillation_loss` the other sums are detached (they are for logging).
+    ``weighted_sum = (1 - alpha) * ce_sum + alpha * T^2 * kd_scale * kl_sum`` carries the
+    gradient; from :func:`distillation_loss` the other sums are detached (they are for logging).
+    ``kl_sum`` covers the ``kd_tokens`` selected positions (all ``num_tokens`` when f = 1).
     """
 
     weighted_sum: torch.Tensor
@@ -216,6 +275,7 @@ class LossOutput:
     kl_sum: torch.Tensor
     top1_matches: torch.Tensor
     num_tokens: int
+    kd_tokens: int
 
     def total(self, normalizer: int) -> torch.Tensor:
         """The loss: ``weighted_sum / normalizer``, with ``normalizer`` the real-token count
@@ -362,6 +422,7 @@ def loss_sums(
     teacher: TeacherChunk,
     spec: LossSpec,
     temperature: float | None = None,
+    kd_mask: torch.Tensor | None = None,
 ) -> LossOutput:
     """CE and KD-divergence *sums* over the real targets of one chunk (differentiable).
 
@@ -369,6 +430,8 @@ def loss_sums(
         student_logits: (C, V).
         targets: (C,) next-token ids, ``-100`` for positions that do not count.
         teacher: the teacher at the same C positions.
+        kd_mask: (C,) bool, the positions the KD sum covers (a subset of the real ones, see
+            :func:`select_kd_positions`); None: every real position.
     """
     t = spec.temperature if temperature is None else temperature
     real = targets != IGNORE_INDEX
@@ -379,10 +442,11 @@ def loss_sums(
     else:
         ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     per_token = divergence_per_token(lq, teacher, t, spec.mode, spec.direction, spec.jsd_beta)
-    kl = per_token.masked_fill(~real, 0).sum()
+    kd = real if kd_mask is None else kd_mask
+    kl = per_token.masked_fill(~kd, 0).sum()
     with torch.no_grad():
         top1 = ((logits.argmax(-1) == teacher_top1(teacher)) & real).sum().float()
-    return LossOutput(spec.ce_weight * ce + spec.kl_weight * kl, ce, kl, top1, int(real.sum()))
+    return LossOutput(spec.ce_weight * ce + spec.kl_weight * kl, ce, kl, top1, int(real.sum()), int(kd.sum()))
 
 
 def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
@@ -392,8 +456,31 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
+def _student_buckets(zt: torch.Tensor, lse_t: torch.Tensor, teacher: TeacherChunk):
+    """The top-k modes' buckets from the tempered logits ``zt`` (C, V), which become the tail.
+
+    Returns the teacher restricted to the student's vocabulary, its valid ids (C, k), their
+    log-probabilities ``lp_k``, the student's ``lq_k`` (C, k) and tail ``lq_tail`` (C,), the
+    tail's log-normaliser ``tail_lse`` (C,) and where the ids cover the vocabulary (C,).
+    """
+    teacher, valid, lp_k = _sparse_teacher(teacher, zt.shape[-1])
+    lq_k = (zt.gather(-1, teacher.ids) - lse_t).masked_fill(~valid, _LOG_ZERO)
+    # zt becomes the tail: valid top-k ids -> -inf ("amin" keeps duplicate ids exact).
+    inf = torch.full_like(lq_k, float("inf"))
+    zt.scatter_reduce_(-1, teacher.ids, torch.where(valid, -inf, inf), "amin")
+    tail_lse = torch.logsumexp(zt, -1)
+    covered = torch.isneginf(tail_lse)
+    lq_tail = (tail_lse - lse_t.squeeze(-1)).masked_fill(covered, _LOG_ZERO)
+    return teacher, valid, lp_k, lq_k, lq_tail, tail_lse, covered
+
+
 def chunk_loss_and_grad(
-    z: torch.Tensor, targets: torch.Tensor, teacher: TeacherChunk, spec: LossSpec, need_grad: bool
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: TeacherChunk,
+    spec: LossSpec,
+    need_grad: bool,
+    kd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss sums of one chunk and their gradient with respect to its logits.
 
@@ -412,12 +499,14 @@ def chunk_loss_and_grad(
     Args:
         z: (C, V) float32 student logits; **overwritten**.
         targets: (C,) next-token ids, ``-100`` where no loss is taken.
+        kd: (C,) bool, the positions the KD sum covers; None: every real one.
     Returns:
         ``[weighted_sum, ce_sum, kl_sum, top1_matches, num_tokens]`` as a (5,) float64
         tensor, and d(weighted_sum)/dz (C, V) or None.
     """
     t, vocab = spec.temperature, z.shape[-1]
     real, y, lse1, ce, top1 = _ce_and_top1(z, targets, teacher)
+    kd = real if kd is None else kd
     with torch.no_grad():
         zt = z / t
         lse_t = torch.logsumexp(zt, -1, keepdim=True)
@@ -425,14 +514,7 @@ def chunk_loss_and_grad(
             lp = _dense_teacher(teacher, vocab, t)
             leaves = [zt.sub_(lse_t)]  # (C, V) student log-probabilities
         else:
-            teacher, valid, lp_k = _sparse_teacher(teacher, vocab)
-            lq_k = (zt.gather(-1, teacher.ids) - lse_t).masked_fill(~valid, _LOG_ZERO)
-            # zt becomes the tail: valid top-k ids -> -inf ("amin" keeps duplicate ids exact).
-            inf = torch.full_like(lq_k, float("inf"))
-            zt.scatter_reduce_(-1, teacher.ids, torch.where(valid, -inf, inf), "amin")
-            tail_lse = torch.logsumexp(zt, -1)
-            covered = torch.isneginf(tail_lse)
-            lq_tail = (tail_lse - lse_t.squeeze(-1)).masked_fill(covered, _LOG_ZERO)
+            teacher, valid, lp_k, lq_k, lq_tail, tail_lse, covered = _student_buckets(zt, lse_t, teacher)
             leaves = [lq_k, lq_tail]
     with torch.set_grad_enabled(need_grad):
         for leaf in leaves:
@@ -441,7 +523,7 @@ def chunk_loss_and_grad(
             per_token = divergence(lp, leaves[0], spec.direction, spec.jsd_beta)
         else:
             per_token = sparse_divergence(lp_k, lq_k, lq_tail, covered, spec.mode, spec.direction, spec.jsd_beta)
-        kl = per_token.masked_fill(~real, 0).sum()
+        kl = per_token.masked_fill(~kd, 0).sum()
         grads = torch.autograd.grad(kl, leaves, allow_unused=True) if need_grad else None
     sums = torch.stack([spec.ce_weight * ce + spec.kl_weight * kl.detach(), ce, kl.detach(), top1, real.sum()]).double()
     if not need_grad:
@@ -478,9 +560,11 @@ def _chunked(
     spec: LossSpec,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
+    kd_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the head + loss chunk by chunk; fill the gradient buffers that are given.
 
+    ``kd_mask`` (N,) bool: the positions the KD sum covers (None: every real one).
     Returns the sums ``[weighted, ce, kl, top1, tokens]`` (float64, detached).
     """
     dtype = _compute_dtype(hidden.device, weight.dtype)
@@ -496,7 +580,8 @@ def _chunked(
                 continue
             h = hidden[start:end].detach().to(dtype)
             loss_and_grad = sampled_chunk_loss_and_grad if spec.mode == "sampled" else chunk_loss_and_grad
-            chunk_sums, g = loss_and_grad((h @ w.t()).float(), tgt, teacher_fn(start, end), spec, need_grad)
+            kd = None if kd_mask is None else kd_mask[start:end]
+            chunk_sums, g = loss_and_grad((h @ w.t()).float(), tgt, teacher_fn(start, end), spec, need_grad, kd)
             sums += chunk_sums
             if g is None:
                 continue
@@ -519,10 +604,10 @@ class _FusedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher_fn, spec):
+    def forward(ctx, hidden, weight, targets, teacher_fn, spec, kd_mask):
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        sums = _chunked(hidden, weight, targets, teacher_fn, spec, grad_hidden, grad_weight)
+        sums = _chunked(hidden, weight, targets, teacher_fn, spec, grad_hidden, grad_weight, kd_mask)
         ctx.grads = (grad_hidden, grad_weight)
         weighted, ce, kl, top1, tokens = (s.float() for s in sums)
         ctx.mark_non_differentiable(ce, kl, top1, tokens)
@@ -536,11 +621,30 @@ class _FusedHeadLoss(torch.autograd.Function):
             grad_hidden.mul_(grad_weighted.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight.mul_(grad_weighted.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _entropies(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(N,) the student's entropy at temperature 1 at each position, chunk by chunk (no gradient);
+    0 in chunks without a real target (they are never selected)."""
+    dtype = _compute_dtype(hidden.device, weight.dtype)
+    w = weight.detach().to(dtype)
+    out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(hidden.shape[0], start + chunk_size)
+            if bool((targets[start:end] != IGNORE_INDEX).any()):
+                out[start:end] = student_entropy(hidden[start:end].detach().to(dtype) @ w.t())
+    return out
 
 
 def distillation_loss(
-    hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, teacher_fn: TeacherFn, spec: LossSpec
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_fn: TeacherFn,
+    spec: LossSpec,
+    sequence_length: int | None = None,
 ) -> LossOutput:
     """CE and KD sums for N positions, computing the LM head and the loss per chunk.
 
@@ -551,17 +655,28 @@ def distillation_loss(
         teacher_fn: ``teacher_fn(start, end)`` returns the teacher for positions
             [start, end), called once per chunk (a live teacher's (C, V) logits exist for
             one chunk at a time).
-        spec: alpha, temperature, mode, direction, chunk size.
+        spec: alpha, temperature, mode, direction, chunk size, KD positions.
+        sequence_length: with ``spec.kd_fraction`` < 1, the N positions are N / sequence_length
+            sequences in a row, and each selects its own KD positions (None: one sequence).
     Returns:
         Sums over the real targets; ``out.total(normalizer)`` is the loss, with
-        ``normalizer`` the real-token count of the *whole accumulated batch*. Under
+        ``normalizer`` the real-token count of the *whole accumulated batch* (and
+        ``spec.kd_scale`` that count over the batch's KD positions). Under
         ``torch.autocast`` the head matmuls run in the autocast dtype and the loss in fp32.
     """
+    kd_mask = None
+    if spec.kd_fraction < 1:
+        rows = (-1, sequence_length or hidden.shape[0])
+        entropy = _entropies(hidden, head_weight, targets, spec.chunk_size)
+        real = targets != IGNORE_INDEX
+        kd_mask = select_kd_positions(entropy.view(rows), real.view(rows), spec.kd_fraction).view(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad):
-        weighted, ce, kl, top1, tokens = _FusedHeadLoss.apply(hidden, head_weight, targets, teacher_fn, spec)
+        weighted, ce, kl, top1, tokens = _FusedHeadLoss.apply(hidden, head_weight, targets, teacher_fn, spec, kd_mask)
     else:
-        weighted, ce, kl, top1, tokens = _chunked(hidden, head_weight, targets, teacher_fn, spec, None, None).float()
-    return LossOutput(weighted, ce, kl, top1, int(tokens))
+        sums = _chunked(hidden, head_weight, targets, teacher_fn, spec, None, None, kd_mask)
+        weighted, ce, kl, top1, tokens = sums.float()
+    kd_tokens = int(tokens) if kd_mask is None else int(kd_mask.sum())
+    return LossOutput(weighted, ce, kl, top1, int(tokens), kd_tokens)
 
 
 def student_loss(student, input_ids: torch.Tensor, teacher_fn: TeacherFn, spec: LossSpec) -> LossOutput:
@@ -569,7 +684,8 @@ def student_loss(student, input_ids: torch.Tensor, teacher_fn: TeacherFn, spec: 
 
     Position t predicts token t + 1, so the last position is dropped and the targets are
     ``input_ids[:, 1:]`` flattened to (B * (L - 1),), the order the teacher uses too. No KV
-    cache is built (training and evaluation see whole sequences).
+    cache is built (training and evaluation see whole sequences). KD positions (``spec.kd_fraction``
+    < 1) are selected per sequence.
     """
     hidden = student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     return distillation_loss(
@@ -578,4 +694,5 @@ def student_loss(student, input_ids: torch.Tensor, teacher_fn: TeacherFn, spec: 
         input_ids[:, 1:].reshape(-1),
         teacher_fn,
         spec,
+        sequence_length=input_ids.shape[1] - 1,
     )

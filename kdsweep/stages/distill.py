@@ -31,7 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ from kdsweep.data import load_prepared
 from kdsweep.dotted import get_or
 from kdsweep.errors import UserError
 from kdsweep.fsio import write_json, write_text
-from kdsweep.losses import LossSpec
+from kdsweep.losses import LossSpec, kd_position_count
 from kdsweep.models import default_device, load_teacher
 from kdsweep.param_groups import GroupAssignment, assign_groups, build_param_groups, format_assignment
 from kdsweep.schedule import lr_factor
@@ -140,7 +140,14 @@ def phase_assignments(student: torch.nn.Module, phases: list[Phase]) -> list[Gro
 def _phase_loss(loss: LossConfig, phase: Phase) -> LossSpec:
     """Section ``loss`` with the phase's own alpha and temperature."""
     return LossSpec(
-        phase.alpha, phase.temperature, loss.mode, loss.direction, loss.scale_by_t2, loss.chunk_size, loss.jsd_beta
+        phase.alpha,
+        phase.temperature,
+        loss.mode,
+        loss.direction,
+        loss.scale_by_t2,
+        loss.chunk_size,
+        loss.jsd_beta,
+        kd_fraction=loss.kd_positions.fraction,
     )
 
 
@@ -593,11 +600,19 @@ def _accumulate(
     ``batchmean``: every part divides its token sums by the real-token count ``n`` of the whole
     accumulated global batch, so the gradients add up to d(sum over all tokens) / n. The
     reduction over ranks averages, which the factor ``world`` undoes (exactly 1 in one process).
+    With ``loss.kd_positions.fraction`` f < 1 the KD sums cover ``n_kd`` selected positions (known
+    from the sequences' lengths), and ``kd_scale = n / n_kd`` makes the KD term their mean.
     """
     tr, device, world = run.params.training, run.device, distributed.world_size()
     weights = [float(b.pop("weight")) for b in micro]  # 0 for a rank's stand-in part of a short batch
     local_tokens = sum(w * b["input_ids"][:, 1:].numel() for w, b in zip(weights, micro, strict=True))
-    n_tokens = int(distributed.sum_over_ranks([local_tokens], device)[0])
+    local_kd = sum(
+        w * len(b["input_ids"]) * kd_position_count(b["input_ids"].shape[1] - 1, spec.kd_fraction)
+        for w, b in zip(weights, micro, strict=True)
+    )
+    n_tokens, n_kd = (int(n) for n in distributed.sum_over_ranks([local_tokens, local_kd], device))
+    if spec.kd_fraction < 1:
+        spec = replace(spec, kd_scale=n_tokens / max(n_kd, 1))
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for i, (b, w) in enumerate(zip(micro, weights, strict=True)):
         with distributed.gradient_sync(run.model, last_micro_batch=i == len(micro) - 1):
@@ -605,7 +620,7 @@ def _accumulate(
                 out = run.model(b["input_ids"], run.teacher.fn(b, temperature, spec.mode), spec)
             loss = out.total(n_tokens) * w
             (loss * world).backward()
-        sums += torch.stack([loss.detach(), out.ce_sum / n_tokens * w, out.kl_sum / n_tokens * w]).double()
+        sums += torch.stack([loss.detach(), out.ce_sum / n_tokens * w, out.kl_sum / max(n_kd, 1) * w]).double()
     total, ce, kl = distributed.all_reduce_sum(sums).tolist()
     return total, ce, kl, n_tokens
 
