@@ -5,6 +5,7 @@
     python bench/quality.py --smoke         # everything at toy size (minutes), outputs under --work
     python bench/quality.py --repo DIR      # reuse (resume in) a repository this script built
     python bench/quality.py --demo [--repo CLONE]   # the embedded default's demo study (issue 19)
+    python bench/quality.py --kd [--repo CLONE]     # KD against CE-only, a student from scratch (issue 19)
 
 Everything runs in a throwaway git + DVC repository built from this checkout as
 bench/sweep.py builds one, through the command line a user has: `dvc repro` for the pipeline,
@@ -52,6 +53,16 @@ line, then retrains with seeds 0, 1, 2 (outputs in bench/quality/demo/):
   k. where the best's gain comes from: its config with trial 0's alpha, T or both, with 2x the
      steps (2x the sequences) and with the previous default's larger student (rank 8, core 128),
      the last two each against CE-only as well.
+--kd asks where KD pays: in a copy of the embedded default's pipeline (``--repo`` as for --demo; the
+same teacher and cache) whose student has the default's shape but starts from scratch (random
+experts, attention and embeddings: ``student.init random``, nothing copied), it runs the study
+``bench/quality/scratch.yaml`` (8 trials, selected on validation), then (outputs in bench/quality/kd/):
+  l. the study's best against CE-only (alpha 0) at the best's LR, half and twice it, 3 seeds each:
+     the goal compares KD with CE-only at its best of the three LRs;
+  m. the best with alpha 0.25, 0.5, 0.75, 1 and T 1, 2, 4 (one seed);
+  n. KD against CE-only with one part of the setting changed (one seed): half and twice the steps
+     (the data seen), a larger student from scratch (rank 8, core 128), and the embedded default's
+     fitted student (initialised from the teacher, attention and embeddings copied).
 The setting is checked too: the spread (worst - best) / best of the test CE of 8 random configs
 of the study's search space (the `kdsweep run` random sampler, one seed) must be >= 5%.
 The reference point is one run per seed shared by a, b (topk_tail k 64), c (forward), d (one
@@ -626,15 +637,15 @@ KD_PAIRS = (
 )
 
 
-def trial_overrides(repo: Path, params: dict) -> tuple[dict, dict, dict]:
-    """The demo study's trial 0 and best trial (by validation): (trial 0's overrides, the best's, the best's row)."""
+def trial_overrides(repo: Path, params: dict, study: str = DEMO) -> tuple[dict, dict, dict]:
+    """A study's trial 0 and best trial (by validation): (trial 0's overrides, the best's, the best's row)."""
     from kdsweep.sweep.space import resolve
     from kdsweep.sweep.spec import load_spec
 
-    spec, _ = load_spec(repo / "experiments" / f"{DEMO}.yaml")
-    done = [t for t in trials(repo, DEMO) if t.state.name == "COMPLETE"]
+    spec, _ = load_spec(repo / "experiments" / f"{study}.yaml")
+    done = [t for t in trials(repo, study) if t.state.name == "COMPLETE"]
     best = min(done, key=lambda t: t.value)
-    zero = next(t for t in trials(repo, DEMO) if t.number == 0)
+    zero = next(t for t in trials(repo, study) if t.number == 0)
     row = {"number": best.number, "value": best.value, "params": best.params, "trial0_value": zero.value}
     return resolve(spec, params, zero.params), resolve(spec, params, best.params), row
 
@@ -694,7 +705,7 @@ def demo_repo(args, params: dict) -> Path:
     return args.repo
 
 
-def demo_study(params: dict, repo: Path) -> tuple[str, dict, dict, dict]:
+def demo_study(params: dict, repo: Path, study: str = DEMO) -> tuple[str, dict, dict, dict]:
     """The pipeline and the demo study in ``repo`` (each a no-op where done): the report's
     best-against-baseline line, trial 0's and the best's overrides, the best's row."""
     work = repo.parent
@@ -703,18 +714,20 @@ def demo_study(params: dict, repo: Path) -> tuple[str, dict, dict, dict]:
     if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
         run(repo, "git", "add", "dvc.lock", "metrics")
         run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
-    run(repo, str(BIN / "kdsweep"), "run", f"experiments/{DEMO}.yaml", log=work / "demo-study.log")
-    report = run(repo, str(BIN / "kdsweep"), "report", DEMO, log=work / "demo-report.log")[1]
+    run(repo, str(BIN / "kdsweep"), "run", f"experiments/{study}.yaml", log=work / "demo-study.log")
+    report = run(repo, str(BIN / "kdsweep"), "report", study, log=work / "demo-report.log")[1]
     line = next((x.strip() for x in report.splitlines() if "Best against baseline" in x), "")
     if not line:  # `kdsweep report` writes the line into its report.md
-        text = (repo / "reports" / DEMO / "report.md").read_text()
+        text = (repo / "reports" / study / "report.md").read_text()
         line = next((x.strip() for x in text.splitlines() if "Best against baseline" in x), "")
-    return (line, *trial_overrides(repo, params))
+    return (line, *trial_overrides(repo, params, study))
 
 
-def demo_sections(repo: Path, line: str, best: dict, best_row: dict, by: dict, seeds_of: dict) -> list[str]:
+def demo_sections(
+    repo: Path, line: str, best: dict, best_row: dict, by: dict, seeds_of: dict, study: str = DEMO
+) -> list[str]:
     """--demo's tables (questions i, j, k, KD against CE-only, goals); the PNGs beside them."""
-    sections = [f"`kdsweep report {DEMO}`: {line}", study_section(study_numbers(repo, DEMO), best_row, best, DEMO)]
+    sections = [f"`kdsweep report {study}`: {line}", study_section(study_numbers(repo, study), best_row, best, study)]
     for q, (title, rows) in DEMO_QUESTIONS.items():
         rows = [(label, by[c]) for label, c in rows if c in by]
         seeds = sorted({s for label, c in DEMO_QUESTIONS[q][1] if c in by for s in seeds_of[c]})
@@ -736,21 +749,24 @@ def demo_main(args, seeds: tuple[int, ...]) -> None:
     logs, times = repo.parent / "logs-demo", {}
     print(f"repository: {repo}; outputs: {HERE / 'demo'}", flush=True)
     t0 = time.perf_counter()
-    line, trial0, best, best_row = demo_study(params, repo)
+    line, trial0, best, best_row = demo_study(params, repo, args.study)
     times["pipeline and the demo study (kdsweep run, kdsweep report)"] = time.perf_counter() - t0
     configs_ = demo_configs(trial0, best, trial0.get("training.max_steps", params["training"]["max_steps"]))
     print(f"study best: trial {best_row['number']}; {line}", flush=True)
     # The goals' configurations at every seed first; then the ablations at the first seed.
     seeds_of = {c: seeds if c in DEMO_GOAL_CONFIGS else seeds[:1] for c in configs_}
+    # Experiment names carry the study's, so that two studies in one repository never share a run.
+    prefix = "d" if args.study == DEMO else args.study
     runs: dict[str, dict] = {}
     for phase in (DEMO_GOAL_CONFIGS, [c for c in configs_ if c not in DEMO_GOAL_CONFIGS]):
         t0 = time.perf_counter()
-        jobs = {f"d-{c}-s{s}": {**configs_[c], "training.seed": s} for c in phase for s in seeds_of[c]}
+        jobs = {f"{prefix}-{c}-s{s}": {**configs_[c], "training.seed": s} for c in phase for s in seeds_of[c]}
         rebuild = frozenset(j for j, o in jobs.items() if "student.wrapper_rank" in o)
         runs.update(run_configs({None: repo}, logs, jobs, args.workers, rebuild))
         times[f"configurations ({len(jobs)} runs, {args.workers} at a time)"] = time.perf_counter() - t0
-        by = {c: [runs[f"d-{c}-s{s}"] for s in seeds_of[c]] for c in configs_ if f"d-{c}-s{seeds[0]}" in runs}
-        sections = demo_sections(repo, line, best, best_row, by, seeds_of)
+        done = [c for c in configs_ if f"{prefix}-{c}-s{seeds[0]}" in runs]
+        by = {c: [runs[f"{prefix}-{c}-s{s}"] for s in seeds_of[c]] for c in done}
+        sections = demo_sections(repo, line, best, best_row, by, seeds_of, args.study)
         print("\n\n".join(sections[-3:]), flush=True)
         result = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -762,6 +778,175 @@ def demo_main(args, seeds: tuple[int, ...]) -> None:
             "by_config": {c: {"test_ce": stats(r), "val_loss": stats(r, "val_loss")} for c, r in by.items()},
         }
         finish(HERE / "demo", result, sections, dict(times), t_start)
+
+
+# --------------------------------------------------------------------------- --kd
+# The --kd setting: the embedded default's teacher and cache, its student's shape, trained from scratch.
+SCRATCH = {"student.init": "random", "student.copy_attention": False, "student.copy_embeddings": False}
+SCRATCH_STUDY = "scratch"
+# The embedded default's own student (fitted to the teacher, attention and embeddings copied).
+FITTED = {"student.init": "teacher", "student.copy_attention": True, "student.copy_embeddings": True}
+KD_GOAL_CONFIGS = ("best", "best_ce_only", "best_ce_only_lr_half", "best_ce_only_lr_double")
+
+
+def scratch_copy(repo: Path, work: Path) -> Path:
+    """A copy of the demo pipeline whose student stage re-ran with :data:`SCRATCH` (same teacher and
+    cache, not regenerated), with the study ``bench/quality/scratch.yaml``, committed."""
+    other = work / "repo-scratch"
+    if not other.exists():
+        shutil.copytree(repo, other, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+        params = yaml.safe_load((other / "params.yaml").read_text())
+        for key, value in SCRATCH.items():
+            dotted.set_(params, key, value)
+        write_text(other / "params.yaml", yaml.safe_dump(params, sort_keys=False))
+        shutil.copy(HERE / f"{SCRATCH_STUDY}.yaml", other / "experiments" / f"{SCRATCH_STUDY}.yaml")
+        out = run(other, "dvc", "repro", "student", "teacher_logits", log=work / "pipeline-scratch.log")[1]
+        if "Running stage 'teacher'" in out or "Running stage 'teacher_logits'" in out:
+            raise SystemExit(f"{other}: dvc repro rebuilt the teacher or its cache; it must not")
+        run(other, "git", "add", "params.yaml", "dvc.lock", "metrics", "experiments")
+        run(other, "git", "commit", "-q", "-m", "student from scratch")
+    return other
+
+
+def kd_configs(best: dict, steps: int) -> dict[str, dict]:
+    """--kd's configurations: the scratch study's best against CE-only at its LR, half and twice it
+    (3 seeds: CE-only gets its own best of three LRs), then the best with one part changed, each
+    against CE-only with the same change where the change is not the loss (one seed)."""
+    ce = {**best, "loss.alpha": 0.0}
+    lr = best["training.learning_rate"]
+    out = {
+        "best": best,
+        "best_ce_only": ce,
+        "best_ce_only_lr_half": {**ce, "training.learning_rate": lr / 2},
+        "best_ce_only_lr_double": {**ce, "training.learning_rate": lr * 2},
+    }
+    out.update({f"best_alpha_{a}": {**best, "loss.alpha": a} for a in (0.25, 0.5, 0.75, 1.0)})
+    out.update({f"best_t_{t:g}": {**best, "loss.temperature": t} for t in (1.0, 2.0, 4.0)})
+    changes = {
+        "half_steps": {"training.max_steps": steps // 2},
+        "double_steps": {"training.max_steps": 2 * steps},
+        "larger_student": LARGER_STUDENT,
+        "fitted_student": FITTED,
+    }
+    for name, change in changes.items():
+        out[f"best_{name}"] = {**best, **change}
+        out[f"best_{name}_ce_only"] = {**ce, **change}
+    return out
+
+
+KD_QUESTIONS = {
+    "l": (
+        "KD against CE-only at the scratch study's best config (CE-only at three LRs)",
+        [
+            ("study best (reference of this table)", "best"),
+            ("alpha 0 (CE only), the same LR", "best_ce_only"),
+            ("alpha 0 (CE only), half the LR", "best_ce_only_lr_half"),
+            ("alpha 0 (CE only), twice the LR", "best_ce_only_lr_double"),
+        ],
+    ),
+    "m": (
+        "where KD's gain comes from: the best's config with alpha or T changed",
+        [("study best (reference of this table)", "best"), ("alpha 0 (CE only)", "best_ce_only")]
+        + [(f"alpha {a}", f"best_alpha_{a}") for a in (0.25, 0.5, 0.75, 1.0)]
+        + [(f"T {t:g}", f"best_t_{t:g}") for t in (1.0, 2.0, 4.0)],
+    ),
+}
+KD_SCRATCH_PAIRS = (
+    ("half the steps (half the sequences)", "best_half_steps"),
+    ("the study's steps (params.yaml's training.max_steps)", "best"),
+    ("twice the steps (twice the sequences)", "best_double_steps"),
+    ("larger student from scratch (rank 8, core 128)", "best_larger_student"),
+    ("the embedded default's fitted student (init teacher, copies)", "best_fitted_student"),
+)
+
+
+def kd_pairs_table(by: dict) -> str:
+    """Data size, student size and initialisation: KD against CE-only with the same change (seed 0)."""
+    body = []
+    for label, kd in KD_SCRATCH_PAIRS:
+        ce = "best_ce_only" if kd == "best" else f"{kd}_ce_only"
+        if kd in by and ce in by:
+            k, c = by[kd][0]["test_ce"], by[ce][0]["test_ce"]
+            vk, vc = by[kd][0]["val_loss"], by[ce][0]["val_loss"]
+            body.append([label, f"{k:.4f}", f"{c:.4f}", f"{(c - k) / c:+.2%}", f"{(vc - vk) / vc:+.2%}"])
+    header = ["n. the best's config, one part changed (seed 0)", "KD test CE", "CE-only test CE", "KD's gain", "on val"]
+    return table(header, body)
+
+
+def kd_goal(by: dict) -> list[list]:
+    """KD at the study's best against the best of the three CE-only LRs: >= 3% test CE, ranges apart."""
+    kd = stats(by["best"])
+    name = min(KD_GOAL_CONFIGS[1:], key=lambda c: stats(by[c])["mean"])
+    ce = stats(by[name])
+    gain = (ce["mean"] - kd["mean"]) / ce["mean"]
+    apart = kd["max"] < ce["min"]
+    return [
+        goal(
+            f"KD beats CE-only (its best of three LRs: {name}) by >= {KD_GOAL:.0%} test CE, seed ranges apart",
+            f"{gain:+.2%} (KD {kd['min']:.4f}-{kd['max']:.4f}, CE-only {ce['min']:.4f}-{ce['max']:.4f}; "
+            f"ranges {'apart' if apart else 'overlap'})",
+            gain >= KD_GOAL and apart,
+        )
+    ]
+
+
+def kd_main(args, seeds: tuple[int, ...]) -> None:
+    """--kd: the scratch study in a copy of the demo pipeline, then its best against CE-only at 3 seeds
+    and the breakdown at one seed; results written after each of the two phases."""
+    t_start = time.perf_counter()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    repo = demo_repo(args, params)
+    work = repo.parent
+    run(repo, "dvc", "repro", "student", "teacher_logits", log=work / "demo-pipeline.log")
+    if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
+        run(repo, "git", "add", "dvc.lock", "metrics")
+        run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
+    other, times = scratch_copy(repo, work), {}
+    print(f"repository: {other}; outputs: {HERE / 'kd'}", flush=True)
+    t0 = time.perf_counter()
+    run(other, str(BIN / "kdsweep"), "run", f"experiments/{SCRATCH_STUDY}.yaml", log=work / "scratch-study.log")
+    scratch_params = yaml.safe_load((other / "params.yaml").read_text())
+    rows = study_numbers(other, SCRATCH_STUDY)
+    _, best, best_row = trial_overrides(other, scratch_params, SCRATCH_STUDY)
+    times["the scratch study (kdsweep run)"] = time.perf_counter() - t0
+    configs_ = kd_configs(best, scratch_params["training"]["max_steps"])
+    seeds_of = {c: seeds if c in KD_GOAL_CONFIGS else seeds[:1] for c in configs_}
+    runs: dict[str, dict] = {}
+    # The goal's configurations first, then the setting's changes (n), then alpha and T (m): each
+    # phase's results are written when it ends.
+    late = [c for c in configs_ if c not in KD_GOAL_CONFIGS]
+    for phase in (KD_GOAL_CONFIGS, [c for c in late if "_t_" not in c and "_alpha_" not in c], late):
+        t0 = time.perf_counter()
+        jobs = {f"kd-{c}-s{s}": {**configs_[c], "training.seed": s} for c in phase for s in seeds_of[c]}
+        rebuild = frozenset(j for j, o in jobs.items() if any(k.startswith("student.") for k in o))
+        runs.update(run_configs({None: other}, work / "logs-kd", jobs, args.workers, rebuild))
+        times[f"configurations ({len(jobs)} runs, {args.workers} at a time)"] = time.perf_counter() - t0
+        by = {c: [runs[f"kd-{c}-s{s}"] for s in seeds_of[c]] for c in configs_ if f"kd-{c}-s{seeds[0]}" in runs}
+        sections = kd_sections(rows, best_row, best, by)
+        print("\n\n".join(sections[1:]), flush=True)
+        result = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": f"{platform.node()}, {platform.machine()}, nproc {os.cpu_count()}",
+            "setting": SCRATCH,
+            "study": {"trials": rows, "best": best_row, "best_overrides": best},
+            "configs": configs_,
+            "runs": runs,
+            "by_config": {c: {"test_ce": stats(r), "val_loss": stats(r, "val_loss")} for c, r in by.items()},
+        }
+        finish(HERE / "kd", result, sections, dict(times), t_start)
+
+
+def kd_sections(rows: list[dict], best_row: dict, best: dict, by: dict) -> list[str]:
+    """--kd's tables (the study, questions l and m, the pairs of n, the goal); the PNGs beside them."""
+    sections = [study_section(rows, best_row, best, SCRATCH_STUDY)]
+    for q, (title, qrows) in KD_QUESTIONS.items():
+        qrows = [(label, by[c]) for label, c in qrows if c in by]
+        sections.append(f"{q}. {title} (test split)\n\n" + table(HEADER, question_rows(qrows, stats(qrows[0][1]))))
+        plot(HERE / "kd" / f"{q}.png", f"{q}. {title}", qrows)
+    sections.append(kd_pairs_table(by))
+    if all(c in by for c in KD_GOAL_CONFIGS):
+        sections.append("Goal\n\n" + table(["goal", "measured", ""], kd_goal(by)))
+    return sections
 
 
 # --------------------------------------------------------------------------- main
@@ -795,10 +980,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one thread each")
     ap.add_argument("--sampled-fixed-t", action="store_true", help="only question s (sampled caches for T = 1)")
     ap.add_argument("--demo", action="store_true", help="the demo study's best and trial 0 on the embedded default")
+    ap.add_argument("--kd", action="store_true", help="KD against CE-only on a student trained from scratch")
+    ap.add_argument("--study", default=DEMO, help="--demo: the name of the demo spec's study in --repo (default demo)")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # two one-thread trainings on two cores (bench/sweep.py's finding)
     if args.demo:
         demo_main(args, SEEDS)
+        return
+    if args.kd:
+        kd_main(args, SEEDS)
         return
     t_start = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -351,7 +351,7 @@ class LossConfig(_Section):
 # --------------------------------------------------------------------------- training
 class TrainingConfig(_Section):
     num_train_epochs: float = Field(2, gt=0, description="Passes over the training sequences (if max_steps is null).")
-    max_steps: int | None = Field(64, ge=1, description="Optimizer steps; overrides num_train_epochs.")
+    max_steps: int | None = Field(48, ge=1, description="Optimizer steps; overrides num_train_epochs.")
     per_device_train_batch_size: int = Field(
         4,
         ge=1,
