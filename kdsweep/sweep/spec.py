@@ -396,8 +396,9 @@ class Execution(_Strict):
     )
     warm_start: bool = Field(
         True,
-        description="Fork each trial's distill process from a warm process that imported torch and transformers "
-        "once (kdsweep/warm.py) instead of starting it cold; the trial computes the same either way.",
+        description="Fork each trial's `dvc exp run` and its distill process from a warm process that imported "
+        "DVC, torch and transformers once (kdsweep/warm.py) instead of starting them cold; the trial computes the "
+        "same either way.",
     )
     devices: Literal["auto"] | list[int | str] = Field(
         "auto",
