@@ -214,7 +214,7 @@ def test_ctrl_c_stops_the_running_trial_and_resume_reruns_it_within_the_budget(s
     _wait_for(sweep_repo / "studies" / "int" / "logs" / "0.log", "Step 3: Val Loss", runner)
     runner.send_signal(signal.SIGINT)
     out = runner.communicate(timeout=120)[0]
-    assert runner.returncode == 130 and "interrupted: stopping the running trials" in out
+    assert runner.returncode == 130 and "interrupted: stopping the running trials" in out, out[-6000:]
     assert not [p for p in psutil.process_iter(["cmdline"]) if "int-0" in " ".join(p.info["cmdline"] or [])]
     t0, waiting = records(study(sweep_repo, "int"))
     assert (t0.ended, t0.cause_kind) == ("interrupted", "runner")  # recorded by the runner itself, at once
