@@ -52,6 +52,9 @@ import time
 
 ENV = "KDSWEEP_WARM"  # the zygote's socket, in the environment of a trial's `dvc exp run`
 READY = ".ready"  # next to the socket once the zygote's imports are done
+# The entry points a trial's process runs: its `main()`, with the client's argv.
+ENTRY = "kdsweep.cli"
+DVC_ENTRY = "dvc.cli"
 _HEADER = struct.Struct("!I")  # length of the JSON request that follows the fds
 _STATUS = struct.Struct("!i")  # exit status >= 0, or -signal
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
@@ -59,14 +62,13 @@ FORKED = "kdsweep: forked from the warm process"  # the first line a forked tria
 
 
 # --------------------------------------------------------------------------- client
-def delegate(entry: str | None = None) -> int | None:
+def delegate(entry: str = ENTRY) -> int | None:
     """Run this process's command in the zygote named by ``$KDSWEEP_WARM``; its exit status.
 
     ``entry``: the module whose ``main()`` runs the command there, :data:`ENTRY` (``kdsweep``,
     the default) or :data:`DVC_ENTRY`. None when no zygote is set or listening, or, for DVC, when
     it is still importing (DVC starts cold in less time): the caller then runs the command itself.
     """
-    entry = entry or ENTRY
     path = os.environ.get(ENV)
     if not path or (entry == DVC_ENTRY and not os.path.exists(path + READY)):
         return None
@@ -123,7 +125,6 @@ PRELOAD = (
     "kdsweep.stages.distill",
     "kdsweep.trial_hook",
 )
-ENTRY = "kdsweep.cli"
 # What `dvc exp run --temp` imports as it runs (measured: all but ~0.07 s of its imports).
 DVC_PRELOAD = (
     "dvc.cli.parser",
@@ -153,7 +154,6 @@ DVC_PRELOAD = (
     "pygit2",
     "networkx",
 )
-DVC_ENTRY = "dvc.cli"
 
 
 def preload() -> None:
