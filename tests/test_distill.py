@@ -521,3 +521,34 @@ def test_reference_starting_point_stops_before_training_a_student_without_shared
     # Nothing ran: no evaluation, no TensorBoard run, no student, no metrics.
     assert not (pipeline_copy / "runs/ref").exists() and not (pipeline_copy / "models/student").exists()
     assert not (pipeline_copy / "metrics/distill.json").exists()
+
+
+# --------------------------------------------------------------------------- data per run
+def test_train_sequences_trains_on_a_prefix_of_the_split_for_epochs_of_its_size(pipeline_copy):
+    """training.train_sequences N: every micro-batch comes from the split's first N sequences (read
+    at their own cache rows), an epoch is N sequences, and N = the whole split is the plain run."""
+    from kdsweep.stages.distill import MicroBatches, training_sequences
+
+    train = load_prepared(pipeline_copy / "data/prepared").train
+    n = 6
+    prefix = training_sequences(train, n)
+    assert len(prefix) == n and (prefix == train[:n]).all()
+    batches = MicroBatches(prefix, None, 4, seed=0)
+    assert batches.per_epoch == 2
+    seen = [batches.indices(m) for m in range(6)]  # three epochs of 6 sequences in batches of 4
+    assert sorted(int(i) for batch in seen[:2] for i in batch) == list(range(n))
+    assert max(int(i) for batch in seen for i in batch) < n
+
+    metrics = distill(pipeline_copy, {"training": {"max_steps": None, "num_train_epochs": 3, "train_sequences": n}})
+    assert metrics["state"] == "complete" and metrics["steps"] == 6
+    distill(pipeline_copy, {"training": {"max_steps": 2, "train_sequences": len(train)}})
+    whole = weights(pipeline_copy / "models/student")
+    distill(pipeline_copy, {"training": {"max_steps": 2}})
+    for name, value in weights(pipeline_copy / "models/student").items():
+        assert torch.equal(value, whole[name]), name
+
+
+def test_train_sequences_past_the_split_is_a_user_error_naming_the_key(pipeline_copy):
+    train = load_prepared(pipeline_copy / "data/prepared").train
+    with pytest.raises(UserError, match=rf"training.train_sequences is {len(train) + 1}.*at most {len(train)}"):
+        distill(pipeline_copy, {"training": {"max_steps": 1, "train_sequences": len(train) + 1}})

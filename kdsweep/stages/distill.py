@@ -161,6 +161,19 @@ def _phase_optimizer(
     return torch.optim.AdamW(groups, lr=phase.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2))
 
 
+def training_sequences(train: np.ndarray, limit: int | None) -> np.ndarray:
+    """The first ``limit`` sequences of the training split (all for None); their indices are the
+    cache's, so a prefix reads the same teacher targets (UserError past the split's end)."""
+    if limit is None:
+        return train
+    if limit > len(train):
+        raise UserError(
+            f"training.train_sequences is {limit}, but the training split holds {len(train)} sequences: "
+            f"set it to at most {len(train)}, or null for the whole split"
+        )
+    return train[:limit]
+
+
 class MicroBatches(torch.utils.data.Dataset):
     """This rank's part of micro-batch ``m`` of the run, as numpy arrays: a pure function of (seed, m).
 
@@ -394,13 +407,14 @@ def _setup(params: Params, paths: _Paths) -> _Run:
     if tr.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     global_batch = tr.per_device_train_batch_size * world
-    phases = resolve_phases(params, math.ceil(len(data.train) / global_batch))
+    sequences = training_sequences(data.train, tr.train_sequences)
+    phases = resolve_phases(params, math.ceil(len(sequences) / global_batch))
     assignments = phase_assignments(
         student, phases
     )  # a pattern that matches nothing stops here, before the teacher loads
     teacher = TeacherSource(params, data, paths.teacher, paths.cache, device)
     teacher.check_temperatures(phases, params.stages.enabled)
-    train_set = MicroBatches(data.train, teacher.caches["train"], global_batch, tr.seed, distributed.rank(), world)
+    train_set = MicroBatches(sequences, teacher.caches["train"], global_batch, tr.seed, distributed.rank(), world)
     model = distributed.wrap(student, tr.distributed)
     return _Run(
         params,
