@@ -353,10 +353,11 @@ class TrainingConfig(_Section):
     num_train_epochs: float = Field(2, gt=0, description="Passes over the training sequences (if max_steps is null).")
     max_steps: int | None = Field(48, ge=1, description="Optimizer steps; overrides num_train_epochs.")
     train_sequences: int | None = Field(
-        None,
+        16,
         ge=1,
         description="Distil on the first N sequences of the training split (the documents are shuffled by "
-        "dataset.seed before the split), repeated as epochs: the data a run may see; null = the whole split.",
+        "dataset.seed before the split), repeated as epochs: the data a run may see; null = the whole split. "
+        "The embedded default's 16 is limited data on purpose (BENCHMARKS.md); set null for your own.",
     )
     per_device_train_batch_size: int = Field(
         4,

@@ -32,6 +32,7 @@ TINY = {
     "student": {"wrapper_rank": 2, "core_intermediate_size": None, "calibration_sequences": 8, "eval_sequences": 8},
     "training": {
         "max_steps": 6,
+        "train_sequences": None,  # the whole tiny split
         "per_device_train_batch_size": 4,
         "logging_steps": 2,
         "eval_steps": 3,
