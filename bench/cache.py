@@ -473,7 +473,8 @@ def bench_sizes(paths: list[Path]) -> None:
     for path in paths:
         c, arrays, kept = stored_cache(path)
         ids = f"{int(c.attrs['sample_draws'])} draws" if c.mode == "sampled" else f"k = {c.top_k}"
-        name = f"{c.mode} {c.values} ({ids}), G = {len(c.betas)}"
+        grid = "self-normalised, no grid" if c.self_normalized else f"G = {len(c.betas)}"
+        name = f"{c.mode} {c.values} ({ids}), {grid}"
         vocab, tokens = c.vocab_size, c.num_sequences * c.seq_len
         c.close()
         for label, _, per_token in both_vocabularies(arrays, vocab, tokens, rng):

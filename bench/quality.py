@@ -6,6 +6,8 @@
     python bench/quality.py --repo DIR      # reuse (resume in) a repository this script built
     python bench/quality.py --demo [--repo CLONE]   # the embedded default's demo study (issue 19)
     python bench/quality.py --kd [--repo CLONE]     # KD against CE-only, a student from scratch (issue 19)
+    python bench/quality.py --sampled-fixed-t       # question s: sampled caches for T = 1 only
+    python bench/quality.py --sampled-any-t         # question s': self-normalised sampled caches, T 2 and 1
 
 Everything runs in a throwaway git + DVC repository built from this checkout as
 bench/sweep.py builds one, through the command line a user has: `dvc repro` for the pipeline,
@@ -133,12 +135,36 @@ AT_T1 = {
     "loss.temperature": 1.0,
 }
 FIXED_T = {f"sampled-t1-d{d}": {**SAMPLED, **AT_T1, "teacher.sample_draws": d} for d in (6, 10)}
+# Sampled caches for any KD temperature (question s'): drawn at T = 1, storing log q_1 at the sampled
+# ids and no normaliser grid (`teacher.sample_weights: self_normalized`); the loss self-normalises
+# the importance weights at whatever loss.temperature asks.
+ANY_T = {
+    f"sampled-snis-d{d}": {
+        **SAMPLED,
+        "teacher.sample_weights": "self_normalized",
+        "teacher.sample_temperature": 1.0,
+        "teacher.sample_draws": d,
+    }
+    for d in (6, 10)
+}
+COPIES = {**CACHES, **FIXED_T, **ANY_T}  # every pipeline copy's cache keys, by copy name
 
 
 def fixed_t_configs() -> dict[str, dict]:
     """Question s: top-64 + tail at T = 1, then the sampled caches for T = 1 only, by draw count
     (each run in its own copy of the pipeline)."""
     return {"topk_tail_t1": {"loss.temperature": 1.0}, **{n.replace("-", "_"): k for n, k in FIXED_T.items()}}
+
+
+def any_t_configs() -> dict[str, dict[str, dict]]:
+    """Question s': per KD temperature (the reference's T = 2, then T = 1), top-64 + tail first (the
+    setting's cache), then the self-normalised sampled caches (:data:`ANY_T`) by draw count; 10 draws
+    at T = 2 only, last (the runs go in this order, so an interrupted run has the main rows)."""
+    d6, d10 = ANY_T["sampled-snis-d6"], ANY_T["sampled-snis-d10"]
+    return {
+        "T 2": {"topk_tail_t2": {}, "snis_d6_t2": d6, "snis_d10_t2": d10},
+        "T 1": {"topk_tail_t1": {"loss.temperature": 1.0}, "snis_d6_t1": {**d6, "loss.temperature": 1.0}},
+    }
 
 
 def configs(steps: int) -> dict[str, dict]:
@@ -342,11 +368,10 @@ def exp_run(repo: Path, logs: Path, name: str, overrides: dict, *options: str) -
 
 
 def cache_of(overrides: dict) -> str | None:
-    """The copy (a :data:`CACHES` or :data:`FIXED_T` name) whose cache keys ``overrides`` sets, the most
+    """The copy (a :data:`COPIES` name) whose cache keys ``overrides`` sets, the most
     specific; None: the setting's."""
-    every = {**CACHES, **FIXED_T}
-    names = [n for n, keys in every.items() if keys and all(overrides.get(k) == v for k, v in keys.items())]
-    return max(names, key=lambda n: len(every[n]), default=None)
+    names = [n for n, keys in COPIES.items() if keys and all(overrides.get(k) == v for k, v in keys.items())]
+    return max(names, key=lambda n: len(COPIES[n]), default=None)
 
 
 def run_configs(
@@ -377,13 +402,13 @@ def cache_copy(repo: Path, work: Path, name: str) -> Path:
     if not other.exists():
         shutil.copytree(repo, other, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
         params = yaml.safe_load((other / "params.yaml").read_text())
-        for key, value in {**CACHES, **FIXED_T}[name].items():
+        for key, value in COPIES[name].items():
             dotted.set_(params, key, value)
         write_text(other / "params.yaml", yaml.safe_dump(params, sort_keys=False))
         # The stage's outputs persist (an interrupted generation resumes): without the old files
         # every batch is written again, and the fp16 copy's unchanged cache is not just reused.
         shutil.rmtree(other / "data" / "teacher_logits")
-        force = () if {**CACHES, **FIXED_T}[name] else ("--force", "--single-item")
+        force = () if COPIES[name] else ("--force", "--single-item")
         t0 = time.perf_counter()
         out = run(other, "dvc", "repro", *force, "teacher_logits", log=work / f"pipeline-{name}.log")[1]
         seconds = time.perf_counter() - t0
@@ -971,6 +996,35 @@ def fixed_t_question(work: Path, params: dict, spec: dict, workers: int) -> None
     write_json(work / "fixed_t.json", {"runs": runs, "by_config": {c: stats(r) for c, r in rows}})
 
 
+def any_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
+    """Question s' alone (``--sampled-any-t``): the fp16 top-64 + tail cache against self-normalised
+    sampled caches (:data:`ANY_T`, no normaliser grid) at loss.temperature 2 and 1, 3 seeds each, in a
+    repository of their own; test CE against top-64 + tail at the same T. Sizes: ``bench/cache.py --sizes``
+    on the train files it prints."""
+    repo = work / "repo" if (work / "repo").exists() else build(work, params, spec, 0)
+    run(repo, "dvc", "repro", "student", "teacher_logits", log=work / "pipeline.log")
+    if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
+        run(repo, "git", "add", "dvc.lock", "metrics")
+        run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
+    by_t = any_t_configs()
+    configs_ = {c: o for group in by_t.values() for c, o in group.items()}
+    order = ["topk_tail_t2", "snis_d6_t2", "topk_tail_t1", "snis_d6_t1", "snis_d10_t2"]
+    jobs = {f"q-{c}-s{s}": {**configs_[c], "training.seed": s} for c in order for s in SEEDS}
+    repos = {None: repo, **{name: cache_copy(repo, work, name) for name in ANY_T}}
+    runs = run_configs(repos, work / "logs", jobs, workers)
+    for t, group in by_t.items():
+        rows = [(c, [runs[f"q-{c}-s{s}"] for s in SEEDS]) for c in group]
+        print(f"\nloss.temperature {t[2:]}: against {rows[0][0]}")
+        print(table(HEADER, question_rows(rows, stats(rows[0][1]))))
+    for name in ANY_T:
+        print(f"{name}: train file {work / f'repo-{name}/data/teacher_logits/train.h5'}")
+    print(f"top-64 + tail: train file {repo / 'data/teacher_logits/train.h5'}")
+    write_json(
+        work / "any_t.json",
+        {"runs": runs, "by_config": {c: stats([runs[f"q-{c}-s{s}"] for s in SEEDS]) for c in configs_}},
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="toy size: checks that every step runs (minutes)")
@@ -979,6 +1033,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="where to build the repository (default: under /tmp)")
     ap.add_argument("--workers", type=int, default=2, help="configurations trained at once, one thread each")
     ap.add_argument("--sampled-fixed-t", action="store_true", help="only question s (sampled caches for T = 1)")
+    ap.add_argument(
+        "--sampled-any-t", action="store_true", help="only question s' (self-normalised sampled caches, T 2 and 1)"
+    )
     ap.add_argument("--demo", action="store_true", help="the demo study's best and trial 0 on the embedded default")
     ap.add_argument("--kd", action="store_true", help="KD against CE-only on a student trained from scratch")
     ap.add_argument("--study", default=DEMO, help="--demo: the name of the demo spec's study in --repo (default demo)")
@@ -1007,6 +1064,11 @@ def main() -> None:
         work = args.work or Path(f"/tmp/kdsweep-bench-quality-s-{int(time.time())}")
         work.mkdir(parents=True, exist_ok=True)
         fixed_t_question(work, params, spec, args.workers)
+        return
+    if args.sampled_any_t:
+        work = args.work or Path(f"/tmp/kdsweep-bench-quality-s2-{int(time.time())}")
+        work.mkdir(parents=True, exist_ok=True)
+        any_t_question(work, params, spec, args.workers)
         return
     repo = args.repo
     if repo is None:

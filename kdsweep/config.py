@@ -241,6 +241,14 @@ class TeacherConfig(_Section):
         "temperature, not the KD temperature (loss.temperature). Must lie in temperature_range: the loss "
         "importance-weights the draws when the two differ.",
     )
+    sample_weights: Literal["exact", "self_normalized"] = Field(
+        "exact",
+        description="cache_mode sampled: how the loss weights the draws at a KD temperature T. exact: the "
+        "cache stores the log-normaliser on temperature_range's grid (exact weights, T in range); "
+        "self_normalized: it stores log q at the sampled ids and no grid (~15-21 bytes/token less), "
+        "any T > 0, weights normalised over the draws: exact at T = sample_temperature, biased "
+        "(consistent in sample_draws) elsewhere (docs/cache-format.md).",
+    )
 
     @field_validator("temperature_range")
     @classmethod
@@ -253,7 +261,7 @@ class TeacherConfig(_Section):
     @model_validator(mode="after")
     def _proposal_in_range(self) -> TeacherConfig:
         lo, hi = self.temperature_range
-        if self.cache_mode == "sampled" and not lo <= self.sample_temperature <= hi:
+        if self.cache_mode == "sampled" and self.sample_weights == "exact" and not lo <= self.sample_temperature <= hi:
             raise ValueError(
                 f"teacher.sample_temperature: {self.sample_temperature} is outside teacher.temperature_range "
                 f"[{lo}, {hi}]; the loss needs the teacher's probabilities at the proposal temperature: "
@@ -510,8 +518,10 @@ class Params(_Section):
             for i, s in enumerate(self.stages.configs)
             if s.temperature is not None
         ]
+        # A self-normalised sampled cache stores no normaliser grid: every T > 0 is served.
+        any_t = self.teacher.cache_mode == "sampled" and self.teacher.sample_weights == "self_normalized"
         if self.teacher.use_cached_logits:
-            for key, t in temps:
+            for key, t in temps if not any_t else []:
                 if not lo <= t <= hi:
                     problems.append(
                         f"{key}: {t} is outside teacher.temperature_range [{lo}, {hi}] that the logit cache "
@@ -544,6 +554,11 @@ def cache_mode_problems(teacher: TeacherConfig, loss: LossConfig) -> list[str]:
         problems.append(
             f"loss.mode: {loss.mode!r} needs a top-k cache, but teacher.cache_mode is 'sampled'; use loss.mode "
             "sampled, or set teacher.cache_mode: topk"
+        )
+    if teacher.sample_weights == "self_normalized" and teacher.cache_mode != "sampled":
+        problems.append(
+            "teacher.sample_weights: 'self_normalized' weighs the draws of a sampled cache, but teacher.cache_mode "
+            "is 'topk'; set teacher.cache_mode: sampled (with loss.mode sampled), or sample_weights: exact"
         )
     if loss.mode == "sampled" and loss.direction != "forward":
         problems.append(

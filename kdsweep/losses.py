@@ -49,6 +49,18 @@ Modes (how p_T is represented):
   error of the mean over M positions or draws shrinks as 1 / sqrt(N M) (tests/test_sampled.py).
   p_T and q_tau at the kept ids come from the cache exactly as in ``topk_tail``.
 
+  A self-normalised sampled cache (``teacher.sample_weights: self_normalized``) stores log q_tau
+  at the kept ids and no normaliser, so p_T is known only up to Z_T = sum_v q_tau(v)^(tau/T)
+  (log p_T = (tau/T) log q_tau - log Z_T). Z_T is estimated from the same draws (unbiased for
+  Z_T) and the weights are normalised by it, so they sum to 1::
+
+      Z^_T  = sum_u (c_u / N) * q_tau(u)^(tau/T - 1)
+      log p^_T(u) = (tau/T) log q_tau(u) - log Z^_T
+      w_u   = (c_u / N) * p^_T(u) / q_tau(u)  =  c_u q_tau(u)^(tau/T - 1) / sum_u' c_u' q_tau(u')^(tau/T - 1)
+
+  At T = tau, Z^ = 1 and w_u = c_u / N exactly. At T != tau the weights (and KL^) are biased,
+  O(1/N), and consistent as N grows (a ratio of two unbiased means); the gradient depends on w alone.
+
 Position selection (``kd_fraction`` f < 1; Tavor et al., 2026, "Rethinking Selective Knowledge
 Distillation", SE-KD): the KD term covers only the positions where the student is most
 uncertain, CE still covers every real position. In each sequence with n real targets the
@@ -196,6 +208,30 @@ def sampled_teacher(
     ratio = torch.exp((log_probs - proposal_log_probs).masked_fill(~valid, 0))
     weights = c / c.sum(-1, keepdim=True).clamp(min=1) * ratio
     return SampledTeacher(ids, log_probs.masked_fill(~valid, float("-inf")), weights.masked_fill(~valid, 0))
+
+
+def self_normalized_teacher(
+    ids: torch.Tensor, counts: torch.Tensor, proposal_log_probs: torch.Tensor, ratio: float
+) -> SampledTeacher:
+    """The self-normalised sampled teacher at KD temperature T from log q_tau alone (module docstring).
+
+    Args:
+        ids: (C, W) sampled ids; counts: (C, W) draws of each, 0 in padding slots.
+        proposal_log_probs: (C, W) log q_tau at the ids (any value in padding slots).
+        ratio: tau / T, the proposal temperature over the KD temperature.
+    Returns:
+        log_probs ``(tau/T) log q_tau - log Z^_T`` and weights ``(c/N) exp(log p^_T - log q_tau)``,
+        which sum to 1 per position (``c / N`` at tau / T = 1).
+    """
+    lq = proposal_log_probs.float()
+    if ratio == 1.0:  # Z^_T = 1: the weights are c / N exactly, not up to a logsumexp's rounding
+        return sampled_teacher(ids, counts, lq, lq)
+    c = counts.to(lq.dtype)
+    valid = c > 0
+    share = c / c.sum(-1, keepdim=True).clamp(min=1)
+    terms = (share.clamp(min=1e-30).log() + (ratio - 1) * lq).masked_fill(~valid, float("-inf"))
+    log_z = torch.logsumexp(terms, dim=-1, keepdim=True)
+    return sampled_teacher(ids, counts, ratio * lq - log_z, lq)
 
 
 def sampled_divergence(lq: torch.Tensor, teacher: SampledTeacher) -> torch.Tensor:

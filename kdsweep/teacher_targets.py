@@ -16,7 +16,13 @@ import torch
 
 from kdsweep.cache.format import log_normalizer
 from kdsweep.cache.reader import TeacherLogitCache
-from kdsweep.losses import SparseTeacher, TeacherFn, sampled_teacher, sparse_teacher_from_logits
+from kdsweep.losses import (
+    SparseTeacher,
+    TeacherFn,
+    sampled_teacher,
+    self_normalized_teacher,
+    sparse_teacher_from_logits,
+)
 
 
 def batch_to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -62,9 +68,17 @@ def cached_teacher_fn(batch: dict[str, torch.Tensor], betas, temperature: float)
     A sampled cache's batch (it has ``sample_counts``) gives a
     :class:`~kdsweep.losses.SampledTeacher`: the same log-probabilities at the sampled ids, and
     importance weights against the proposal temperature the batch carries (``sample_temperature``).
+    A self-normalised sampled cache's batch (it has ``sample_log_probs``, log q_tau, and no
+    normaliser) gives the self-normalised weights at any ``temperature``; ``betas`` is unused then.
     """
     k = batch["topk_ids"].shape[-1]
     ids = batch["topk_ids"][:, :-1].reshape(-1, k)
+    if "sample_log_probs" in batch:
+        proposal = float(batch["sample_temperature"].reshape(-1)[0])
+        counts = batch["sample_counts"][:, :-1].reshape(-1, k)
+        log_q = batch["sample_log_probs"][:, :-1].reshape(-1, k)
+        teacher = self_normalized_teacher(ids, counts, log_q, proposal / temperature)
+        return lambda a, b: type(teacher)(ids[a:b], teacher.log_probs[a:b], teacher.weights[a:b])
     log_probs = _cached_log_probs(batch, betas, temperature)
     if "sample_counts" not in batch:
         return lambda a, b: SparseTeacher(ids[a:b], log_probs[a:b])

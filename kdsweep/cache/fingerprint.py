@@ -31,9 +31,10 @@ def expected_fingerprint(prepared: Prepared, teacher_dir: Path | None, params: P
     vocab = prepared.meta["tokenizer"]["vocab_size"]
     width = cfg.sample_draws if cfg.cache_mode == "sampled" else cfg.top_k
     g = len(temperature_grid(lo, hi, cfg.temperature_grid))
-    dtypes = stored_dtypes(cfg.cache_mode, cfg.cache_values, vocab, width, g)
+    weights = cfg.sample_weights if cfg.cache_mode == "sampled" else "exact"
+    dtypes = stored_dtypes(cfg.cache_mode, cfg.cache_values, vocab, width, g, weights)
     fingerprint = {
-        "format_version": format_version(cfg.cache_mode, cfg.cache_values),
+        "format_version": format_version(cfg.cache_mode, cfg.cache_values, weights),
         "split": split,
         "dataset": prepared.meta["dataset"],
         "max_length": params.dataset.max_length,
@@ -51,6 +52,9 @@ def expected_fingerprint(prepared: Prepared, teacher_dir: Path | None, params: P
     if cfg.cache_mode == "sampled":
         del fingerprint["top_k"]
         fingerprint |= {"sample_draws": cfg.sample_draws, "sample_temperature": cfg.sample_temperature}
+    if weights == "self_normalized":  # no grid: the temperature settings do not shape the file
+        del fingerprint["temperature_range"], fingerprint["temperature_grid"]
+        fingerprint["sample_weights"] = weights
     if teacher_dir is None:
         del fingerprint["teacher"]
     return fingerprint

@@ -62,7 +62,8 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 3  # written for q8 values or sampled ids; an fp16 top-k cache is still version 2
-READABLE_VERSIONS = (2, 3)
+SELF_NORMALIZED_VERSION = 4  # a sampled cache of proposal log-probabilities, no normaliser grid
+READABLE_VERSIONS = (2, 3, 4)
 # What TeacherLogitCache.read returns (decoded), and what a version-2 file (fp16 top-k) stores.
 DATASETS = ("input_ids", "topk_ids", "topk_logits", "log_normalizer", "log_normalizer_slope")
 STORED = ("input_ids", "topk_id_deltas", "topk_logits", "tail_log_normalizer_residual", "tail_log_normalizer_slope")
@@ -89,32 +90,46 @@ class CacheLayout:
     values: str = "fp16"  # fp16 | q8: how their logits are stored
     sample_draws: int = 0  # sampled: tokens drawn per position (top_k is then the slot count, = draws)
     sample_temperature: float = 1.0  # sampled: the proposal temperature (not a KD temperature)
+    sample_weights: str = "exact"  # sampled: exact (normaliser grid) | self_normalized (log q_tau, no grid)
+
+    @property
+    def self_normalized(self) -> bool:
+        """A sampled cache of proposal log-probabilities and no normaliser grid (any KD temperature)."""
+        return self.sample_weights == "self_normalized"
 
     @property
     def version(self) -> int:
         """The format version these settings are written as (see :func:`format_version`)."""
-        return format_version(self.mode, self.values)
+        return format_version(self.mode, self.values, self.sample_weights)
 
     @property
     def stored(self) -> tuple[str, ...]:
         """The datasets a file of this layout stores (see :func:`stored_names`)."""
-        return stored_names(self.mode, self.values)
+        return stored_names(self.mode, self.values, self.sample_weights)
 
 
-def format_version(mode: str, values: str) -> int:
-    """2 for an fp16 top-k cache (unchanged, so older readers and caches keep working), else 3."""
+def format_version(mode: str, values: str, sample_weights: str = "exact") -> int:
+    """2 for an fp16 top-k cache (unchanged, so older readers and caches keep working), 4 for a
+    self-normalised sampled cache (older readers would miss its grid and call it damaged), else 3."""
+    if sample_weights == "self_normalized":
+        return SELF_NORMALIZED_VERSION
     return 2 if (mode, values) == ("topk", "fp16") else FORMAT_VERSION
 
 
-def stored_names(mode: str, values: str) -> tuple[str, ...]:
+def stored_names(mode: str, values: str, sample_weights: str = "exact") -> tuple[str, ...]:
     """The stored datasets of a cache, in file order.
 
     ``<p>`` is ``topk`` or ``sample``: ``input_ids``, ``<p>_id_deltas``, ``sample_counts``
     (sampled only), ``<p>_logits`` (fp16) or ``<p>_logit_codes`` + ``<p>_logit_min`` (q8),
-    and the two tail normaliser datasets.
+    and the two tail normaliser datasets. A self-normalised sampled cache stores the proposal's
+    log-probabilities instead of logits, ``sample_log_probs`` (fp16) or ``sample_log_prob_codes``
+    + ``sample_log_prob_min`` (q8), and no normaliser.
     """
     prefix = "topk" if mode == "topk" else "sample"
     counts = ("sample_counts",) if mode == "sampled" else ()
+    if sample_weights == "self_normalized":
+        values_ = ("sample_log_probs",) if values == "fp16" else ("sample_log_prob_codes", "sample_log_prob_min")
+        return ("input_ids", "sample_id_deltas", *counts, *values_)
     logits = (f"{prefix}_logits",) if values == "fp16" else (f"{prefix}_logit_codes", f"{prefix}_logit_min")
     return ("input_ids", f"{prefix}_id_deltas", *counts, *logits, *STORED[3:])
 
@@ -445,6 +460,41 @@ def summarize_logits(
     }
 
 
+def summarize_log_probs(
+    logits: torch.Tensor, values: str, sampling: tuple[int, float, torch.Generator | None]
+) -> dict[str, torch.Tensor]:
+    """What a self-normalised sampled cache stores for each position: the sampled ids, their counts
+    and their log-probabilities under the proposal, log q_tau(u) = log_softmax(z / tau)_u.
+
+    Args:
+        logits: (N, V) teacher logits, any float dtype (computed in float32).
+        values: ``fp16`` or ``q8`` (:func:`encode_q8` over the position's kept log-probabilities).
+        sampling: (draws, proposal temperature tau, generator), as for :func:`summarize_logits`.
+    Returns:
+        ``topk_ids`` (N, W) int64 ascending; ``sample_counts`` (N, W) int32; ``sample_log_probs``
+        (N, W) float16 (fp16) or ``sample_log_prob_codes`` uint8 + ``sample_log_prob_min`` float16
+        (q8), 0 in padding slots; and two scalars measured on exactly what a reader decodes:
+        ``max_error``, the largest |log q_cache - log q| over the kept ids (log space), and
+        ``value_max_error``, the largest |q_cache - q|.
+    """
+    s = logits.float()
+    ids, counts = sample_ids(s, *sampling)
+    valid = counts > 0
+    lse = torch.logsumexp(s / sampling[1], dim=-1, keepdim=True)
+    exact = (s.gather(-1, ids).double() / sampling[1] - lse.double()).masked_fill(~valid, 0)
+    vals = exact.float()
+    out = {"topk_ids": ids, "sample_counts": counts}
+    if values == "q8":
+        out["sample_log_prob_codes"], out["sample_log_prob_min"] = encode_q8(vals, valid)
+        decoded = decode_q8(out["sample_log_prob_codes"], out["sample_log_prob_min"]).double()
+    else:
+        out["sample_log_probs"] = vals.clamp(min=FP16_MIN).half()
+        decoded = out["sample_log_probs"].double()
+    error = (decoded - exact).abs().masked_fill(~valid, 0)
+    value_error = (decoded.exp() - exact.exp()).abs().masked_fill(~valid, 0)
+    return out | {"max_error": error.max().float(), "value_max_error": value_error.max().float()}
+
+
 def _measured_errors(
     exact: torch.Tensor,
     reference: torch.Tensor,
@@ -479,9 +529,14 @@ def _measured_errors(
     return max_error.float(), value_error.float()
 
 
-def stored_dtypes(mode: str, values: str, vocab_size: int, k: int, g: int) -> dict[str, tuple[np.dtype, int | None]]:
+def stored_dtypes(
+    mode: str, values: str, vocab_size: int, k: int, g: int, sample_weights: str = "exact"
+) -> dict[str, tuple[np.dtype, int | None]]:
     """Each stored dataset's dtype and last dimension (None: the dataset is (N, L)), in file order."""
     spec = {
+        "log_probs": (np.dtype(np.float16), k),
+        "log_prob_codes": (np.dtype(np.uint8), k),
+        "log_prob_min": (np.dtype(np.float16), None),
         "input_ids": (np.dtype(np.int32), None),
         "id_deltas": (ids_dtype(vocab_size), k),
         "counts": (np.dtype(np.uint8), k),
@@ -491,7 +546,8 @@ def stored_dtypes(mode: str, values: str, vocab_size: int, k: int, g: int) -> di
         "tail_log_normalizer_residual": (np.dtype(np.int32), g),
         "tail_log_normalizer_slope": (np.dtype(np.float16), g),
     }
-    return {name: spec[name.removeprefix("topk_").removeprefix("sample_")] for name in stored_names(mode, values)}
+    names = stored_names(mode, values, sample_weights)
+    return {name: spec[name.removeprefix("topk_").removeprefix("sample_")] for name in names}
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:

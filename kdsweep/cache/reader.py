@@ -7,6 +7,7 @@ TeacherLogitCache(path):
 read(indices):
     per stored dataset, one chunk (= one sequence) per index into a preallocated buffer
     decode: ids = cumsum of the gaps, t = format.decode_log_normalizer(residuals, slopes)
+        (a self-normalised sampled cache: log q_tau at the sampled ids, no t)
     return the arrays of format.DATASETS
 """
 
@@ -26,6 +27,7 @@ from kdsweep.cache.fingerprint import diff_fingerprints
 from kdsweep.cache.format import (
     PADDING_LOGIT,
     READABLE_VERSIONS,
+    SELF_NORMALIZED_VERSION,
     decode_log_normalizer,
     decode_q8,
     deltas_to_ids,
@@ -46,6 +48,7 @@ class Header(NamedTuple):
     shards: list[str]  # merged files: the shard file names, relative to the merged file
     mode: str  # topk | sampled (version 2: topk)
     values: str  # fp16 | q8 (version 2: fp16)
+    sample_weights: str  # exact | self_normalized (version 4; no grid: betas is empty)
 
 
 class StoredDataset(NamedTuple):
@@ -87,7 +90,8 @@ def _json(kind: type) -> Callable:
     return parse
 
 
-# The attributes _read_header parses (all required but ``shards``, which only merged files have).
+# The attributes _read_header parses (all required but ``shards``, which only merged files have;
+# a self-normalised sampled cache has no grid and its own bound, _SELF_NORMALIZED_ATTRS).
 _ATTRS = {
     "top_k": int,
     "vocab_size": int,
@@ -96,6 +100,10 @@ _ATTRS = {
     "log_normalizer_max_error": float,
     "log_normalizer_quantum": float,
     "shards": _json(list),
+}
+_GRID_ATTRS = ("betas", "log_normalizer_max_error", "log_normalizer_quantum")
+_SELF_NORMALIZED_ATTRS = {name: parse for name, parse in _ATTRS.items() if name not in _GRID_ATTRS} | {
+    "log_prob_max_error": float
 }
 
 
@@ -121,10 +129,17 @@ def _read_header(f: h5py.File, path: Path) -> Header:
         )
     _check_metadata(f, path)
     mode, values = str(attrs.get("cache_mode", "topk")), str(attrs.get("cache_values", "fp16"))
+    weights = str(attrs.get("sample_weights", "exact"))
     if mode not in ("topk", "sampled") or values not in ("fp16", "q8"):
         raise _refuse(path, f"attributes cache_mode {mode!r} / cache_values {values!r} are damaged")
-    code, values = values, {}
-    for name, parse in _ATTRS.items():
+    if (weights == "self_normalized") != (version == SELF_NORMALIZED_VERSION) or weights not in (
+        "exact",
+        "self_normalized",
+    ):
+        raise _refuse(path, f"attribute sample_weights {weights!r} does not fit format version {version}")
+    self_normalized = weights == "self_normalized"
+    code, values = values, {"betas": np.empty(0)}
+    for name, parse in (_SELF_NORMALIZED_ATTRS if self_normalized else _ATTRS).items():
         if name not in attrs and name != "shards":
             raise _refuse(path, f"attribute {name} is missing: the file is damaged or was not written by kdsweep")
         try:
@@ -140,6 +155,7 @@ def _read_header(f: h5py.File, path: Path) -> Header:
         values["shards"],
         mode,
         code,
+        weights,
     )
 
 
@@ -184,8 +200,8 @@ def _check_shapes(path: Path, sources: dict[str, StoredDataset], header: Header)
     n, length = (sources["input_ids"].dataset.shape + (0, 0))[:2]
     k, g = header.top_k, len(header.betas)
     expected = dict.fromkeys(sources, (n, length, k))
-    expected |= {key: (n, length) for key in sources if key == "input_ids" or key.endswith("_logit_min")}
-    expected |= {"tail_log_normalizer_residual": (n, length, g), "tail_log_normalizer_slope": (n, length, g)}
+    expected |= {key: (n, length) for key in sources if key == "input_ids" or key.endswith("_min")}
+    expected |= {key: (n, length, g) for key in sources if key.startswith("tail_log_normalizer")}
     for key, shape in expected.items():
         if sources[key].dataset.shape != shape:
             raise _refuse(
@@ -240,7 +256,10 @@ class TeacherLogitCache:
         self.top_k, self.vocab_size, self.betas = header.top_k, header.vocab_size, header.betas
         self.fingerprint, self.shards = header.fingerprint, header.shards
         self.mode, self.values = header.mode, header.values
-        self.stored = stored_names(self.mode, self.values)
+        self.sample_weights = header.sample_weights
+        # Proposal log-probabilities and no normaliser grid: importance weights are self-normalised.
+        self.self_normalized = header.sample_weights == "self_normalized"
+        self.stored = stored_names(self.mode, self.values, self.sample_weights)
         # A sampled cache's proposal temperature (the one its ids were drawn at); None for top-k.
         self.sample_temperature = float(self.attrs["sample_temperature"]) if self.mode == "sampled" else None
         for name in self.shards:
@@ -279,7 +298,10 @@ class TeacherLogitCache:
 
     @property
     def temperature_range(self) -> tuple[float, float]:
-        """The KD temperatures [low, high] the cache is exact for."""
+        """The KD temperatures [low, high] the cache is exact for; (0, inf) for a self-normalised
+        sampled cache, which serves every T (exactly at the proposal temperature, docs/cache-format.md)."""
+        if self.self_normalized:
+            return 0.0, float("inf")
         return 1.0 / self.betas[-1], 1.0 / self.betas[0]
 
     def check_temperature(self, temperature: float, key: str = "loss.temperature") -> None:
@@ -338,7 +360,11 @@ class TeacherLogitCache:
 
         A sampled cache's kept ids go under ``topk_ids`` / ``topk_logits`` too (the maths of both
         modes is the same given the ids), with ``sample_counts``; padding slots (count 0) read as
-        logit -1e4, so they hold no probability."""
+        logit -1e4, so they hold no probability. A self-normalised sampled cache gives
+        ``input_ids``, ``topk_ids``, ``sample_counts`` and ``sample_log_probs`` (float32 log q_tau,
+        -1e4 in padding slots) only."""
+        if self.self_normalized:
+            return self._decode_self_normalized(stored)
         prefix = "topk" if self.mode == "topk" else "sample"
         if self.values == "q8":
             codes, low = stored[f"{prefix}_logit_codes"], stored[f"{prefix}_logit_min"]
@@ -359,10 +385,26 @@ class TeacherLogitCache:
             out["topk_logits"] = np.where(stored["sample_counts"] > 0, logits, logits.dtype.type(PADDING_LOGIT))
         return out
 
+    def _decode_self_normalized(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.values == "q8":
+            codes, low = stored["sample_log_prob_codes"], stored["sample_log_prob_min"]
+            log_q = decode_q8(torch.from_numpy(codes), torch.from_numpy(low)).numpy()
+        else:
+            log_q = stored["sample_log_probs"].astype(np.float32)
+        counts = stored["sample_counts"]
+        return {
+            "input_ids": stored["input_ids"],
+            "topk_ids": deltas_to_ids(stored["sample_id_deltas"]),
+            "sample_counts": counts,
+            "sample_log_probs": np.where(counts > 0, log_q, np.float32(PADDING_LOGIT)),
+        }
+
     @staticmethod
     def _pack(decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """t and the top-k logits side by side, as :func:`log_normalizer` takes them (torch
         converts float16 ~5x faster than numpy)."""
+        if "tail_log_normalizer" not in decoded:  # self-normalised: nothing to pack
+            return dict(decoded)
         out = dict(decoded)
         tail, logits = torch.from_numpy(out.pop("tail_log_normalizer")), torch.from_numpy(out["topk_logits"])
         out["log_normalizer"] = torch.cat([tail, logits.float()], dim=-1).numpy()
@@ -379,7 +421,9 @@ class TeacherLogitCache:
         ``log_normalizer_slope`` its slope, ``log_normalizer[..., G:]`` the top-k logits.)
         A sampled cache (:attr:`mode`) keeps its sampled ids there instead, and adds
         ``sample_counts`` uint8 (B, L, k) (0 in padding slots) and ``sample_temperature`` float32
-        (B,), the proposal temperature the ids were drawn at.
+        (B,), the proposal temperature the ids were drawn at. A self-normalised one
+        (:attr:`self_normalized`) has ``sample_log_probs`` float32 (B, L, k), log q_tau at its ids,
+        in place of ``topk_logits``, ``log_normalizer`` and ``log_normalizer_slope``.
         """
         if self._arrays is not None:
             idx = np.asarray(indices)

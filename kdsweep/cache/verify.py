@@ -6,6 +6,8 @@
         check every readable position: ids in range and ascending, logits finite and <= 0 with max 0,
             tail finite and below the top-k, top-k mass <= 1 at T = 1 and the range ends
         the stored interpolation error bound <= MAX_INTERPOLATION_ERROR
+        (self-normalised sampled caches: no grid; the stored log q error bound <= what the stored codes
+        allow and <= MAX_LOG_PROB_ERROR, and with the teacher log q against a fresh forward instead of top-1)
         with --params: the fingerprint and the stored input ids against the config and prepared data
         with the teacher at hand: top-1 agreement with a fresh forward on a sample of sequences
         report every check; raise one UserError listing every failed one and the fix
@@ -47,6 +49,9 @@ SAMPLED_AGREEMENT = 1e-2  # sampled caches: |p_cache - p_fresh| at every sampled
 MASS_TOLERANCE = 2e-3  # top-k mass may exceed 1 by this much (float16 logits, interpolation)
 MAX_VALUE_ERROR = 1e-2  # version 3: the largest |p_cache - p| of a bucket the writer may have measured
 LISTED_SEQUENCES = 20  # unreadable sequences named one by one; the rest are counted
+# Self-normalised sampled caches: the largest |log q_cache - log q| the writer may have measured. A log
+# q error e moves a weight's log by at most 2 |a - 1| e and log p^_T by at most (a + |a - 1|) e, a = tau/T.
+MAX_LOG_PROB_ERROR = 0.1
 
 Report = Callable[[str], object]
 
@@ -58,6 +63,12 @@ SANITY = (
     "tail below the top-k (t(b) <= log(V - k) + b * min top-k logit; t' <= min top-k logit)",
 )
 SAMPLED_CHECK = "sampled: counts sum to sample_draws, kept slots first"
+SELF_NORMALIZED_SANITY = (
+    SANITY[0],
+    "sampled ids < vocab_size and strictly ascending",
+    "log q finite and <= 0, the kept ids' q sum to <= 1 + tolerance (the stored bound's)",
+    SAMPLED_CHECK,
+)
 
 
 class Scan(NamedTuple):
@@ -65,7 +76,8 @@ class Scan(NamedTuple):
 
     problems: list[str]
     unreadable: dict[int, list[str]]  # sequence -> the datasets whose chunk fails
-    value_bound: float  # the largest probability error the stored values allow (see value_error_bound)
+    value_bound: float  # the largest probability error the stored values allow (see value_error_bound);
+    # self-normalised sampled caches: the largest log q error their codes allow (see _half_steps)
 
 
 class Candidate(NamedTuple):
@@ -168,11 +180,12 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
     n, length, k = c.num_sequences, c.seq_len, c.top_k
     tokens = n * length
     size = _file_bytes(c)
+    weights = ", self-normalised weights (log q at the sampled ids, no normaliser)" if c.self_normalized else ""
+    grid = "no temperature grid" if c.self_normalized else f"{len(c.betas)} temperature grid points"
     lines = [
         f"{path}: teacher-logit cache, format version {c.attrs['format_version']}, complete; "
-        f"mode {c.mode}, {c.values} values",
-        f"  {n} sequences x {length} tokens = {tokens:,} tokens; {_kept(c)} of {c.vocab_size:,} tokens; "
-        f"{len(c.betas)} temperature grid points",
+        f"mode {c.mode}, {c.values} values{weights}",
+        f"  {n} sequences x {length} tokens = {tokens:,} tokens; {_kept(c)} of {c.vocab_size:,} tokens; {grid}",
     ]
     if c.shards:
         lines.append(f"  merged (virtual datasets) over {len(c.shards)} shards: {', '.join(c.shards)}")
@@ -188,11 +201,42 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
             f"{unique:.1f} unique sampled ids per position on average: {size / tokens / unique:.3f} bytes per id"
         )
     lines += [size_line, "", *_dataset_lines(c, tokens)]
+    lines += _self_normalized_lines(c, _sample_indices(n, sample)) if c.self_normalized else _grid_lines(c, sample)
+    lines += [
+        f"  teacher ran in {c.attrs.get('teacher_dtype', '?')} on {c.attrs.get('device', '?')}",
+        "",
+        "  fingerprint:",
+        *_fingerprint_lines(c.fingerprint),
+    ]
+    c.close()
+    return "\n".join(lines)
+
+
+def _self_normalized_lines(c: TeacherLogitCache, idx: list[int]) -> list[str]:
+    """Inspect: the sampled ids' proposal mass and the stored log q bound of a self-normalised cache."""
+    batch = c.read(idx)
+    mass = np.where(batch["sample_counts"] > 0, np.exp(batch["sample_log_probs"]), 0.0).sum(-1).reshape(-1)
+    return [
+        "",
+        f"  sampled ids' probability mass at the proposal T={c.sample_temperature:g} ({len(idx)} sequences, "
+        f"{mass.size:,} positions): mean {mass.mean():.3f}, median {np.median(mass):.3f}, min {mass.min():.3f}",
+        *_histogram(mass),
+        "",
+        f"  KD temperatures: any T > 0 (self-normalised weights: exact at T = {c.sample_temperature:g}, "
+        "biased elsewhere, consistent as the draws grow)",
+        f"  log q error bound (measured by the writer, log space): {float(c.attrs['log_prob_max_error']):.2e}",
+        f"  probability error bound (measured by the writer, any sampled id): {float(c.attrs['value_max_error']):.2e}",
+    ]
+
+
+def _grid_lines(c: TeacherLogitCache, sample: int) -> list[str]:
+    """Inspect: the kept ids' mass, the temperature range and the stored bounds of a cache with a grid."""
+    n, k = c.num_sequences, c.top_k
     lo, hi = c.temperature_range
     t_hist = _display_temperature(c)
     idx = _sample_indices(n, sample)
     mass = teacher_topk_probs(c.read(idx), c.betas, t_hist)[0].sum(-1).reshape(-1).numpy()
-    lines += [
+    return [
         "",
         f"  {f'top-{k}' if c.mode == 'topk' else 'sampled ids'} probability mass at T={t_hist:g} "
         f"({len(idx)} sequences, {mass.size:,} positions): "
@@ -208,13 +252,7 @@ def inspect_cache(path: Path, sample: int = 256) -> str:
             if "value_max_error" in c.attrs
             else []
         ),
-        f"  teacher ran in {c.attrs.get('teacher_dtype', '?')} on {c.attrs.get('device', '?')}",
-        "",
-        "  fingerprint:",
-        *_fingerprint_lines(c.fingerprint),
     ]
-    c.close()
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- verify: every chunk, every position
@@ -277,6 +315,26 @@ def _position_checks(c: TeacherLogitCache, st: dict[str, np.ndarray], betas_chec
     return checks
 
 
+def _self_normalized_checks(c: TeacherLogitCache, st: dict[str, np.ndarray]) -> dict:
+    """{check name: (B, L) mask of the positions failing it} for a self-normalised sampled cache."""
+    decoded = c.decode(st)
+    deltas = st["sample_id_deltas"].astype(np.int64)
+    ids, counts = decoded["topk_ids"].astype(np.int64), decoded["sample_counts"].astype(np.int64)
+    kept = counts > 0
+    log_q = np.where(kept, decoded["sample_log_probs"], 0.0)
+    tolerance = np.exp(float(c.attrs["log_prob_max_error"])) + MASS_TOLERANCE
+    with np.errstate(invalid="ignore", over="ignore"):
+        mass = np.where(kept, np.exp(log_q), 0.0).sum(-1)
+        return {
+            SELF_NORMALIZED_SANITY[0]: (st["input_ids"] < 0) | (st["input_ids"] >= c.vocab_size),
+            SELF_NORMALIZED_SANITY[1]: (ids[..., 0] < 0)
+            | (ids[..., -1] >= c.vocab_size)
+            | ((deltas[..., 1:] < 1) & kept[..., 1:]).any(-1),
+            SELF_NORMALIZED_SANITY[2]: ~np.isfinite(log_q).all(-1) | (log_q > 0).any(-1) | ~(mass <= tolerance),
+            SAMPLED_CHECK: (counts.sum(-1) != int(c.attrs["sample_draws"])) | (kept[..., 1:] & ~kept[..., :-1]).any(-1),
+        }
+
+
 def _mass_check(betas_checked: list[float]) -> str:
     temperatures = ", ".join(f"{1 / b:g}" for b in reversed(betas_checked))
     return f"top-k probabilities sum to <= 1 + {MASS_TOLERANCE:g} at T = {temperatures}"
@@ -298,7 +356,11 @@ def _scan(c: TeacherLogitCache, report: Report) -> Scan:
     bad: dict[str, int] = {}
     unreadable: dict[int, list[str]] = {}
     betas = c.betas
-    betas_checked = sorted({float(betas[0]), float(betas[-1])} | ({1.0} if betas[0] <= 1.0 <= betas[-1] else set()))
+    betas_checked = (
+        []
+        if c.self_normalized
+        else sorted({float(betas[0]), float(betas[-1])} | ({1.0} if betas[0] <= 1.0 <= betas[-1] else set()))
+    )
     block = max(1, 8192 // c.seq_len)
     value_bound = 0.0
     for a in range(0, c.num_sequences, block):
@@ -306,9 +368,12 @@ def _scan(c: TeacherLogitCache, report: Report) -> Scan:
         unreadable |= failed
         if st is None:
             continue
-        if "value_max_error" in c.attrs:
+        if c.self_normalized:
+            value_bound = max(value_bound, float(np.where(st["sample_counts"] > 0, _half_steps(c, st), 0).max()))
+        elif "value_max_error" in c.attrs:
             value_bound = max(value_bound, value_error_bound(c, st))
-        for name, mask in _position_checks(c, st, betas_checked).items():
+        checks = _self_normalized_checks(c, st) if c.self_normalized else _position_checks(c, st, betas_checked)
+        for name, mask in checks.items():
             if mask.any():
                 bad[name] = bad.get(name, 0) + int(mask.sum())
     chunks = len(dsets) * c.num_sequences - sum(len(keys) for keys in unreadable.values())
@@ -318,6 +383,8 @@ def _scan(c: TeacherLogitCache, report: Report) -> Scan:
         report(f"  checksums: {chunks:,} chunks read, fletcher32 verified")
     positions = c.num_sequences * c.seq_len
     names = (*SANITY, *((SAMPLED_CHECK,) if c.mode == "sampled" else ()), _mass_check(betas_checked))
+    if c.self_normalized:
+        names = SELF_NORMALIZED_SANITY
     for name in names:
         report(f"  sanity: {name}: " + (f"FAILED at {bad[name]:,} of {positions:,} positions" if name in bad else "ok"))
     problems = [_unreadable_line(unreadable)] if unreadable else []
@@ -328,14 +395,18 @@ def _scan(c: TeacherLogitCache, report: Report) -> Scan:
     )
 
 
-def _half_steps(c: TeacherLogitCache, st: dict[str, np.ndarray], s: np.ndarray) -> np.ndarray:
-    """(B, L, k) how far each stored logit may be from the teacher's: half a q8 step (code c: |low| (c + 1/4)
-    / 255^2, plus float16 rounding of low), or float16 rounding of the value itself."""
+def _half_steps(c: TeacherLogitCache, st: dict[str, np.ndarray], s: np.ndarray | None = None) -> np.ndarray:
+    """(B, L, k) how far each stored logit (self-normalised: log q) may be from the teacher's: half a q8
+    step (code c: |low| (c + 1/4) / 255^2, plus float16 rounding of low), or float16 rounding of the
+    value itself (``s``, the decoded logits; a self-normalised cache's own)."""
+    prefix = "topk" if c.mode == "topk" else "sample"
+    name = f"{prefix}_log_prob" if c.self_normalized else f"{prefix}_logit"
     if c.values == "q8":
-        prefix = "topk" if c.mode == "topk" else "sample"
-        low = np.abs(st[f"{prefix}_logit_min"].astype(np.float64))[..., None]
-        codes = st[f"{prefix}_logit_codes"].astype(np.float64)
+        low = np.abs(st[f"{name}_min"].astype(np.float64))[..., None]
+        codes = st[f"{name}_codes"].astype(np.float64)
         return low * (codes + 0.25) / Q8_LEVELS**2 + low * 2.0**-10
+    if c.self_normalized:
+        s = st["sample_log_probs"].astype(np.float64)
     return np.abs(s) * 2.0**-11
 
 
@@ -420,13 +491,47 @@ def _top1_agreement(c: TeacherLogitCache, model, idx: list[int]) -> Agreement:
     return Agreement(float(agree.float().mean()), float(dp.max()), int(agree.numel()))
 
 
+def _fresh_log_q_error(c: TeacherLogitCache, model, idx: list[int]) -> tuple[float, int]:
+    """Self-normalised sampled caches: the largest |log q_cache - log q_fresh| over the sampled ids of
+    sequences ``idx``, q_fresh from a fresh forward at the proposal temperature; and the positions checked."""
+    batch = c.read(idx)
+    with torch.no_grad():
+        ids = torch.as_tensor(batch["input_ids"], dtype=torch.long, device=model.device)
+        logits = model(input_ids=ids, use_cache=False).logits[..., : c.vocab_size].float().cpu()
+    fresh = torch.log_softmax(logits.double() / c.sample_temperature, -1)
+    fresh = fresh.gather(-1, torch.as_tensor(batch["topk_ids"].astype(np.int64)))
+    error = (torch.as_tensor(batch["sample_log_probs"]).double() - fresh).abs()
+    return float(error.masked_fill(torch.as_tensor(batch["sample_counts"]) == 0, 0).max()), int(error[..., 0].numel())
+
+
+def _check_fresh_log_q(c: TeacherLogitCache, model, source: str, idx: list[int], report: Report) -> list[str]:
+    """A self-normalised cache's stored log q against a fresh forward, within its stored bound (plus the
+    slack of :func:`_bound_against_fresh`): a cache of another teacher, or a bound altered to claim more
+    precision than the codes have, fails."""
+    error, positions = _fresh_log_q_error(c, model, idx)
+    stored = float(c.attrs["log_prob_max_error"])
+    ok = error <= FRESH_SLACK_FACTOR * stored + FRESH_SLACK
+    report(
+        f"  log q agreement with a fresh forward of {source}: max |log q_cache - log q_fresh| {error:.2e} over "
+        f"{positions:,} positions, stored bound {stored:.2e} " + ("ok" if ok else "FAILED")
+    )
+    if ok:
+        return []
+    return [
+        f"log q agreement: the stored log q differ from a fresh forward of {source} by up to {error:.3e}, above "
+        f"the stored bound log_prob_max_error {stored:.3e}: the cache was not made by this teacher, or is corrupt"
+    ]
+
+
 def _check_top1(c: TeacherLogitCache, teacher: str | None, sample: int, scan: Scan, report: Report) -> list[str]:
     model, source = _load_teacher_for(c, teacher, report)
     idx = _sample_indices(c.num_sequences, sample, scan.unreadable)
     if model is None or not idx:
         why = "teacher not available; pass --teacher DIR_OR_ID" if model is None else "no readable sequence"
-        report(f"  top-1 agreement: skipped ({why})")
+        report(f"  {'log q' if c.self_normalized else 'top-1'} agreement: skipped ({why})")
         return []
+    if c.self_normalized:
+        return _check_fresh_log_q(c, model, source, idx, report)
     agreement = _top1_agreement(c, model, idx)
     ok = agreement.fraction >= MIN_TOP1_AGREEMENT
     report(
@@ -527,7 +632,31 @@ def _check_sealed(c: TeacherLogitCache, report: Report) -> list[str]:
     ]
 
 
+def _check_log_q_bound(c: TeacherLogitCache, scan: Scan, report: Report) -> list[str]:
+    """A self-normalised cache's stored log q bound: within what its codes allow, and within the limit."""
+    bound = float(c.attrs["log_prob_max_error"])
+    allowed = scan.value_bound * (1 + 1e-6) + 1e-7
+    ok = bound <= min(allowed, MAX_LOG_PROB_ERROR)
+    report(
+        f"  log q error bound ({c.values} values): stored {bound:.2e}, at most {allowed:.2e} from the stored "
+        f"data, limit {MAX_LOG_PROB_ERROR:g}: " + ("ok" if ok else "FAILED")
+    )
+    if bound > allowed:
+        return [
+            f"log q error bound: stored log_prob_max_error {bound:.3e} exceeds {allowed:.3e}, the most the stored "
+            "values allow: the attribute was altered, or the file is not what the writer measured"
+        ]
+    if bound > MAX_LOG_PROB_ERROR:
+        return [
+            f"log q error bound: stored log_prob_max_error {bound:.3e} exceeds {MAX_LOG_PROB_ERROR:g}; "
+            "use teacher.cache_values: fp16 and regenerate"
+        ]
+    return []
+
+
 def _check_bound(c: TeacherLogitCache, scan: Scan, report: Report) -> list[str]:
+    if c.self_normalized:
+        return _check_log_q_bound(c, scan, report)
     bound = float(c.attrs["log_normalizer_max_error"])
     ok = bound <= MAX_INTERPOLATION_ERROR
     report(f"  interpolation error bound: {bound:.2e} (log space) " + ("ok" if ok else "FAILED"))

@@ -35,6 +35,7 @@ from kdsweep.cache.format import (
     ids_to_deltas,
     seal_metadata,
     stored_dtypes,
+    summarize_log_probs,
     summarize_logits,
 )
 from kdsweep.cache.reader import TeacherLogitCache
@@ -54,6 +55,9 @@ _VDS_FILL = {
     "sample_logits": np.nan,
     "sample_logit_codes": None,
     "sample_logit_min": np.nan,
+    "sample_log_probs": np.nan,
+    "sample_log_prob_codes": None,
+    "sample_log_prob_min": np.nan,
     "tail_log_normalizer_residual": np.iinfo(np.int32).min,
     "tail_log_normalizer_slope": np.nan,
 }
@@ -96,6 +100,9 @@ _SUMMARY_KEYS = {
     "logits": "topk_logits",
     "logit_codes": "topk_logit_codes",
     "logit_min": "topk_logit_min",
+    "log_probs": "sample_log_probs",
+    "log_prob_codes": "sample_log_prob_codes",
+    "log_prob_min": "sample_log_prob_min",
     "tail_log_normalizer_residual": "tail_log_normalizer_residual",
     "tail_log_normalizer_slope": "log_normalizer_slope",
 }
@@ -131,10 +138,11 @@ def teacher_batch_summary(
     if layout.mode == "sampled":
         generator = torch.Generator(device=input_ids.device).manual_seed(SAMPLE_SEED * 2**32 + first_sequence)
         sampling = (layout.sample_draws, layout.sample_temperature, generator)
-    parts = [
-        summarize_logits(lg, layout.top_k, layout.betas, layout.values, sampling)
-        for lg in teacher_logits_chunks(model, input_ids, layout.vocab_size, chunk_tokens)
-    ]
+    chunks = teacher_logits_chunks(model, input_ids, layout.vocab_size, chunk_tokens)
+    if layout.self_normalized:
+        parts = [summarize_log_probs(lg, layout.values, sampling) for lg in chunks]
+    else:
+        parts = [summarize_logits(lg, layout.top_k, layout.betas, layout.values, sampling) for lg in chunks]
     b, length = input_ids.shape
 
     def cat(key):
@@ -147,7 +155,7 @@ def teacher_batch_summary(
             arr = ids_to_deltas(arr.astype(ids_dtype(layout.vocab_size)))
         elif name == "sample_counts":
             arr = arr.astype(np.uint8)  # draws <= 255 (teacher.sample_draws)
-        elif name.endswith("_logit_min"):
+        elif name.endswith("_min"):
             arr = arr[..., 0]
         out[name] = arr
     return out | {key: float(max(p[key] for p in parts)) for key in ("max_error", "value_max_error")}
@@ -186,9 +194,9 @@ def _is_finished(path: Path, layout: CacheLayout, compression: int) -> bool:
                 bool(f.attrs.get("complete", False))
                 and int(f.attrs.get("format_version", -1)) == layout.version
                 and json.loads(f.attrs["fingerprint"]) == layout.fingerprint
-                and np.array_equal(f.attrs["betas"], layout.betas)
+                and np.array_equal(f.attrs.get("betas", np.empty(0)), layout.betas)
                 and int(f.attrs["top_k"]) == layout.top_k
-                and (f["topk_logits"].compression_opts or 0) == compression
+                and (f[layout.stored[1]].compression_opts or 0) == compression
             )
     except (OSError, KeyError, ValueError):
         return False
@@ -284,7 +292,9 @@ def dataset_options(compression: int) -> dict:
 
 def _create_datasets(f: h5py.File, n: int, layout: CacheLayout, compression: int) -> None:
     length, opts = layout.seq_len, dataset_options(compression)
-    shapes = stored_dtypes(layout.mode, layout.values, layout.vocab_size, layout.top_k, len(layout.betas))
+    shapes = stored_dtypes(
+        layout.mode, layout.values, layout.vocab_size, layout.top_k, len(layout.betas), layout.sample_weights
+    )
     for name, (dtype, last) in shapes.items():
         row = (length,) if last is None else (length, last)
         f.create_dataset(name, (n, *row), dtype, chunks=(1, *row), **opts)
@@ -298,11 +308,14 @@ def _write_attrs(f: h5py.File, layout: CacheLayout, **extra) -> None:
     if layout.mode == "sampled":
         f.attrs["sample_draws"] = layout.sample_draws
         f.attrs["sample_temperature"] = layout.sample_temperature
+    if layout.self_normalized:  # only then: an exact sampled cache's attributes stay as they were
+        f.attrs["sample_weights"] = layout.sample_weights
     f.attrs["top_k"] = layout.top_k
     f.attrs["vocab_size"] = layout.vocab_size
-    f.attrs["betas"] = layout.betas.astype(np.float64)
-    f.attrs["temperature_range"] = np.array([1.0 / layout.betas[-1], 1.0 / layout.betas[0]])
-    f.attrs["log_normalizer_quantum"] = LOG_NORMALIZER_QUANTUM
+    if not layout.self_normalized:  # it stores no grid: any KD temperature
+        f.attrs["betas"] = layout.betas.astype(np.float64)
+        f.attrs["temperature_range"] = np.array([1.0 / layout.betas[-1], 1.0 / layout.betas[0]])
+        f.attrs["log_normalizer_quantum"] = LOG_NORMALIZER_QUANTUM
     f.attrs["fingerprint"] = json.dumps(layout.fingerprint, sort_keys=True)
     for key, value in extra.items():
         f.attrs[key] = value
@@ -347,10 +360,12 @@ def _assemble(
             value_error = max(value_error, float(arrays["value_max_error"]))
         if layout.version >= 3:  # version 2 files stay as they were
             info["value_max_error"] = value_error
+        # max_error is the normaliser's interpolation error, or (self-normalised) the stored log q_tau's.
+        bound = {"log_prob_max_error" if layout.self_normalized else "log_normalizer_max_error": max_error}
         _write_attrs(
             f,
             layout,
-            log_normalizer_max_error=max_error,
+            **bound,
             sequence_offset=span.start,
             total_sequences=span.total,
             shard=np.array(span.shard if span.shard else (0, 1)),
@@ -442,7 +457,7 @@ def _write_virtual(path: Path, shards: list[ShardFile]) -> None:
                 f.attrs[attr] = value
         f.attrs["shard"] = np.array((0, 1))
         f.attrs["sequence_offset"] = 0
-        for attr in ("log_normalizer_max_error", "value_max_error"):
+        for attr in ("log_normalizer_max_error", "log_prob_max_error", "value_max_error"):
             if attr in first.attrs:
                 f.attrs[attr] = max(float(s.cache.attrs[attr]) for s in shards)
         f.attrs["shards"] = json.dumps([s.cache.path.name for s in shards])

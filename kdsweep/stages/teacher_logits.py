@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from kdsweep.cache.fingerprint import expected_fingerprint
 from kdsweep.cache.format import GZIP_LEVEL, MAX_INTERPOLATION_ERROR, CacheLayout, temperature_grid
 from kdsweep.cache.reader import TeacherLogitCache
@@ -46,9 +48,10 @@ def layout_for(prepared: Prepared, teacher_dir: Path, params: Params, split: str
     if cfg.top_k > vocab and cfg.cache_mode == "topk":
         raise UserError(f"teacher.top_k: {cfg.top_k} exceeds the vocabulary size {vocab}")
     sampled = cfg.cache_mode == "sampled"
+    self_normalized = sampled and cfg.sample_weights == "self_normalized"
     return CacheLayout(
         cfg.sample_draws if sampled else cfg.top_k,
-        temperature_grid(lo, hi, cfg.temperature_grid),
+        np.empty(0) if self_normalized else temperature_grid(lo, hi, cfg.temperature_grid),
         vocab,
         prepared.split(split).shape[1],
         expected_fingerprint(prepared, teacher_dir, params, split),
@@ -56,6 +59,7 @@ def layout_for(prepared: Prepared, teacher_dir: Path, params: Params, split: str
         cfg.cache_values,
         cfg.sample_draws if sampled else 0,
         cfg.sample_temperature,
+        "self_normalized" if self_normalized else "exact",
     )
 
 
@@ -108,7 +112,8 @@ def main(
             compression=GZIP_LEVEL if cfg.cache_compression == "gzip" else 0,
         )
         metrics[split] = split_metrics(path)
-        _warn_coarse_grid(path, metrics[split]["log_normalizer_max_error"], cfg)
+        if "log_normalizer_max_error" in metrics[split]:  # a self-normalised cache has no grid
+            _warn_coarse_grid(path, metrics[split]["log_normalizer_max_error"], cfg)
         if shard is None:
             _drop_shards(path)
     if partial_root.is_dir() and not any(partial_root.iterdir()):
@@ -135,7 +140,9 @@ def split_metrics(path: Path) -> dict:
             "sequences": c.num_sequences,
             "bytes_per_token": round(size / tokens, 1),
             "bytes_per_logit": round(size / tokens / c.top_k, 3),
-            "log_normalizer_max_error": float(c.attrs["log_normalizer_max_error"]),
+            **{
+                key: float(c.attrs[key]) for key in ("log_normalizer_max_error", "log_prob_max_error") if key in c.attrs
+            },
         }
     finally:
         c.close()
