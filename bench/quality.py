@@ -135,17 +135,17 @@ AT_T1 = {
     "loss.temperature": 1.0,
 }
 FIXED_T = {f"sampled-t1-d{d}": {**SAMPLED, **AT_T1, "teacher.sample_draws": d} for d in (6, 10)}
-# Sampled caches for any KD temperature (question s'): drawn at T = 1, storing log q_1 at the sampled
-# ids and no normaliser grid (`teacher.sample_weights: self_normalized`); the loss self-normalises
-# the importance weights at whatever loss.temperature asks.
+# Sampled caches for any KD temperature (question s'): storing log q_tau at the sampled ids and no
+# normaliser grid (`teacher.sample_weights: self_normalized`); the loss self-normalises the importance
+# weights at whatever loss.temperature asks. Drawn at tau = 1 (6 and 10 draws) and at tau = 2 (6 draws).
 ANY_T = {
-    f"sampled-snis-d{d}": {
+    name: {
         **SAMPLED,
         "teacher.sample_weights": "self_normalized",
-        "teacher.sample_temperature": 1.0,
+        "teacher.sample_temperature": tau,
         "teacher.sample_draws": d,
     }
-    for d in (6, 10)
+    for name, tau, d in (("sampled-snis-d6", 1.0, 6), ("sampled-snis-d10", 1.0, 10), ("sampled-snis-tau2-d6", 2.0, 6))
 }
 COPIES = {**CACHES, **FIXED_T, **ANY_T}  # every pipeline copy's cache keys, by copy name
 
@@ -158,12 +158,13 @@ def fixed_t_configs() -> dict[str, dict]:
 
 def any_t_configs() -> dict[str, dict[str, dict]]:
     """Question s': per KD temperature (the reference's T = 2, then T = 1), top-64 + tail first (the
-    setting's cache), then the self-normalised sampled caches (:data:`ANY_T`) by draw count; 10 draws
-    at T = 2 only, last (the runs go in this order, so an interrupted run has the main rows)."""
-    d6, d10 = ANY_T["sampled-snis-d6"], ANY_T["sampled-snis-d10"]
+    setting's cache), then the self-normalised sampled caches (:data:`ANY_T`): drawn at tau = 1 with 6
+    and 10 draws (10 at T = 2 only) and at tau = 2 with 6."""
+    d6, d10, tau2 = ANY_T["sampled-snis-d6"], ANY_T["sampled-snis-d10"], ANY_T["sampled-snis-tau2-d6"]
+    t1 = {"loss.temperature": 1.0}
     return {
-        "T 2": {"topk_tail_t2": {}, "snis_d6_t2": d6, "snis_d10_t2": d10},
-        "T 1": {"topk_tail_t1": {"loss.temperature": 1.0}, "snis_d6_t1": {**d6, "loss.temperature": 1.0}},
+        "T 2": {"topk_tail_t2": {}, "snis_d6_t2": d6, "snis_d10_t2": d10, "snis_tau2_d6_t2": tau2},
+        "T 1": {"topk_tail_t1": t1, "snis_d6_t1": {**d6, **t1}, "snis_tau2_d6_t1": {**tau2, **t1}},
     }
 
 
@@ -1008,7 +1009,9 @@ def any_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
         run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
     by_t = any_t_configs()
     configs_ = {c: o for group in by_t.values() for c, o in group.items()}
+    # The runs go in this order, so an interrupted run has the main rows.
     order = ["topk_tail_t2", "snis_d6_t2", "topk_tail_t1", "snis_d6_t1", "snis_d10_t2"]
+    order += ["snis_tau2_d6_t2", "snis_tau2_d6_t1"]
     jobs = {f"q-{c}-s{s}": {**configs_[c], "training.seed": s} for c in order for s in SEEDS}
     repos = {None: repo, **{name: cache_copy(repo, work, name) for name in ANY_T}}
     runs = run_configs(repos, work / "logs", jobs, workers)
