@@ -976,15 +976,22 @@ def kd_sections(rows: list[dict], best_row: dict, best: dict, by: dict) -> list[
 
 
 # --------------------------------------------------------------------------- main
-def fixed_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
-    """Question s alone (``--sampled-fixed-t``): the fp16 top-64 + tail cache and the sampled caches
-    for T = 1 only (:data:`FIXED_T`), all at loss.temperature 1, 3 seeds each, in a repository of their
-    own; test CE against the first and each cache's train-split bytes per token at V = 4,096."""
+def cache_question_repo(work: Path, params: dict, spec: dict) -> Path:
+    """The repository of questions s and s' (built once under ``work``), its pipeline run up to the
+    cache and its outputs committed, so that every cache copy starts from the same commit."""
     repo = work / "repo" if (work / "repo").exists() else build(work, params, spec, 0)
     run(repo, "dvc", "repro", "student", "teacher_logits", log=work / "pipeline.log")
     if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
         run(repo, "git", "add", "dvc.lock", "metrics")
         run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
+    return repo
+
+
+def fixed_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
+    """Question s alone (``--sampled-fixed-t``): the fp16 top-64 + tail cache and the sampled caches
+    for T = 1 only (:data:`FIXED_T`), all at loss.temperature 1, 3 seeds each, in a repository of their
+    own; test CE against the first and each cache's train-split bytes per token at V = 4,096."""
+    repo = cache_question_repo(work, params, spec)
     configs_ = fixed_t_configs()
     jobs = {f"q-{c}-s{s}": {**o, "training.seed": s} for c, o in configs_.items() for s in SEEDS}
     repos = {None: repo, **{name: cache_copy(repo, work, name) for name in FIXED_T}}
@@ -1002,11 +1009,7 @@ def any_t_question(work: Path, params: dict, spec: dict, workers: int) -> None:
     sampled caches (:data:`ANY_T`, no normaliser grid) at loss.temperature 2 and 1, 3 seeds each, in a
     repository of their own; test CE against top-64 + tail at the same T. Sizes: ``bench/cache.py --sizes``
     on the train files it prints."""
-    repo = work / "repo" if (work / "repo").exists() else build(work, params, spec, 0)
-    run(repo, "dvc", "repro", "student", "teacher_logits", log=work / "pipeline.log")
-    if run(repo, "git", "status", "--porcelain", "dvc.lock", "metrics")[1].strip():
-        run(repo, "git", "add", "dvc.lock", "metrics")
-        run(repo, "git", "commit", "-q", "-m", "pipeline outputs")
+    repo = cache_question_repo(work, params, spec)
     by_t = any_t_configs()
     configs_ = {c: o for group in by_t.values() for c, o in group.items()}
     # The runs go in this order, so an interrupted run has the main rows.
